@@ -1,0 +1,263 @@
+"""The state store contract (DESIGN section 4, `worker/state/base.py`), for every backend.
+
+A backend's test module subclasses `StateStoreContract` and defines a `store` fixture that
+yields an opened store (and closes it afterwards). Time is faked through the `clock`
+fixture, which replaces `worker.state.base.now`: leases expire without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from worker.errors import StateError
+from worker.state import base
+from worker.state.base import Claim, ClaimStatus, StateStore
+
+LEASE = 60.0
+DAY = 86400.0
+
+
+class FakeClock:
+    """Stands in for `base.now`; starts at a realistic wall-clock time."""
+
+    def __init__(self, start: float = 1_750_000_000.0) -> None:
+        self.t = start
+
+    def __call__(self) -> float:
+        return self.t
+
+    def advance(self, seconds: float) -> None:
+        self.t += seconds
+
+
+class StateStoreContract:
+    """Subclasses provide `store`: an opened StateStore, closed after the test."""
+
+    @pytest.fixture
+    def clock(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+        fake = FakeClock()
+        monkeypatch.setattr(base, "now", fake)  # monkeypatch undoes it after the test
+        return fake
+
+    # -- claim ---------------------------------------------------------------------------
+
+    async def test_fresh_claim_is_claimed_with_one_attempt(self, store: StateStore) -> None:
+        assert await store.claim("ORD-1", "w1", LEASE) == Claim(ClaimStatus.CLAIMED, attempts=1)
+
+    async def test_live_lease_of_another_owner_is_busy(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.BUSY
+
+    async def test_live_lease_of_the_same_owner_is_busy(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.BUSY
+
+    async def test_busy_does_not_count_an_attempt(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.BUSY)
+        clock.advance(LEASE + 1)
+        assert (await store.claim("ORD-1", "w2", LEASE)).attempts == 2
+
+    async def test_expired_lease_is_in_doubt_and_transfers_ownership(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        clock.advance(LEASE + 1)
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.IN_DOUBT, attempts=2)
+        # w2 owns it now: w1 may no longer finish it, and w2's new lease is live.
+        assert await store.renew("ORD-1", "w1", LEASE) is False
+        with pytest.raises(StateError):
+            await store.complete("ORD-1", "w1", "c-1", "h-1")
+        assert (await store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
+        await store.complete("ORD-1", "w2", "c-2", "h-2")
+        assert (await store.claim("ORD-1", "w3", LEASE)).contact_ref == "c-2"
+
+    async def test_lease_expiry_in_real_time(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", 0.05)
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.BUSY
+        await asyncio.sleep(0.08)
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.IN_DOUBT
+
+    async def test_attempts_count_every_takeover(self, store: StateStore, clock: FakeClock) -> None:
+        assert (await store.claim("ORD-1", "w0", LEASE)).attempts == 1
+        for n in range(2, 6):
+            clock.advance(LEASE + 1)
+            claim = await store.claim("ORD-1", f"w{n}", LEASE)
+            assert claim == Claim(ClaimStatus.IN_DOUBT, attempts=n)
+
+    async def test_the_same_owner_reclaiming_after_expiry_is_in_doubt(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        clock.advance(LEASE + 1)
+        assert await store.claim("ORD-1", "w1", LEASE) == Claim(ClaimStatus.IN_DOUBT, attempts=2)
+
+    # -- complete / fail -----------------------------------------------------------------
+
+    async def test_complete_makes_later_claims_done(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.complete("ORD-1", "w1", "contact-1", "https://cdp/v2/guests/contact-1")
+        expected = Claim(
+            ClaimStatus.DONE, contact_ref="contact-1", href="https://cdp/v2/guests/contact-1"
+        )
+        assert await store.claim("ORD-1", "w2", LEASE) == expected
+        assert await store.claim("ORD-1", "w1", LEASE) == expected
+
+    async def test_fail_makes_later_claims_dead(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.fail("ORD-1", "w1", "cdp_rejected")
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(
+            ClaimStatus.DEAD, reason="cdp_rejected"
+        )
+
+    async def test_complete_or_fail_by_a_non_owner_raises(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        with pytest.raises(StateError):
+            await store.complete("ORD-1", "w2", "c", "h")
+        with pytest.raises(StateError):
+            await store.fail("ORD-1", "w2", "cdp_rejected")
+        # Nothing changed: w1 still holds it.
+        assert (await store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
+
+    async def test_complete_or_fail_without_a_claim_raises(self, store: StateStore) -> None:
+        with pytest.raises(StateError):
+            await store.complete("ORD-1", "w1", "c", "h")
+        with pytest.raises(StateError):
+            await store.fail("ORD-2", "w1", "cdp_rejected")
+
+    async def test_completing_twice_keeps_the_first_contact(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.complete("ORD-1", "w1", "first", "h-first")
+        await store.complete("ORD-1", "w1", "second", "h-second")
+        await store.complete("ORD-1", "someone-else", "third", "h-third")
+        claim = await store.claim("ORD-1", "w2", LEASE)
+        assert (claim.contact_ref, claim.href) == ("first", "h-first")
+
+    async def test_fail_does_not_overwrite_done(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.complete("ORD-1", "w1", "c", "h")
+        with pytest.raises(StateError):
+            await store.fail("ORD-1", "w1", "retries_exhausted")
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DONE
+
+    async def test_owner_may_finish_after_expiry_if_nobody_took_over(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.claim("ORD-2", "w1", LEASE)
+        clock.advance(LEASE + 1)
+        await store.complete("ORD-1", "w1", "c", "h")
+        await store.fail("ORD-2", "w1", "cdp_rejected")
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DONE
+        assert (await store.claim("ORD-2", "w2", LEASE)).status is ClaimStatus.DEAD
+
+    # -- release -------------------------------------------------------------------------
+
+    async def test_release_unsent_makes_it_claimable_afresh(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.release("ORD-1", "w1", sent=False)
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.CLAIMED, attempts=1)
+
+    async def test_release_sent_makes_the_next_claim_in_doubt(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.release("ORD-1", "w1", sent=True)
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.IN_DOUBT, attempts=2)
+
+    async def test_release_by_a_non_owner_is_a_no_op(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.release("ORD-1", "w2", sent=False)
+        await store.release("ORD-1", "w2", sent=True)
+        await store.release("ORD-unknown", "w2", sent=False)
+        assert (await store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
+
+    async def test_release_does_not_touch_finished_records(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.complete("ORD-1", "w1", "c", "h")
+        await store.release("ORD-1", "w1", sent=False)
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DONE
+
+    # -- renew ---------------------------------------------------------------------------
+
+    async def test_renew_extends_the_lease(self, store: StateStore, clock: FakeClock) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        clock.advance(LEASE - 1)
+        assert await store.renew("ORD-1", "w1", LEASE) is True
+        clock.advance(LEASE - 1)  # past the original expiry, within the renewed one
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.BUSY
+        clock.advance(2)
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.IN_DOUBT
+
+    async def test_renew_in_real_time(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", 0.05)
+        assert await store.renew("ORD-1", "w1", LEASE) is True
+        await asyncio.sleep(0.08)
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.BUSY
+
+    async def test_renew_by_a_non_owner_or_of_a_finished_record_is_false(
+        self, store: StateStore
+    ) -> None:
+        assert await store.renew("ORD-1", "w1", LEASE) is False
+        await store.claim("ORD-1", "w1", LEASE)
+        assert await store.renew("ORD-1", "w2", LEASE) is False
+        await store.complete("ORD-1", "w1", "c", "h")
+        assert await store.renew("ORD-1", "w1", LEASE) is False
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    async def test_checkpoints(self, store: StateStore) -> None:
+        assert await store.get_checkpoint("file:/data/a.jsonl") is None
+        await store.set_checkpoint("file:/data/a.jsonl", "1024")
+        assert await store.get_checkpoint("file:/data/a.jsonl") == "1024"
+        await store.set_checkpoint("file:/data/a.jsonl", "2048")
+        assert await store.get_checkpoint("file:/data/a.jsonl") == "2048"
+        assert await store.get_checkpoint("file:/data/b.jsonl") is None
+
+    # -- sweep ---------------------------------------------------------------------------
+
+    async def test_sweep_removes_only_old_finished_records(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        for ref in ("old-done", "old-dead", "old-in-flight"):
+            await store.claim(ref, "w1", LEASE)
+        await store.complete("old-done", "w1", "c", "h")
+        await store.fail("old-dead", "w1", "cdp_rejected")
+        clock.advance(10 * DAY)
+        for ref in ("new-done", "new-dead"):
+            await store.claim(ref, "w1", LEASE)
+        await store.complete("new-done", "w1", "c", "h")
+        await store.fail("new-dead", "w1", "cdp_rejected")
+        clock.advance(1 * DAY)
+
+        assert await store.sweep(5 * DAY) == 2
+
+        assert (await store.claim("old-done", "w2", LEASE)).status is ClaimStatus.CLAIMED
+        assert (await store.claim("old-dead", "w2", LEASE)).status is ClaimStatus.CLAIMED
+        # An abandoned in-flight record is never swept: its POST may have happened.
+        assert (await store.claim("old-in-flight", "w2", LEASE)).status is ClaimStatus.IN_DOUBT
+        assert (await store.claim("new-done", "w2", LEASE)).status is ClaimStatus.DONE
+        assert (await store.claim("new-dead", "w2", LEASE)).status is ClaimStatus.DEAD
+        assert await store.sweep(5 * DAY) == 0
+
+    # -- concurrency ---------------------------------------------------------------------
+
+    async def test_concurrent_claims_of_one_order_have_one_winner(self, store: StateStore) -> None:
+        claims = await asyncio.gather(*(store.claim("ORD-1", f"w{i}", LEASE) for i in range(50)))
+        statuses = [c.status for c in claims]
+        assert statuses.count(ClaimStatus.CLAIMED) == 1
+        assert statuses.count(ClaimStatus.BUSY) == 49
+
+    async def test_concurrent_claims_of_many_orders_all_win(self, store: StateStore) -> None:
+        claims = await asyncio.gather(*(store.claim(f"ORD-{i}", "w1", LEASE) for i in range(200)))
+        assert all(c == Claim(ClaimStatus.CLAIMED, attempts=1) for c in claims)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def test_close_is_idempotent_and_use_after_close_raises(self, store: StateStore) -> None:
+        await store.close()
+        await store.close()
+        with pytest.raises(StateError):
+            await store.claim("ORD-1", "w1", LEASE)

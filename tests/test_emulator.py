@@ -1,0 +1,668 @@
+"""The CDP emulator over real HTTP: it must be as strict as CDP and its faults must be real.
+
+The worker's own tests trust this emulator to catch wrong bodies, missing auth, duplicate
+contacts and rate-limit breaches, so each rule is pinned down here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from worker.emulator import (
+    Emulator,
+    EmulatorConfig,
+    _peak_in_window,
+    add_cli_arguments,
+    config_from_args,
+)
+
+ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
+UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+GUEST = "9d94ee11-7043-4b71-980c-a777d00a7b46"
+
+
+def basic(key: str = "emulator-key", token: str = "emulator-token") -> str:
+    """By hand: aiohttp.BasicAuth is deprecated in 3.14 and warnings are errors here."""
+    return "Basic " + base64.b64encode(f"{key}:{token}".encode()).decode()
+
+
+HEADERS = {"Authorization": basic(), "Accept": "application/json"}
+
+
+def contact(**extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {"title": "Mr", "firstName": "John", "lastName": "Doe"}
+    body.update(extra)
+    return body
+
+
+def new_order() -> str:
+    return str(uuid.uuid4())
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    async with Emulator(EmulatorConfig(seed=7)) as running:
+        yield running
+
+
+@pytest.fixture
+async def session() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as client:
+        yield client
+
+
+async def post(
+    session: aiohttp.ClientSession,
+    emulator: Emulator,
+    order_ref: str,
+    body: Any,
+    *,
+    version: str = "v2",
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, Any], Any]:
+    """POST a contact; returns (status, response headers, decoded JSON body)."""
+    url = f"{emulator.url}/{version}/orders/{order_ref}/contacts"
+    sent = headers if headers is not None else HEADERS
+    async with session.post(url, json=body, headers=sent) as response:
+        return response.status, dict(response.headers), orjson.loads(await response.read())
+
+
+async def get(
+    session: aiohttp.ClientSession, url: str, headers: dict[str, str] | None = None
+) -> tuple[int, Any]:
+    async with session.get(url, headers=headers if headers is not None else HEADERS) as response:
+        return response.status, orjson.loads(await response.read())
+
+
+def assert_cdp_error(body: Any, status: int) -> None:
+    assert body["status"] == status
+    assert body["code"] == status
+    assert isinstance(body["message"], str) and body["message"]
+    assert isinstance(body["developerMessage"], str)
+    assert body["moreInfoUrl"] == "https://doc.sitecore.com/cdp"
+
+
+# --------------------------------------------------------------------------- success
+
+
+@pytest.mark.parametrize("version", ["v2", "v2.1"])
+async def test_create_answers_201_in_cdp_shape(
+    emulator: Emulator, session: aiohttp.ClientSession, version: str
+) -> None:
+    order = new_order()
+    body = contact(
+        gender="male",
+        dateOfBirth="1985-12-24T00:00:00.000Z",
+        emails=["john@example.com"],
+        phoneNumbers=["+353161123345"],
+        nationality="Irish",
+        country="IE",
+        passportNumber="PZ4A9565",
+        passportExpiry="2031-01-01T00:00:00.000Z",
+        identifiers=[{"provider": "BookingSystem", "id": "C-991"}],
+        guest={"href": f"https://api.example/{version}/guests/{GUEST}"},
+    )
+    status, _, created = await post(session, emulator, order, body, version=version)
+    assert status == 201
+    ref = created["ref"]
+    assert UUID_RE.fullmatch(ref)
+    assert created["href"] == f"{emulator.url}/{version}/orderContacts/{ref}"
+    assert created["order"] == {"href": f"{emulator.url}/{version}/orders/{order}"}
+    assert ISO_MS.fullmatch(created["createdAt"]) and ISO_MS.fullmatch(created["modifiedAt"])
+    for name, value in body.items():
+        assert created[name] == value
+    assert emulator.contacts_for(order) == [created]
+
+
+async def test_v2_1_accepts_address_fields(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    address = {"street": ["1 Main St", "Apt 2"], "city": "Dublin", "state": "Leinster"}
+    status, _, created = await post(
+        session, emulator, new_order(), contact(**address), version="v2.1"
+    )
+    assert status == 201
+    assert {name: created[name] for name in address} == address
+
+
+async def test_list_and_get_contacts(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    order = new_order()
+    _, _, created = await post(session, emulator, order, contact())
+    ref = created["ref"]
+
+    status, listing = await get(session, f"{emulator.url}/v2/orders/{order}/contacts")
+    assert status == 200
+    assert listing == {
+        "href": f"{emulator.url}/v2/orders/{order}/contacts",
+        "offset": 0,
+        "limit": 10,
+        "items": [{"href": f"{emulator.url}/v2/orderContacts/{ref}"}],
+    }
+    # v2.1 list items also carry the ref, so a reconciling client needs no URL parsing.
+    _, listing = await get(session, f"{emulator.url}/v2.1/orders/{order}/contacts")
+    assert listing["items"] == [{"href": f"{emulator.url}/v2.1/orderContacts/{ref}", "ref": ref}]
+
+    status, fetched = await get(session, f"{emulator.url}/v2/orderContacts/{ref}")
+    assert status == 200
+    assert fetched == created
+
+
+async def test_unknown_order_lists_empty_and_unknown_contact_is_404(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    status, listing = await get(session, f"{emulator.url}/v2/orders/{new_order()}/contacts")
+    assert (status, listing["items"]) == (200, [])
+    status, body = await get(session, f"{emulator.url}/v2/orderContacts/{new_order()}")
+    assert status == 404
+    assert_cdp_error(body, 404)
+
+
+async def test_order_ref_is_matched_case_insensitively(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order = new_order()
+    await post(session, emulator, order.upper(), contact())
+    _, listing = await get(session, f"{emulator.url}/v2/orders/{order}/contacts")
+    assert len(listing["items"]) == 1
+
+
+# --------------------------------------------------------------------------- auth
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"Authorization": basic("emulator-key", "wrong-token")},
+        {"Authorization": "Bearer emulator-token"},
+        {"Authorization": "Basic not-base64!"},
+    ],
+    ids=["missing", "wrong-token", "wrong-scheme", "garbage"],
+)
+async def test_bad_credentials_are_401(
+    emulator: Emulator, session: aiohttp.ClientSession, headers: dict[str, str]
+) -> None:
+    order = new_order()
+    status, answer_headers, body = await post(session, emulator, order, contact(), headers=headers)
+    assert status == 401
+    assert_cdp_error(body, 401)
+    assert answer_headers["WWW-Authenticate"].startswith("Basic")
+    assert emulator.contacts_for(order) == []
+
+
+async def test_configured_credentials_are_required(session: aiohttp.ClientSession) -> None:
+    config = EmulatorConfig(client_key="k", api_token="t")
+    async with Emulator(config) as emulator:
+        status, _, _ = await post(session, emulator, new_order(), contact())
+        assert status == 401
+        good = {"Authorization": basic("k", "t")}
+        status, _, _ = await post(session, emulator, new_order(), contact(), headers=good)
+        assert status == 201
+
+
+async def test_forbidden_answers_403_to_valid_credentials(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.forbidden = True
+    status, _, body = await post(session, emulator, new_order(), contact())
+    assert status == 403
+    assert_cdp_error(body, 403)
+    status, _ = await get(session, f"{emulator.url}/v2/orders/{new_order()}/contacts")
+    assert status == 403
+    assert emulator.stats()["contacts"] == 0
+
+
+async def test_auth_failure_rejects_every_request(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.auth_failure = True
+    status, _, body = await post(session, emulator, new_order(), contact())
+    assert status == 401
+    assert_cdp_error(body, 401)
+    emulator.config.auth_failure = False  # live: the worker's auth probe must then succeed
+    status, _, _ = await post(session, emulator, new_order(), contact())
+    assert status == 201
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        contact(orderRef="d680c9be-4c07-4731-857e-9602034b15f2"),
+        contact(eventId="bk-1"),
+        contact(title="Mister"),
+        contact(title="mr"),
+        contact(gender="Male"),
+        contact(dateOfBirth="1985-12-24"),
+        contact(dateOfBirth="1985-12-24T00:00:00Z"),
+        contact(dateOfBirth="1985-12-24T00:00:00.000+00:00"),
+        contact(passportExpiry="2031-13-01T00:00:00.000Z"),
+        contact(lastName=""),
+        contact(lastName="   "),
+        contact(firstName=None),
+        {"lastName": "Doe"},
+        {"firstName": "John"},
+        contact(emails="john@example.com"),
+        contact(phoneNumbers=[353161123345]),
+        contact(country="ie"),
+        contact(country="IRL"),
+        contact(nationality=["Irish"]),
+        contact(identifiers=[{"provider": "BookingSystem"}]),
+        contact(identifiers=[{"provider": "B", "id": "1", "expiryDate": "2031-01-01"}]),
+        contact(identifiers=[{"provider": "B", "id": "1", "extra": "x"}]),
+        contact(guest={"href": f"https://api.example/v2/guests/{GUEST[:-1]}"}),
+        contact(guest={"href": f"https://api.example/v2/guests/{GUEST}", "ref": GUEST}),
+        contact(guest=GUEST),
+        contact(street=["1 Main St"]),
+        contact(city="Dublin"),
+        contact(state="Leinster"),
+    ],
+    ids=[
+        "envelope-orderRef",
+        "envelope-eventId",
+        "unknown-title",
+        "title-case",
+        "gender-case",
+        "date-only",
+        "date-no-millis",
+        "date-offset",
+        "date-impossible",
+        "empty-lastName",
+        "blank-lastName",
+        "null-firstName",
+        "missing-firstName",
+        "missing-lastName",
+        "emails-not-array",
+        "phone-not-string",
+        "country-lowercase",
+        "country-alpha3",
+        "nationality-not-string",
+        "identifier-without-id",
+        "identifier-date-only",
+        "identifier-unknown-field",
+        "guest-href-not-uuid",
+        "guest-extra-field",
+        "guest-not-object",
+        "street-under-v2",
+        "city-under-v2",
+        "state-under-v2",
+    ],
+)
+async def test_invalid_bodies_are_400_and_create_nothing(
+    emulator: Emulator, session: aiohttp.ClientSession, body: dict[str, Any]
+) -> None:
+    order = new_order()
+    status, _, answer = await post(session, emulator, order, body)
+    assert status == 400
+    assert_cdp_error(answer, 400)
+    assert emulator.contacts_for(order) == []
+
+
+async def test_error_messages_name_the_field_not_the_value(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    _, _, answer = await post(session, emulator, new_order(), contact(passportNumber=12345678))
+    assert "passportNumber" in answer["message"]
+    assert "12345678" not in orjson.dumps(answer).decode()
+
+
+@pytest.mark.parametrize("order_ref", ["not-a-uuid", "123", GUEST.replace("-", "")])
+async def test_order_ref_must_be_a_uuid(
+    emulator: Emulator, session: aiohttp.ClientSession, order_ref: str
+) -> None:
+    status, _, answer = await post(session, emulator, order_ref, contact())
+    assert status == 400
+    assert_cdp_error(answer, 400)
+    status, _ = await get(session, f"{emulator.url}/v2/orders/{order_ref}/contacts")
+    assert status == 400
+
+
+async def test_content_type_must_be_json(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    url = f"{emulator.url}/v2/orders/{new_order()}/contacts"
+    headers = {**HEADERS, "Content-Type": "text/plain"}
+    async with session.post(url, data=orjson.dumps(contact()), headers=headers) as response:
+        assert response.status == 415
+        assert_cdp_error(orjson.loads(await response.read()), 415)
+
+
+@pytest.mark.parametrize(
+    ("raw", "status"),
+    [(b"{not json", 400), (b"[]", 400), (b'"text"', 400), (b"{" + b" " * 70_000 + b"}", 413)],
+    ids=["malformed", "array", "string", "too-large"],
+)
+async def test_body_must_be_a_small_json_object(
+    emulator: Emulator, session: aiohttp.ClientSession, raw: bytes, status: int
+) -> None:
+    url = f"{emulator.url}/v2/orders/{new_order()}/contacts"
+    headers = {**HEADERS, "Content-Type": "application/json"}
+    async with session.post(url, data=raw, headers=headers) as response:
+        assert response.status == status
+        assert_cdp_error(orjson.loads(await response.read()), status)
+
+
+async def test_unknown_version_and_method_are_cdp_errors(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    status, body = await get(session, f"{emulator.url}/v3/orders/{new_order()}/contacts")
+    assert status == 404
+    assert_cdp_error(body, 404)
+    url = f"{emulator.url}/v2/orders/{new_order()}/contacts"
+    async with session.delete(url, headers=HEADERS) as response:
+        assert response.status == 405
+        assert_cdp_error(orjson.loads(await response.read()), 405)
+
+
+# --------------------------------------------------------------------------- duplicates, stats
+
+
+async def test_second_post_creates_a_second_contact_and_stats_show_it(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    twice, once = new_order(), new_order()
+    for order in (twice, twice, once):
+        status, _, _ = await post(session, emulator, order, contact())
+        assert status == 201
+    await get(session, f"{emulator.url}/v2/orders/{twice}/contacts")
+    stats = emulator.stats()
+    assert stats["contacts"] == 3
+    assert stats["orders"] == 2
+    assert stats["duplicate_orders"] == 1
+    assert stats["contacts_per_order"] == {twice: 2, once: 1}
+    assert stats["requests"] == {"POST": 3, "GET": 1}
+    assert stats["responses"] == {"201": 3, "200": 1}
+    assert stats["first_request_at"] <= stats["last_request_at"]
+    # The same numbers over HTTP, for the benchmark that runs the emulator in another process.
+    status, over_http = await get(session, f"{emulator.url}/_emulator/stats", headers={})
+    assert status == 200
+    assert over_http["contacts_per_order"] == stats["contacts_per_order"]
+
+
+async def test_reset_forgets_contacts_and_stats(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order = new_order()
+    await post(session, emulator, order, contact())
+    async with session.post(f"{emulator.url}/_emulator/reset") as response:
+        assert response.status == 200
+    stats = emulator.stats()
+    assert (stats["contacts"], stats["requests"], stats["responses"]) == (0, {}, {})
+    assert stats["max_posts_in_any_second"] == 0
+    assert emulator.contacts_for(order) == []
+
+
+def test_peak_in_window_counts_half_open_one_second_windows() -> None:
+    assert _peak_in_window([]) == 0
+    assert _peak_in_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3  # 1.0 is out of [0.0, 1.0)
+    assert _peak_in_window([0.0, 2.0, 2.1, 2.2, 3.5]) == 3
+
+
+# --------------------------------------------------------------------------- rate limit
+
+
+async def test_rate_limit_answers_429_with_retry_after(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.rate_limit = 5
+    results = await asyncio.gather(
+        *(post(session, emulator, new_order(), contact()) for _ in range(12))
+    )
+    statuses = sorted(status for status, _, _ in results)
+    assert statuses == [201] * 5 + [429] * 7
+    for status, headers, body in results:
+        if status == 429:
+            assert headers["Retry-After"] == "1"
+            assert_cdp_error(body, 429)
+    stats = emulator.stats()
+    assert stats["contacts"] == 5  # a 429'd request creates nothing
+    assert stats["max_posts_in_any_second"] == 12
+    assert stats["accepted_per_second_peak"] == 5
+
+
+async def test_rate_limit_window_slides(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    emulator.config.rate_limit = 2
+    first = [(await post(session, emulator, new_order(), contact()))[0] for _ in range(3)]
+    assert first == [201, 201, 429]
+    await asyncio.sleep(1.05)
+    status, _, _ = await post(session, emulator, new_order(), contact())
+    assert status == 201
+    assert emulator.stats()["accepted_per_second_peak"] == 2
+
+
+async def test_auth_failures_do_not_reach_the_rate_limiter(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.rate_limit = 1
+    for _ in range(3):
+        status, _, _ = await post(session, emulator, new_order(), contact(), headers={})
+        assert status == 401
+    status, _, _ = await post(session, emulator, new_order(), contact())
+    assert status == 201
+    assert emulator.stats()["max_posts_in_any_second"] == 1
+
+
+# --------------------------------------------------------------------------- faults
+
+
+async def test_error_rate_answers_5xx_before_creating(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.error_rate = 1.0
+    results = [await post(session, emulator, new_order(), contact()) for _ in range(10)]
+    for status, _, body in results:
+        assert status in (500, 502, 503)
+        assert_cdp_error(body, status)
+    stats = emulator.stats()
+    assert stats["contacts"] == 0
+    assert stats["faults"] == {"error": 10}
+
+
+async def test_timeout_after_create_leaves_the_contact_behind(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.timeout_after_create_rate = 1.0
+    emulator.config.hang_seconds = 2.0
+    order = new_order()
+    url = f"{emulator.url}/v2/orders/{order}/contacts"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with session.post(
+            url, json=contact(), headers=HEADERS, timeout=aiohttp.ClientTimeout(total=0.3)
+        ) as response:
+            await response.read()
+    assert time.monotonic() - started < 1.5
+    assert len(emulator.contacts_for(order)) == 1
+    emulator.config.timeout_after_create_rate = 0.0
+    _, listing = await get(session, f"{emulator.url}/v2/orders/{order}/contacts")
+    assert len(listing["items"]) == 1  # what the worker's reconciliation will find
+
+
+async def test_hang_ends_with_201_for_a_patient_client(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.timeout_after_create_rate = 1.0
+    emulator.config.hang_seconds = 0.2
+    started = time.monotonic()
+    status, _, _ = await post(session, emulator, new_order(), contact())
+    assert status == 201
+    assert time.monotonic() - started >= 0.2
+
+
+async def test_reset_after_create_drops_the_connection_after_creating(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.reset_after_create_rate = 1.0
+    order = new_order()
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await post(session, emulator, order, contact())
+    assert len(emulator.contacts_for(order)) == 1
+    stats = emulator.stats()
+    assert stats["faults"] == {"reset_after_create": 1}
+    assert stats["responses"] == {}  # nothing was answered
+
+
+async def test_not_found_for_makes_new_orders_404_for_a_while(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.not_found_for = 0.3
+    order = new_order()
+    status, _, body = await post(session, emulator, order, contact())
+    assert status == 404
+    assert_cdp_error(body, 404)
+    assert emulator.contacts_for(order) == []
+    await asyncio.sleep(0.35)
+    status, _, _ = await post(session, emulator, order, contact())
+    assert status == 201
+
+
+async def test_latency_delays_every_answer(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    emulator.config.latency = 0.15
+    emulator.config.latency_jitter = 0.05
+    started = time.monotonic()
+    status, _ = await get(session, f"{emulator.url}/v2/orders/{new_order()}/contacts", {})
+    assert status == 401  # refusals are slow too
+    assert time.monotonic() - started >= 0.1
+
+
+async def test_seeded_faults_are_reproducible(session: aiohttp.ClientSession) -> None:
+    async def statuses() -> list[int]:
+        async with Emulator(EmulatorConfig(seed=42, error_rate=0.5)) as emulator:
+            return [(await post(session, emulator, new_order(), contact()))[0] for _ in range(20)]
+
+    first, second = await statuses(), await statuses()
+    assert first == second
+    assert 201 in first and any(status >= 500 for status in first)
+
+
+# --------------------------------------------------------------------------- runtime config
+
+
+async def test_patch_config_changes_behaviour_at_runtime(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    config_url = f"{emulator.url}/_emulator/config"
+    async with session.patch(config_url, json={"forbidden": True, "rate_limit": 3}) as response:
+        assert response.status == 200
+        shown = orjson.loads(await response.read())
+    assert shown["forbidden"] is True and shown["rate_limit"] == 3.0
+    assert emulator.config.forbidden is True
+    status, _, _ = await post(session, emulator, new_order(), contact())
+    assert status == 403
+
+    async with session.patch(config_url, json={"forbidden": False}) as response:
+        assert response.status == 200
+    status, _, _ = await post(session, emulator, new_order(), contact())
+    assert status == 201
+    status, config = await get(session, config_url, headers={})
+    assert (status, config["rate_limit"], config["forbidden"]) == (200, 3.0, False)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"no_such_knob": 1},
+        {"error_rate": 1.5},
+        {"latency": -1},
+        {"forbidden": "yes"},
+        {"rate_limit": True},
+        {"seed": 1.5},
+        [],
+    ],
+)
+async def test_patch_config_rejects_bad_settings_atomically(
+    emulator: Emulator, session: aiohttp.ClientSession, changes: Any
+) -> None:
+    before = emulator.config.as_dict()
+    async with session.patch(
+        f"{emulator.url}/_emulator/config", json=changes if changes else changes
+    ) as response:
+        assert response.status == 400
+        assert_cdp_error(orjson.loads(await response.read()), 400)
+    assert emulator.config.as_dict() == before
+
+
+def test_config_rejects_bad_values_at_construction() -> None:
+    with pytest.raises(ValueError, match="error_rate"):
+        EmulatorConfig(error_rate=2)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_cli_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_cli_defaults_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("EMULATOR_"):
+            monkeypatch.delenv(name)
+    defaults = parse([])
+    assert (defaults.host, defaults.port) == ("127.0.0.1", 8080)
+    assert config_from_args(defaults) == EmulatorConfig()
+
+    monkeypatch.setenv("EMULATOR_RATE_LIMIT", "40")
+    monkeypatch.setenv("EMULATOR_FORBIDDEN", "true")
+    args = parse(["--error-rate", "0.1", "--seed", "3", "--reset-after-create", "0.2"])
+    config = config_from_args(args)
+    assert (config.rate_limit, config.error_rate, config.seed) == (40.0, 0.1, 3)
+    assert (config.reset_after_create_rate, config.forbidden) == (0.2, True)
+    assert config_from_args(parse(["--rate-limit", "7"])).rate_limit == 7.0  # flag wins
+
+
+def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        parse(["--error-rate", "2"])
+    assert "error-rate" in capsys.readouterr().err
+
+
+def test_run_from_args_serves_until_sigterm() -> None:
+    """The `worker emulator` entry point, in its own process as the benchmark runs it."""
+    code = (
+        "import argparse, sys\n"
+        "from worker.emulator import add_cli_arguments, run_from_args\n"
+        "parser = argparse.ArgumentParser(); add_cli_arguments(parser)\n"
+        "sys.exit(run_from_args(parser.parse_args(sys.argv[1:])))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", code, "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EMULATOR_API_TOKEN": "from-env"},
+    )
+    try:
+        assert process.stdout is not None
+        started = orjson.loads(process.stdout.readline())
+        assert started["event"] == "emulator.started"
+        assert re.fullmatch(r"http://127\.0\.0\.1:\d+", started["url"])
+        assert "from-env" not in orjson.dumps(started).decode()  # never print credentials
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()

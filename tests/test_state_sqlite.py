@@ -1,0 +1,224 @@
+"""The sqlite state store: the contract, plus durability, group commits and two processes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+pytest.register_assert_rewrite("state_contract")
+
+from state_contract import DAY, LEASE, FakeClock, StateStoreContract  # noqa: E402
+
+from worker.errors import ConfigError, StateError  # noqa: E402
+from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
+
+
+class TestSqliteState(StateStoreContract):
+    @pytest.fixture
+    async def store(self, tmp_path: Path) -> AsyncIterator[StateStore]:
+        store = SqliteStateStore(tmp_path / "state.db")
+        await store.open()
+        yield store
+        await store.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
+    store = SqliteStateStore(tmp_path / "state.db")
+    await store.open()
+    yield store
+    await store.close()
+
+
+async def test_records_and_checkpoints_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    first = SqliteStateStore(path)
+    await first.open()
+    for ref in ("done", "dead", "in-flight"):
+        await first.claim(ref, "w1", LEASE)
+    await first.complete("done", "w1", "contact-1", "href-1")
+    await first.fail("dead", "w1", "cdp_rejected")
+    await first.set_checkpoint("file:a.jsonl", "42")
+    await first.close()
+
+    second = SqliteStateStore(path)
+    await second.open()
+    done = await second.claim("done", "w2", LEASE)
+    assert (done.status, done.contact_ref, done.href) == (ClaimStatus.DONE, "contact-1", "href-1")
+    dead = await second.claim("dead", "w2", LEASE)
+    assert (dead.status, dead.reason) == (ClaimStatus.DEAD, "cdp_rejected")
+    assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+    assert await second.get_checkpoint("file:a.jsonl") == "42"
+    await second.close()
+
+
+async def test_open_sweeps_with_the_configured_retention(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    path = tmp_path / "state.db"
+    first = SqliteStateStore(path)
+    await first.open()
+    await first.claim("ORD-1", "w1", LEASE)
+    await first.complete("ORD-1", "w1", "c", "h")
+    await first.close()
+
+    clock.advance(6 * DAY)
+    second = SqliteStateStore(path, retention_seconds=5 * DAY)
+    await second.open()
+    assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
+    await second.close()
+
+
+async def test_the_file_is_in_wal_mode_with_full_sync(
+    tmp_path: Path, sqlite_store: SqliteStateStore
+) -> None:
+    synchronous = await sqlite_store._submit(
+        lambda conn: conn.execute("PRAGMA synchronous").fetchone()[0]
+    )
+    assert synchronous == 2  # FULL
+    with sqlite3.connect(tmp_path / "state.db") as other:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    other.close()
+
+
+async def test_concurrent_completes_share_commits(sqlite_store: SqliteStateStore) -> None:
+    refs = [f"ORD-{i}" for i in range(200)]
+    await asyncio.gather(*(sqlite_store.claim(ref, "w1", LEASE) for ref in refs))
+    before = sqlite_store.commits
+    await asyncio.gather(*(sqlite_store.complete(ref, "w1", f"c-{ref}", "h") for ref in refs))
+    commits = sqlite_store.commits - before
+    assert 1 <= commits <= 20, f"{commits} commits for 200 completes: no group commit"
+    claims = await asyncio.gather(*(sqlite_store.claim(ref, "w2", LEASE) for ref in refs))
+    assert all(c.status is ClaimStatus.DONE for c in claims)
+
+
+async def test_a_failing_op_fails_only_itself(sqlite_store: SqliteStateStore) -> None:
+    refs = [f"ORD-{i}" for i in range(20)]
+    await asyncio.gather(*(sqlite_store.claim(ref, "w1", LEASE) for ref in refs))
+    # Odd ones are completed by the wrong owner; all go into the same batches.
+    results = await asyncio.gather(
+        *(
+            sqlite_store.complete(ref, "w1" if i % 2 == 0 else "intruder", "c", "h")
+            for i, ref in enumerate(refs)
+        ),
+        return_exceptions=True,
+    )
+    assert [isinstance(r, StateError) for r in results] == [i % 2 == 1 for i in range(20)]
+    claims = await asyncio.gather(*(sqlite_store.claim(ref, "w2", LEASE) for ref in refs))
+    assert [c.status for c in claims] == [
+        ClaimStatus.DONE if i % 2 == 0 else ClaimStatus.BUSY for i in range(20)
+    ]
+
+
+async def test_close_commits_everything_queued(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path)
+    await store.open()
+    tasks = [asyncio.create_task(store.set_checkpoint(f"k{i}", str(i))) for i in range(100)]
+    await asyncio.sleep(0)  # let every task queue its op
+    await store.close()
+    assert all(t.done() and t.exception() is None for t in tasks)
+
+    reopened = SqliteStateStore(path)
+    await reopened.open()
+    assert await reopened.get_checkpoint("k99") == "99"
+    await reopened.close()
+
+
+async def test_two_stores_on_one_file_claim_each_order_once(tmp_path: Path) -> None:
+    """Two stores with their own connections stand in for two worker processes."""
+    path = tmp_path / "state.db"
+    a, b = SqliteStateStore(path), SqliteStateStore(path)
+    await a.open()
+    await b.open()
+    refs = [f"ORD-{i}" for i in range(20)]
+    claims = await asyncio.gather(
+        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in ((a, "A"), (b, "B")))
+    )
+    for i in range(len(refs)):
+        pair = {claims[2 * i].status, claims[2 * i + 1].status}
+        assert pair == {ClaimStatus.CLAIMED, ClaimStatus.BUSY}
+    await a.close()
+    await b.close()
+
+
+async def test_waits_for_another_process_holding_the_write_lock(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path, busy_timeout=5.0)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    claim = asyncio.create_task(store.claim("ORD-1", "w1", LEASE))
+    await asyncio.sleep(0.2)
+    assert not claim.done()
+    other.execute("COMMIT")
+    other.close()
+    assert (await claim).status is ClaimStatus.CLAIMED
+    await store.close()
+
+
+async def test_a_lock_held_too_long_fails_the_batch_not_the_store(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    store = SqliteStateStore(path, busy_timeout=0.1)
+    await store.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    results = await asyncio.gather(
+        store.claim("ORD-1", "w1", LEASE),
+        store.set_checkpoint("k", "v"),
+        return_exceptions=True,
+    )
+    assert all(isinstance(r, StateError) for r in results)
+    other.execute("ROLLBACK")
+    other.close()
+    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CLAIMED
+    await store.close()
+
+
+async def test_an_unopenable_path_is_a_config_error(tmp_path: Path) -> None:
+    store = SqliteStateStore(tmp_path / "missing-dir" / "state.db")
+    with pytest.raises(ConfigError, match="--state / WORKER_STATE"):
+        await store.open()
+    await store.close()
+    with pytest.raises(StateError):
+        await store.claim("ORD-1", "w1", LEASE)
+
+
+_KILLED_AFTER_COMPLETE = textwrap.dedent(
+    """
+    import asyncio, os, signal, sys
+    from worker.state import SqliteStateStore
+
+    async def main():
+        store = SqliteStateStore(sys.argv[1])
+        await store.open()
+        await store.claim("ORD-1", "w1", 60)
+        await store.complete("ORD-1", "w1", "contact-1", "href-1")
+        os.kill(os.getpid(), signal.SIGKILL)  # no close(), no flush: only what is durable
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.slow
+async def test_complete_is_durable_when_it_returns(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _KILLED_AFTER_COMPLETE, str(path)
+    )
+    assert await proc.wait() == -signal.SIGKILL
+    store = SqliteStateStore(path)
+    await store.open()
+    claim = await store.claim("ORD-1", "w2", LEASE)
+    assert (claim.status, claim.contact_ref) == (ClaimStatus.DONE, "contact-1")
+    await store.close()

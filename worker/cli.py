@@ -1,0 +1,194 @@
+"""`worker` command line (DESIGN section 6): run, emulator, demo, check, validate, schema."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import orjson
+
+from . import __version__
+from .config import OPTIONS, add_arguments, load_settings
+from .contact import API_VERSIONS, event_json_schema, parse_event
+from .demo import run_demo
+from .emulator import add_cli_arguments, run_from_args
+from .errors import ConfigError, InvalidEvent, SourceError
+from .observability import configure_logging, get_logger
+from .pipeline import Worker
+
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="worker",
+        description="cdp-sync: creates the primary contact of each order in Sitecore CDP "
+        "from order-contact events, exactly once per order.",
+    )
+    parser.add_argument("--version", action="version", version=f"cdp-sync {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser(
+        "run",
+        help="consume events and create contacts in CDP",
+        description="Consume order-contact events and create each order's contact in CDP.",
+        epilog="Environment only: "
+        + ", ".join(option.env for option in OPTIONS if option.flag is None)
+        + " (CDP_CLIENT_KEY_FILE / CDP_API_TOKEN_FILE read a secret from a file). "
+        "Exit codes: 0 finished or stopped cleanly, 1 unexpected failure, 2 bad configuration.",
+    )
+    add_arguments(run)
+
+    emulator = commands.add_parser("emulator", help="serve a local Sitecore CDP order-contact API")
+    add_cli_arguments(emulator)
+
+    demo = commands.add_parser(
+        "demo", help="emulator + generated events + worker in one process, then a summary"
+    )
+    demo.add_argument("--events", type=int, default=2000, help="valid orders (default 2000)")
+    demo.add_argument("--rate-limit", type=float, default=500.0, help="requests/s (default 500)")
+    demo.add_argument("--workdir", help="keep the event file, state and dead letters here")
+
+    check = commands.add_parser("check", help="probe a running worker's /readyz; exit 0 if ready")
+    check.add_argument(
+        "--url",
+        default=None,
+        help="readiness URL (default http://127.0.0.1:$WORKER_HTTP_PORT/readyz, port 9108)",
+    )
+    check.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+
+    validate = commands.add_parser("validate", help="check a JSONL file of events offline")
+    validate.add_argument("file", help="JSONL file, or - for standard input")
+    validate.add_argument(
+        "--api-version",
+        choices=API_VERSIONS,
+        default=None,
+        help="CDP API version (default $CDP_API_VERSION or v2)",
+    )
+
+    schema = commands.add_parser("schema", help="print the event envelope's JSON Schema")
+    schema.add_argument(
+        "--api-version",
+        choices=API_VERSIONS,
+        default=None,
+        help="CDP API version (default $CDP_API_VERSION or v2)",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    handler = {
+        "run": command_run,
+        "emulator": command_emulator,
+        "demo": command_demo,
+        "check": command_check,
+        "validate": command_validate,
+        "schema": command_schema,
+    }[args.command]
+    sys.exit(handler(args))
+
+
+def command_run(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args)
+        configure_logging(settings.log_format, settings.log_level)
+        worker = Worker(settings)
+    except ConfigError as exc:
+        print(f"worker run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return asyncio.run(_run(worker))
+
+
+async def _run(worker: Worker) -> int:
+    log = get_logger("worker.cli")
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, worker.stop)
+    try:
+        await worker.run()
+    except (ConfigError, SourceError) as exc:
+        # Raised while opening the parts: nothing was consumed yet.
+        print(f"worker run: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception:
+        log.exception("worker.crashed")
+        return EXIT_FAILURE
+    finally:
+        await worker.close()
+    return EXIT_OK
+
+
+def command_emulator(args: argparse.Namespace) -> int:
+    return run_from_args(args)
+
+
+def command_demo(args: argparse.Namespace) -> int:
+    return asyncio.run(
+        run_demo(events=args.events, rate_limit=args.rate_limit, workdir=args.workdir)
+    )
+
+
+def command_check(args: argparse.Namespace) -> int:
+    url = args.url or f"http://127.0.0.1:{os.environ.get('WORKER_HTTP_PORT') or 9108}/readyz"
+    try:
+        with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
+            body = response.read().decode("utf-8", "replace")
+            print(body)
+            return EXIT_OK if response.status == 200 else EXIT_FAILURE
+    except urllib.error.HTTPError as exc:
+        print(exc.read().decode("utf-8", "replace") or f"HTTP {exc.code}")
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"not ready: {url}: {getattr(exc, 'reason', exc)}")
+    return EXIT_FAILURE
+
+
+def _api_version(args: argparse.Namespace) -> str:
+    version: str = args.api_version or os.environ.get("CDP_API_VERSION") or "v2"
+    if version not in API_VERSIONS:
+        raise SystemExit(f"CDP_API_VERSION: expected one of {', '.join(API_VERSIONS)}")
+    return version
+
+
+def command_validate(args: argparse.Namespace) -> int:
+    api_version = _api_version(args)
+    stream = sys.stdin.buffer if args.file == "-" else None
+    try:
+        lines = stream.readlines() if stream else Path(args.file).read_bytes().splitlines()
+    except OSError as exc:
+        print(f"worker validate: cannot read {args.file!r}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    reasons: Counter[str] = Counter()
+    valid = 0
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            parse_event(line, default_event_id=f"line-{number}", api_version=api_version)
+        except InvalidEvent as invalid:
+            reasons[invalid.reason] += 1
+            print(f"line {number}: {invalid.reason}: {invalid.message}")
+        else:
+            valid += 1
+    invalid_count = sum(reasons.values())
+    by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
+    print(f"{valid} valid, {invalid_count} invalid" + (f" ({by_reason})" if by_reason else ""))
+    return EXIT_FAILURE if invalid_count else EXIT_OK
+
+
+def command_schema(args: argparse.Namespace) -> int:
+    schema = event_json_schema(_api_version(args))
+    sys.stdout.write(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode() + "\n")
+    return EXIT_OK
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

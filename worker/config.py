@@ -1,0 +1,303 @@
+"""Configuration of `worker run`: one table of options, read from flags and environment.
+
+Every option has a flag and an environment variable (flags win). The table `OPTIONS` is
+the single source for argparse, the environment, `--help` and the README's table, so they
+cannot drift apart. Validation happens here, before anything is consumed: a bad value
+raises `ConfigError` naming the flag and the variable, and `worker run` exits 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .contact import API_VERSIONS
+from .errors import ConfigError
+
+THIRTY_DAYS = 30 * 24 * 3600.0
+DEFAULT_STATE = "sqlite:///./worker-state.db"
+
+
+@dataclass(frozen=True)
+class Option:
+    """One setting: its attribute name, flag, environment variable, parser and default."""
+
+    name: str
+    env: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    secret: bool = False  # never echoed in messages or logs
+
+    @property
+    def flag(self) -> str | None:
+        # CDP_* settings are environment-only, as DESIGN section 6 lists them.
+        return None if self.env.startswith("CDP_") else "--" + self.name.replace("_", "-")
+
+    @property
+    def label(self) -> str:
+        return f"{self.flag} / {self.env}" if self.flag else self.env
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off", ""}:
+        return False
+    raise ValueError("expected true or false")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "source",
+        "WORKER_SOURCE",
+        str,
+        None,
+        "where events come from: file:PATH, file:-, redis://, amqp://, nats://",
+    ),
+    Option("state", "WORKER_STATE", str, DEFAULT_STATE, "state store URL: memory:, sqlite:///PATH"),
+    Option(
+        "dlq",
+        "WORKER_DLQ",
+        str,
+        None,
+        "dead-letter sink URL (default: beside the source, e.g. file:./dead-letter.jsonl)",
+    ),
+    Option("rate_limit", "WORKER_RATE_LIMIT", float, 50.0, "CDP requests per second, 0 = no limit"),
+    Option(
+        "rate_limit_backend",
+        "WORKER_RATE_LIMIT_BACKEND",
+        str,
+        "local",
+        "local, or redis://... shared by replicas",
+    ),
+    Option("concurrency", "WORKER_CONCURRENCY", int, 32, "most CDP requests in flight"),
+    Option(
+        "max_attempts", "WORKER_MAX_ATTEMPTS", int, 8, "attempts per event before retries_exhausted"
+    ),
+    Option("request_timeout", "WORKER_REQUEST_TIMEOUT", float, 10.0, "seconds per CDP request"),
+    Option(
+        "not_found_grace",
+        "WORKER_NOT_FOUND_GRACE",
+        float,
+        300.0,
+        "seconds to keep retrying a 404 before order_not_found",
+    ),
+    Option(
+        "state_retention",
+        "WORKER_STATE_RETENTION",
+        float,
+        THIRTY_DAYS,
+        "seconds to keep done records",
+    ),
+    Option(
+        "lease_seconds",
+        "WORKER_LEASE_SECONDS",
+        float,
+        60.0,
+        "claim lease, renewed while working; above the request timeout",
+    ),
+    Option(
+        "shutdown_timeout",
+        "WORKER_SHUTDOWN_TIMEOUT",
+        float,
+        25.0,
+        "seconds to finish in-flight work on SIGTERM",
+    ),
+    Option(
+        "http_port", "WORKER_HTTP_PORT", int, 9108, "port of /metrics, /healthz, /readyz; 0 = off"
+    ),
+    Option(
+        "follow",
+        "WORKER_FOLLOW",
+        _bool,
+        False,
+        "file source: tail the file instead of exiting at its end",
+    ),
+    Option(
+        "log_format", "WORKER_LOG_FORMAT", str, "auto", "json, console or auto (console on a TTY)"
+    ),
+    Option("log_level", "WORKER_LOG_LEVEL", str, "info", "debug, info, warning, error"),
+    Option(
+        "cdp_base_url",
+        "CDP_BASE_URL",
+        str,
+        None,
+        "Sitecore CDP base URL, e.g. https://api-engage-eu.sitecorecloud.io",
+    ),
+    Option(
+        "cdp_client_key",
+        "CDP_CLIENT_KEY",
+        str,
+        None,
+        "CDP client key (or CDP_CLIENT_KEY_FILE)",
+        secret=True,
+    ),
+    Option(
+        "cdp_api_token",
+        "CDP_API_TOKEN",
+        str,
+        None,
+        "CDP API token (or CDP_API_TOKEN_FILE)",
+        secret=True,
+    ),
+    Option("cdp_api_version", "CDP_API_VERSION", str, "v2", "v2 or v2.1"),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Validated settings of one worker process."""
+
+    source: str
+    cdp_base_url: str
+    cdp_client_key: str
+    cdp_api_token: str
+    state: str = DEFAULT_STATE
+    dlq: str | None = None
+    rate_limit: float = 50.0
+    rate_limit_backend: str = "local"
+    concurrency: int = 32
+    max_attempts: int = 8
+    request_timeout: float = 10.0
+    not_found_grace: float = 300.0
+    state_retention: float = THIRTY_DAYS
+    lease_seconds: float = 60.0
+    shutdown_timeout: float = 25.0
+    http_port: int = 9108
+    follow: bool = False
+    log_format: str = "auto"
+    log_level: str = "info"
+    cdp_api_version: str = "v2"
+
+    def __repr__(self) -> str:
+        # Credentials never appear in a repr, hence never in a traceback or log line.
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if not _BY_NAME[f.name].secret}
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+    @property
+    def dead_letter_url(self) -> str:
+        """The dead-letter sink: `--dlq`, or the default for the source's kind."""
+        return self.dlq or default_dlq(self.source)
+
+
+def default_dlq(source: str) -> str:
+    scheme = urlsplit(source).scheme
+    if scheme == "file" or scheme == "memory":
+        return "file:./dead-letter.jsonl" if scheme == "file" else "memory:"
+    return source  # broker sources put dead letters beside their stream/queue/subject
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `worker run`, from `OPTIONS`. Defaults stay None so the env can fill in."""
+    for option in OPTIONS:
+        if option.flag is None:
+            continue
+        default = "" if option.default is None else f" (default {option.default})"
+        help_text = f"{option.help}{default} [env {option.env}]"
+        if option.parse is _bool:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=help_text,
+            )
+        else:
+            parser.add_argument(
+                option.flag,
+                dest=option.name,
+                default=None,
+                metavar=option.name.upper(),
+                help=help_text,
+            )
+
+
+def _read_secret_file(env: Mapping[str, str], name: str) -> str | None:
+    path = env.get(name + "_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ConfigError(f"{name}_FILE: cannot read the file ({exc.strerror})") from None
+
+
+def load_settings(
+    args: argparse.Namespace | Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
+) -> Settings:
+    """Merge flags over environment over defaults, parse and validate. Raises ConfigError."""
+    env = os.environ if env is None else env
+    given = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        text = given.get(option.name)
+        if text is None:
+            text = env.get(option.env)
+        if text is None and option.secret:
+            text = _read_secret_file(env, option.env)
+        if text is None or text == "":
+            values[option.name] = option.default
+            continue
+        try:
+            values[option.name] = option.parse(str(text)) if isinstance(text, str) else text
+        except ValueError:
+            raise ConfigError(
+                f"{option.label}: invalid value"
+                + ("" if option.secret else f" {text!r}")
+                + f", expected {getattr(option.parse, '__name__', 'a value')}"
+            ) from None
+    _validate(values)
+    return Settings(**values)
+
+
+def _require(values: Mapping[str, Any], name: str) -> None:
+    if not values.get(name):
+        raise ConfigError(f"{_BY_NAME[name].label} is required")
+
+
+def _positive(values: Mapping[str, Any], name: str, *, zero_ok: bool = False) -> None:
+    value = values[name]
+    if value < 0 or (value == 0 and not zero_ok):
+        bound = ">= 0" if zero_ok else "> 0"
+        raise ConfigError(f"{_BY_NAME[name].label}: must be {bound}, got {value}")
+
+
+def _validate(values: dict[str, Any]) -> None:
+    for name in ("source", "cdp_base_url", "cdp_client_key", "cdp_api_token"):
+        _require(values, name)
+    base = urlsplit(values["cdp_base_url"])
+    if base.scheme not in {"http", "https"} or not base.netloc:
+        raise ConfigError(f"CDP_BASE_URL: expected an http(s) URL, got {values['cdp_base_url']!r}")
+    values["cdp_base_url"] = values["cdp_base_url"].rstrip("/")
+    if values["cdp_api_version"] not in API_VERSIONS:
+        raise ConfigError(f"CDP_API_VERSION: expected one of {', '.join(API_VERSIONS)}")
+    for name in ("rate_limit", "not_found_grace", "state_retention", "shutdown_timeout"):
+        _positive(values, name, zero_ok=True)
+    for name in ("concurrency", "max_attempts", "request_timeout", "lease_seconds"):
+        _positive(values, name)
+    if not 0 <= values["http_port"] <= 65535:
+        raise ConfigError(f"{_BY_NAME['http_port'].label}: must be a port number or 0")
+    if values["lease_seconds"] <= values["request_timeout"]:
+        raise ConfigError(
+            f"{_BY_NAME['lease_seconds'].label} ({values['lease_seconds']}) must be longer than "
+            f"{_BY_NAME['request_timeout'].label} ({values['request_timeout']}): a lease that "
+            "runs out mid-request lets another replica send a second POST"
+        )
+    if values["log_format"] not in {"json", "console", "auto"}:
+        raise ConfigError(f"{_BY_NAME['log_format'].label}: expected json, console or auto")
+    if values["log_level"].lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError(f"{_BY_NAME['log_level'].label}: expected debug, info, warning or error")
+    values["log_level"] = values["log_level"].lower()
+    backend = values["rate_limit_backend"]
+    if backend != "local" and not backend.startswith(("redis://", "rediss://")):
+        raise ConfigError(f"{_BY_NAME['rate_limit_backend'].label}: expected local or redis://...")

@@ -1,0 +1,209 @@
+"""Logs, metrics and the health server (DESIGN section 7).
+
+Logging is configured once, at start-up, by `configure_logging`: structlog with contextvars,
+rendered by orjson as one JSON object per line on stdout (a console renderer on a TTY).
+A last-line-of-defence processor drops any key that names personal data or a credential,
+so a careless `log.info(..., email=...)` can never leak one; the code itself never passes
+them (tests seed PII and scan every captured line).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable, MutableMapping
+from typing import Any
+
+import orjson
+import structlog
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# Keys that must never reach a log line, whatever their value. Lower-cased, without
+# separators, so `first_name`, `firstName` and `FIRST-NAME` all match.
+_FORBIDDEN_KEYS = frozenset(
+    {
+        "firstname",
+        "lastname",
+        "name",
+        "email",
+        "emails",
+        "phone",
+        "phonenumber",
+        "phonenumbers",
+        "passport",
+        "passportnumber",
+        "passportexpiry",
+        "dateofbirth",
+        "dob",
+        "birthdate",
+        "contact",
+        "body",
+        "payload",
+        "authorization",
+        "password",
+        "token",
+        "apitoken",
+        "clientkey",
+        "secret",
+        "raw",
+    }
+)
+REDACTED = "[redacted]"
+
+
+def _normalise_key(key: str) -> str:
+    return key.lower().replace("_", "").replace("-", "")
+
+
+def redact_sensitive(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """structlog processor: replace values of keys that name PII or credentials."""
+    for key in list(event_dict):
+        if _normalise_key(key) in _FORBIDDEN_KEYS:
+            event_dict[key] = REDACTED
+    return event_dict
+
+
+def _orjson_dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
+    return orjson.dumps(obj, default=default or str).decode()
+
+
+def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+    """Configure structlog once for the process. `log_format`: json, console or auto."""
+    if log_format == "auto":
+        log_format = "console" if sys.stdout.isatty() else "json"
+    renderer: Any
+    if log_format == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    else:
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redact_sensitive,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            logging.getLevelNamesMapping()[level.upper()]
+        ),
+        # Print to whatever sys.stdout is at call time, so test capture works.
+        logger_factory=structlog.PrintLoggerFactory(),
+        cache_logger_on_first_use=False,
+    )
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    logger: structlog.typing.FilteringBoundLogger = structlog.get_logger(component=name)
+    return logger
+
+
+# Request latency buckets: CDP answers in tens to hundreds of ms; timeouts at 10 s.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    """The Prometheus metrics of DESIGN section 7, in a registry of their own.
+
+    A registry per worker (not the global one) keeps tests and embedded runs (the demo)
+    independent. No label ever carries an orderRef or other high-cardinality value.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        p = "cdp_sync_"
+        self.events_received = Counter(
+            p + "events_received", "Messages taken from the source", registry=r
+        )
+        self.events = Counter(p + "events", "Events finished, by outcome", ["outcome"], registry=r)
+        self.requests = Counter(
+            p + "requests", "CDP requests, by HTTP status or error", ["status"], registry=r
+        )
+        self.request_duration = Histogram(
+            p + "request_duration_seconds",
+            "CDP request latency per attempt",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.retries = Counter(
+            p + "retries", "Retries scheduled, by reason", ["reason"], registry=r
+        )
+        self.in_flight = Gauge(p + "in_flight", "CDP requests in flight", registry=r)
+        self.concurrency_limit = Gauge(
+            p + "concurrency_limit", "Most CDP requests in flight", registry=r
+        )
+        self.rate_limit_wait = Counter(
+            p + "rate_limit_wait_seconds", "Time spent waiting for the rate limit", registry=r
+        )
+        self.throttled = Counter(p + "throttled", "429 answers from CDP", registry=r)
+        self.last_success = Gauge(
+            p + "last_success_timestamp_seconds",
+            "Unix time of the last created contact",
+            registry=r,
+        )
+        self.auth_paused = Gauge(p + "auth_paused", "1 while paused on 401/403", registry=r)
+        for outcome in ("delivered", "duplicate", "dead_lettered", "reconciled"):
+            self.events.labels(outcome)  # export zeroes so rate() works from the start
+
+    def mark_success(self) -> None:
+        self.last_success.set(time.time())
+
+
+class HealthServer:
+    """`/metrics`, `/healthz` (alive) and `/readyz` (consuming) on an aiohttp server."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        ready: Callable[[], tuple[bool, str]],
+        port: int,
+        host: str = "0.0.0.0",
+    ) -> None:
+        self._metrics = metrics
+        self._ready = ready
+        self._host = host
+        self._port = port
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+
+    def _app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/healthz", self._serve_health)
+        app.router.add_get("/readyz", self._serve_ready)
+        return app
+
+    async def _serve_metrics(self, _request: web.Request) -> web.Response:
+        body = generate_latest(self._metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _serve_health(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _serve_ready(self, _request: web.Request) -> web.Response:
+        ready, why = self._ready()
+        return web.json_response(
+            {"status": "ready" if ready else "not ready", "reason": why},
+            status=200 if ready else 503,
+        )
+
+    async def start(self) -> None:
+        self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self._host, self._port)
+        await site.start()
+        server = site._server  # the bound port when 0 was asked for
+        sockets = getattr(server, "sockets", None) or []
+        self.port = sockets[0].getsockname()[1] if sockets else self._port
+
+    async def close(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

@@ -1,0 +1,399 @@
+"""The core loop: source -> parse -> claim -> pace -> POST -> record -> ack.
+
+`Worker.run()` fetches messages in batches and works each in its own task, at most
+`max_pending` at a time. `deliver` follows one event through DESIGN section 3; every exit
+from it records the outcome durably (state store, dead-letter sink) before the ack, or
+gives the message back (nack) and its claim with it. Events of one orderRef are worked one
+after the other in this process; other replicas are kept out by the claim's lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import uuid
+from collections import Counter, deque
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from .cdp import CdpClient, Outcome, Verdict
+from .config import Settings
+from .contact import Event, parse_event
+from .delivery import Delivery, Draining, dead_letter
+from .errors import InvalidEvent
+from .limits import BACKOFF_CAP, RateLimiter, backoff_delay
+from .observability import HealthServer, Metrics, get_logger
+from .sources import DeadLetterSink, Message, Source, open_dead_letter_sink, open_source
+from .state import ClaimStatus, StateStore, open_state_store
+
+log = get_logger("worker.pipeline")
+
+# Messages fetched at once; more than the requests in flight, so that events waiting on a
+# retry do not starve the connection pool.
+FETCH_BATCH = 256
+PENDING_PER_REQUEST_SLOT = 4
+# How long one fetch may block, so that a stop is noticed promptly.
+FETCH_TIMEOUT = 1.0
+# An orderRef held by another replica: ask again after about this long.
+BUSY_RETRY_SECONDS = 2.0
+# Retention sweeps, once at start (by the store) and then this often.
+SWEEP_INTERVAL = 3600.0
+# Request latencies kept for the demo's percentiles.
+LATENCY_SAMPLES = 100_000
+
+
+def default_owner() -> str:
+    """hostname-pid plus a random suffix: unique even when a pid is reused after a crash."""
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class Worker:
+    """One worker process. `await run()` until the source ends or `stop()`; then `close()`.
+
+    Parts may be passed in (tests, the demo); otherwise they are built from `settings`.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        source: Source | None = None,
+        state: StateStore | None = None,
+        dead_letters: DeadLetterSink | None = None,
+        client: CdpClient | None = None,
+        metrics: Metrics | None = None,
+        owner: str | None = None,
+    ) -> None:
+        self.settings = settings
+        # Built here, not in run(), so that a bad URL fails before anything is consumed.
+        self.state = state or open_state_store(
+            settings.state, retention_seconds=settings.state_retention
+        )
+        self.source = source or open_source(
+            settings.source, state=self.state, follow=settings.follow
+        )
+        self.dead_letters = dead_letters or open_dead_letter_sink(settings.dead_letter_url)
+        self.client = client or CdpClient(
+            settings.cdp_base_url,
+            settings.cdp_client_key,
+            settings.cdp_api_token,
+            api_version=settings.cdp_api_version,
+            timeout=settings.request_timeout,
+            concurrency=settings.concurrency,
+        )
+        self.metrics = metrics or Metrics()
+        self.owner = owner or default_owner()
+        self.limiter = RateLimiter(settings.rate_limit)
+        self.summary: Counter[str] = Counter()
+        self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self._slots = asyncio.Semaphore(settings.concurrency)
+        self._max_pending = max(settings.concurrency * PENDING_PER_REQUEST_SLOT, 64)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._order_locks: dict[str, asyncio.Lock] = {}
+        self._held: set[str] = set()  # orderRefs claimed by us, renewed by _renew_leases
+        self._stopping = asyncio.Event()
+        self._auth_ok = asyncio.Event()
+        self._auth_ok.set()
+        self._auth_probe: asyncio.Task[None] | None = None
+        self._running = False
+        self._health: HealthServer | None = None
+        self.metrics.concurrency_limit.set(settings.concurrency)
+
+    # -- life cycle ---------------------------------------------------------------------
+
+    def ready(self) -> tuple[bool, str]:
+        """Readiness: consuming, source connected, not paused for auth, not draining."""
+        if self._stopping.is_set():
+            return False, "draining"
+        if not self._running:
+            return False, "starting"
+        if not self._auth_ok.is_set():
+            return False, "paused: CDP rejected the credentials"
+        if not self.source.connected:
+            return False, "source disconnected"
+        return True, "consuming"
+
+    def stop(self) -> None:
+        """Stop taking messages; in-flight work finishes within the shutdown timeout."""
+        if not self._stopping.is_set():
+            log.info("worker.stopping", in_flight=len(self._tasks))
+            self._stopping.set()
+
+    async def open(self) -> None:
+        await self.state.open()
+        await self.dead_letters.open()
+        await self.source.open()
+        await self.client.open()
+        if self.settings.http_port:
+            self._health = HealthServer(self.metrics, self.ready, self.settings.http_port)
+            await self._health.start()
+
+    async def close(self) -> None:
+        """Close every part, whatever state run() left them in."""
+        if self._auth_probe is not None:
+            self._auth_probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._auth_probe
+        for part in (self._health, self.client, self.source, self.dead_letters, self.state):
+            if part is not None:
+                try:
+                    await part.close()
+                except Exception:
+                    log.exception("worker.close_failed", part=type(part).__name__)
+
+    async def run(self) -> None:
+        """Consume until a finite source is finished or `stop()` is called, then drain."""
+        await self.open()
+        self._running = True
+        log.info(
+            "worker.started",
+            source=self.source.name,
+            owner=self.owner,
+            rate_limit=self.settings.rate_limit,
+            concurrency=self.settings.concurrency,
+            api_version=self.settings.cdp_api_version,
+        )
+        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
+        sweeper = asyncio.create_task(self._sweep_periodically(), name="retention-sweeper")
+        try:
+            await self._consume()
+            await self._drain()
+        finally:
+            self._running = False
+            for task in (renewer, sweeper):
+                task.cancel()
+            await asyncio.gather(renewer, sweeper, return_exceptions=True)
+        log.info("worker.finished", **self.summary)
+
+    async def _consume(self) -> None:
+        while not self._stopping.is_set():
+            if not await self._until_stop(self._auth_ok.wait()):
+                break
+            room = self._max_pending - len(self._tasks)
+            if room <= 0:
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            fetched = await self._until_stop(
+                self.source.fetch(min(room, FETCH_BATCH), FETCH_TIMEOUT)
+            )
+            if fetched is False:
+                break
+            if fetched is None:  # a finite source handed out its last message
+                if not self._tasks:
+                    break
+                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                continue
+            assert isinstance(fetched, list)
+            for message in fetched:
+                self.metrics.events_received.inc()
+                task = asyncio.create_task(self._handle(message))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _until_stop(self, awaitable: Awaitable[Any]) -> Any:
+        """Await `awaitable` unless stop() comes first (then cancel it and return False)."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop.cancel()
+        if work.done():
+            return work.result()
+        work.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await work
+        return False
+
+    async def _drain(self) -> None:
+        """Let in-flight deliveries finish within the shutdown timeout; give back the rest."""
+        if not self._tasks:
+            return
+        timeout = self.settings.shutdown_timeout if self._stopping.is_set() else None
+        _, late = await asyncio.wait(set(self._tasks), timeout=timeout)
+        if late:
+            log.warning("worker.shutdown_timeout", unfinished=len(late))
+            for task in late:
+                task.cancel()
+            await asyncio.wait(late)
+
+    async def _renew_leases(self) -> None:
+        interval = self.settings.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            for order_ref in list(self._held):
+                try:
+                    if not await self.state.renew(
+                        order_ref, self.owner, self.settings.lease_seconds
+                    ):
+                        log.warning("state.lease_lost", order_ref=order_ref)
+                except Exception:
+                    log.exception("state.renew_failed", order_ref=order_ref)
+
+    async def _sweep_periodically(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL)
+            try:
+                removed = await self.state.sweep(self.settings.state_retention)
+                log.info("state.swept", removed=removed)
+            except Exception:
+                log.exception("state.sweep_failed")
+
+    # -- one message --------------------------------------------------------------------
+
+    async def _handle(self, message: Message) -> None:
+        structlog.contextvars.bind_contextvars(message_id=message.id)
+        try:
+            event = parse_event(
+                message.body,
+                default_event_id=message.id,
+                api_version=self.settings.cdp_api_version,
+            )
+        except InvalidEvent as invalid:
+            await self._reject_unparsed(message, invalid)
+            return
+        structlog.contextvars.bind_contextvars(
+            order_ref=event.order_ref, event_id=event.event_id, attempt=0
+        )
+        try:
+            async with self._order_lock(event.order_ref):
+                await self._deliver(message, event)
+        except Exception:
+            # A failure of ours (state store down, bug): give the message back untouched.
+            log.exception("event.failed")
+            self.summary["failed"] += 1
+            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
+
+    async def _give_back(self, message: Message, *, delay: float = 0.0) -> None:
+        try:
+            await self.source.nack(message, delay=delay)
+        except Exception:
+            log.exception("source.nack_failed")
+
+    @contextlib.asynccontextmanager
+    async def _order_lock(self, order_ref: str) -> AsyncIterator[None]:
+        """Serialise events of one orderRef in this process (RudderStack's per-key barrier)."""
+        lock = self._order_locks.setdefault(order_ref, asyncio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and not lock._waiters:  # last user: forget it
+                self._order_locks.pop(order_ref, None)
+
+    async def _deliver(self, message: Message, event: Event) -> None:
+        claim = await self.state.claim(event.order_ref, self.owner, self.settings.lease_seconds)
+        if claim.status in (ClaimStatus.DONE, ClaimStatus.DEAD):
+            await self.source.ack(message)
+            self.finish("duplicate", status=claim.status.value)
+            return
+        if claim.status is ClaimStatus.BUSY:
+            log.info("event.busy_elsewhere")
+            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
+            return
+        self._held.add(event.order_ref)
+        delivery = Delivery(
+            self,
+            message,
+            event,
+            in_doubt=claim.status is ClaimStatus.IN_DOUBT,
+            claims=claim.attempts,
+        )
+        try:
+            await delivery.run()
+        except (Draining, asyncio.CancelledError) as stopped:
+            await self._release(event.order_ref, sent=delivery.sent_in_doubt)
+            await self._give_back(message)
+            log.info("event.returned", sent_in_doubt=delivery.sent_in_doubt)
+            if not isinstance(stopped, Draining):
+                raise
+        except BaseException:
+            await self._release(event.order_ref, sent=delivery.sent_in_doubt)
+            raise
+        finally:
+            self._held.discard(event.order_ref)
+
+    async def _release(self, order_ref: str, *, sent: bool) -> None:
+        try:
+            await self.state.release(order_ref, self.owner, sent=sent)
+        except Exception:
+            log.exception("state.release_failed")  # the lease runs out on its own
+
+    async def _reject_unparsed(self, message: Message, invalid: InvalidEvent) -> None:
+        letter = dead_letter(
+            invalid.reason,
+            invalid.message,
+            order_ref=invalid.order_ref,
+            event_id=invalid.event_id or message.id,
+            status=None,
+            attempts=0,
+            event=invalid.event,
+            raw=message.body if invalid.event is None else None,
+        )
+        await self.dead_letters.put(letter)
+        await self.source.ack(message)
+        self.summary[f"dead:{invalid.reason}"] += 1
+        self.finish(
+            "dead_lettered",
+            reason=invalid.reason,
+            detail=invalid.message,
+            order_ref=invalid.order_ref,
+            event_id=invalid.event_id or message.id,
+        )
+
+    def finish(self, outcome: str, **fields: Any) -> None:
+        self.metrics.events.labels(outcome).inc()
+        self.summary[outcome] += 1
+        level = log.warning if outcome == "dead_lettered" else log.info
+        level(f"event.{outcome}", **fields)
+
+    # -- pacing and requests, shared by every delivery ------------------------------------
+
+    async def request(self, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """One CDP request: a concurrency slot, then the rate limit, then the call."""
+        async with self._slots:
+            waited = await self.limiter.acquire()
+            self.metrics.rate_limit_wait.inc(waited)
+            self.metrics.in_flight.inc()
+            try:
+                outcome = await call()
+            finally:
+                self.metrics.in_flight.dec()
+        self.metrics.requests.labels(outcome.label).inc()
+        self.metrics.request_duration.observe(outcome.duration)
+        self.latencies.append(outcome.duration)
+        if outcome.status == 429:
+            self.metrics.throttled.inc()
+            self.limiter.brake(outcome.retry_after)
+        return outcome
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep between attempts, cut short by stop(): the message goes back instead."""
+        if await self._until_stop(asyncio.sleep(seconds)) is False:
+            raise Draining
+
+    async def auth_failed(self, order_ref: str) -> None:
+        """401/403: pause consuming and wait until a probe gets past authentication."""
+        if self._auth_ok.is_set():
+            self._auth_ok.clear()
+            self.metrics.auth_paused.set(1)
+            log.error("cdp.auth_failed", probe=0)
+            self._auth_probe = asyncio.create_task(self._probe_auth(order_ref))
+        if await self._until_stop(self._auth_ok.wait()) is False:
+            raise Draining
+
+    async def _probe_auth(self, order_ref: str) -> None:
+        probe = 0
+        while not self._auth_ok.is_set():
+            probe += 1
+            await asyncio.sleep(backoff_delay(probe, base=1.0, cap=BACKOFF_CAP) + 0.5)
+            outcome = await self.client.list_contacts(order_ref)
+            self.metrics.requests.labels(outcome.label).inc()
+            if outcome.verdict is Verdict.AUTH:
+                log.error("cdp.auth_failed", probe=probe, status=outcome.status)
+                continue
+            log.info("cdp.auth_recovered", probe=probe)
+            self.metrics.auth_paused.set(0)
+            self._auth_ok.set()

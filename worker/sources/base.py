@@ -1,0 +1,89 @@
+"""The source and dead-letter sink contracts, shaped for brokers.
+
+A source hands out `Message`s in batches and takes them back one by one: `ack` once the
+outcome is durable, `nack` to have one delivered again (shutdown, or another replica holds
+its orderRef), `hold` to keep a message from being redelivered during long retries (NATS
+`in_progress`). Every broker of DESIGN section 5 maps onto these five calls.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(eq=False, slots=True)
+class Message:
+    """One message as the transport delivered it.
+
+    `id` is the transport's message id (an event's default eventId); `delivery_count`
+    counts deliveries, this one included, where the transport knows it; `token` is the
+    source's own handle (line number, stream entry id, broker message).
+    """
+
+    id: str
+    body: bytes
+    delivery_count: int = 1
+    token: Any = field(default=None, repr=False)
+
+    def __repr__(self) -> str:  # the body is personal data: never in a repr
+        return f"Message(id={self.id!r}, delivery_count={self.delivery_count})"
+
+
+class Source(ABC):
+    """Where events come from. `open()`, then `fetch`/`ack`/`nack` until `close()`."""
+
+    #: A finite source (a file without --follow) ends; `fetch` then returns None.
+    finite: bool = False
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect (and create what the source needs, e.g. a consumer group)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Disconnect. Unacked messages go back to the transport. Idempotent."""
+
+    @abstractmethod
+    async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
+        """Up to `max_messages`, waiting at most `timeout` s for the first one.
+
+        [] when nothing came in time; None once a finite source has handed out its last
+        message (messages handed out before may still be awaiting their ack).
+        """
+
+    @abstractmethod
+    async def ack(self, message: Message) -> None:
+        """The message is finished: its outcome is durably recorded. Durable on return."""
+
+    @abstractmethod
+    async def nack(self, message: Message, *, delay: float = 0.0) -> None:
+        """Deliver the message again, not before `delay` seconds if the transport can."""
+
+    async def hold(self, message: Message) -> None:  # noqa: B027 - optional, no-op by default
+        """Keep a message being retried from being redelivered elsewhere."""
+
+    @property
+    def connected(self) -> bool:
+        """False while the transport is down (readiness off)."""
+        return True
+
+    @property
+    def name(self) -> str:
+        """The URL without credentials, for logs."""
+        return type(self).__name__
+
+
+class DeadLetterSink(ABC):
+    """Where undeliverable events go, one JSON object each (DESIGN section 5)."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def put(self, letter: dict[str, Any]) -> None:
+        """Store one dead letter. Durable on return: the message is acked right after."""

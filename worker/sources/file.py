@@ -1,0 +1,255 @@
+"""JSONL files: the file source (`file:PATH`, `file:-`) and the file dead-letter sink.
+
+The source reads lines in batches and, like faust commits offsets, checkpoints the highest
+line below which every line is finished (the watermark) in the state store, together with
+the few lines finished above it. A restart resumes there and skips those, so a rerun over a
+finished file sends nothing and an invalid line is dead-lettered once. `ack` returns only
+once the checkpoint holding that line is committed; concurrent acks share one write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from ..errors import SourceError
+from ..state.base import StateStore
+from .base import DeadLetterSink, Message, Source
+
+# How often --follow looks for new lines at the end of the file.
+FOLLOW_POLL_SECONDS = 0.2
+
+
+class _Checkpoint:
+    """Finished lines: everything up to `line` (ending at byte `offset`) plus `above`."""
+
+    def __init__(self, line: int = 0, offset: int = 0, above: set[int] | None = None) -> None:
+        self.line = line
+        self.offset = offset
+        self.above: set[int] = above or set()
+        self.ends: dict[int, int] = {}  # line -> byte offset after it, for lines above `line`
+
+    def finish(self, line: int) -> None:
+        self.above.add(line)
+        while self.line + 1 in self.above:
+            self.line += 1
+            self.above.discard(self.line)
+            self.offset = self.ends.pop(self.line, self.offset)
+
+    def dumps(self) -> str:
+        return orjson.dumps(
+            {"line": self.line, "offset": self.offset, "above": sorted(self.above)}
+        ).decode()
+
+    @classmethod
+    def loads(cls, text: str) -> _Checkpoint:
+        data = orjson.loads(text)
+        return cls(int(data["line"]), int(data["offset"]), {int(n) for n in data["above"]})
+
+
+class FileSource(Source):
+    """JSONL, one event per line. Finite unless `follow`; `-` is standard input."""
+
+    def __init__(self, path: str, *, state: StateStore | None = None, follow: bool = False) -> None:
+        self.path = path
+        self.follow = follow
+        self.finite = not follow
+        self._state = state
+        self._stdin = path == "-"
+        self._key = "file:-" if self._stdin else f"file:{Path(path).resolve()}"
+        self._label = "stdin" if self._stdin else Path(path).name
+        self._file: IO[bytes] | None = None
+        self._lines: asyncio.Queue[bytes | None] | None = None  # stdin reader thread output
+        self._eof = False
+        self._next_line = 1
+        self._offset = 0
+        self._done = _Checkpoint()
+        self._redeliver: list[Message] = []
+        self._pending_redeliveries = 0
+        self._version = 0  # bumped by every ack; the checkpoint writer saves the newest
+        self._saved_version = 0
+        self._save_lock = asyncio.Lock()
+
+    @property
+    def name(self) -> str:
+        return f"file:{self.path}"
+
+    async def open(self) -> None:
+        if self._stdin:
+            self._start_stdin_reader()
+            return
+        try:
+            self._file = open(self.path, "rb")  # noqa: SIM115, ASYNC230 - held open until close(); opening is instant
+        except OSError as exc:
+            raise SourceError(f"--source: cannot open {self.path!r}: {exc.strerror}") from None
+        saved = await self._state.get_checkpoint(self._key) if self._state else None
+        if saved is None:
+            return
+        checkpoint = _Checkpoint.loads(saved)
+        if checkpoint.offset > os.fstat(self._file.fileno()).st_size:
+            return  # the file was truncated or replaced: start over; the state store dedupes
+        self._done = checkpoint
+        self._file.seek(checkpoint.offset)
+        self._offset = checkpoint.offset
+        self._next_line = checkpoint.line + 1
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _start_stdin_reader(self) -> None:
+        # A daemon thread: a blocking read of stdin must never hold up the process's exit.
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=10_000)
+        self._lines = lines
+
+        def pump() -> None:
+            for raw in sys.stdin.buffer:
+                asyncio.run_coroutine_threadsafe(lines.put(raw), loop).result()
+            asyncio.run_coroutine_threadsafe(lines.put(None), loop).result()
+
+        threading.Thread(target=pump, name="stdin-reader", daemon=True).start()
+
+    def _read_lines(self, limit: int) -> list[bytes]:
+        """Up to `limit` whole lines from the file (runs in a thread)."""
+        assert self._file is not None
+        out: list[bytes] = []
+        while len(out) < limit:
+            position = self._file.tell()
+            raw = self._file.readline()
+            if not raw:
+                self._eof = not self.follow
+                break
+            if not raw.endswith(b"\n") and self.follow:
+                self._file.seek(position)  # a line still being written: wait for the rest
+                break
+            out.append(raw)
+        return out
+
+    async def _next_raw_lines(self, limit: int, timeout: float) -> list[bytes]:
+        if self._lines is not None:
+            out: list[bytes] = []
+            try:
+                first = await asyncio.wait_for(self._lines.get(), timeout)
+            except TimeoutError:
+                return out
+            item: bytes | None = first
+            while True:
+                if item is None:
+                    self._eof = True
+                    break
+                out.append(item)
+                if len(out) >= limit or self._lines.empty():
+                    break
+                item = self._lines.get_nowait()
+            return out
+        out = await asyncio.to_thread(self._read_lines, limit)
+        if not out and self.follow:
+            await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
+        return out
+
+    async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
+        batch, self._redeliver = self._redeliver[:max_messages], self._redeliver[max_messages:]
+        if batch:
+            return batch
+        if self._eof:
+            if self._pending_redeliveries:
+                await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
+                return []
+            return None
+        for raw in await self._next_raw_lines(max_messages, timeout):
+            line = self._next_line
+            self._next_line += 1
+            self._offset += len(raw)
+            self._done.ends[line] = self._offset
+            body = raw.strip()
+            if line in self._done.above:
+                continue  # finished before a restart
+            if not body:
+                self._done.finish(line)  # blank lines are nothing to deliver
+                continue
+            batch.append(Message(id=f"{self._label}:{line}", body=body, token=line))
+        return batch
+
+    async def ack(self, message: Message) -> None:
+        self._done.finish(message.token)
+        self._version += 1
+        await self._save(self._version)
+
+    async def _save(self, version: int) -> None:
+        """Commit the checkpoint if `version` is not saved yet; one write serves many acks."""
+        if self._state is None or self._stdin:
+            return
+        async with self._save_lock:
+            if self._saved_version >= version:
+                return
+            newest, snapshot = self._version, self._done.dumps()
+            await self._state.set_checkpoint(self._key, snapshot)
+            self._saved_version = newest
+
+    async def nack(self, message: Message, *, delay: float = 0.0) -> None:
+        again = Message(message.id, message.body, message.delivery_count + 1, message.token)
+        self._pending_redeliveries += 1
+
+        def redeliver() -> None:
+            self._pending_redeliveries -= 1
+            self._redeliver.append(again)
+
+        asyncio.get_running_loop().call_later(delay, redeliver)
+
+
+class FileDeadLetterSink(DeadLetterSink):
+    """Appends dead letters to a JSONL file; each `put` returns once fsynced.
+
+    Letters that arrive while a write is under way share the next write and fsync.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
+        self._lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        try:
+            self._file = open(self.path, "ab")  # noqa: SIM115, ASYNC230 - held open until close(); opening is instant
+        except OSError as exc:
+            raise SourceError(f"--dlq: cannot open {self.path!r}: {exc.strerror}") from None
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    async def put(self, letter: dict[str, Any]) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((orjson.dumps(letter) + b"\n", future))
+        async with self._lock:
+            if not future.done():  # else an earlier write already carried this letter
+                await self._flush()
+        await future
+
+    async def _flush(self) -> None:
+        batch, self._pending = self._pending, []
+        try:
+            await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
+        except OSError as exc:
+            error = SourceError(f"dead-letter file {self.path!r}: {exc.strerror}")
+            for _, waiting in batch:
+                waiting.set_exception(error)
+        else:
+            for _, waiting in batch:
+                waiting.set_result(None)

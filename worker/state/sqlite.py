@@ -1,0 +1,413 @@
+"""`sqlite:///PATH` state store: the default, durable on one host, with group commits.
+
+Why a writer thread: sqlite3 blocks, and durability (`synchronous=FULL`) costs an fsync per
+commit. One thread owns the only connection; coroutines queue operations and await a
+future. The thread takes everything queued (up to `max_batch`), runs it in ONE
+`BEGIN IMMEDIATE` transaction, commits once and only then resolves the futures, so
+"`complete()` returned" means "on disk" while a burst of events shares one fsync.
+
+`BEGIN IMMEDIATE` takes the file's write lock before the first read, so a claim's
+read-then-write is atomic even against other processes using the same file; they wait
+on `busy_timeout` instead of failing with "database is locked".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from worker.errors import ConfigError, StateError, WorkerError
+from worker.state import base
+from worker.state.base import Claim, ClaimStatus, StateStore
+
+T = TypeVar("T")
+
+URL_PREFIX = "sqlite:///"
+IN_FLIGHT = "in_flight"
+DONE = "done"
+DEAD = "dead"
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS orders (
+        order_ref TEXT PRIMARY KEY,
+        status TEXT NOT NULL,
+        owner TEXT,
+        lease_until REAL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        contact_ref TEXT,
+        href TEXT,
+        reason TEXT,
+        updated_at REAL NOT NULL
+    )""",
+    """CREATE TABLE IF NOT EXISTS checkpoints (
+        key TEXT PRIMARY KEY,
+        value TEXT NOT NULL,
+        updated_at REAL NOT NULL
+    )""",
+)
+
+
+def path_from_url(url: str) -> str:
+    """`sqlite:///./rel.db` -> `./rel.db`, `sqlite:////abs/x.db` -> `/abs/x.db`."""
+    if not url.startswith(URL_PREFIX) or len(url) == len(URL_PREFIX):
+        raise ConfigError(
+            "--state / WORKER_STATE: a sqlite URL is sqlite:///RELATIVE/PATH or "
+            "sqlite:////ABSOLUTE/PATH (e.g. sqlite:///./worker-state.db)"
+        )
+    return url[len(URL_PREFIX) :]
+
+
+@dataclass(slots=True)
+class _Op:
+    """One queued operation: `fn` runs on the writer thread, its result goes to `future`."""
+
+    fn: Callable[[sqlite3.Connection], Any]
+    future: asyncio.Future[Any]
+    loop: asyncio.AbstractEventLoop
+
+
+def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
+    """Runs on the event loop. The awaiting coroutine may have been cancelled meanwhile."""
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _post(op: _Op, result: Any, error: BaseException | None) -> None:
+    """Hand a result from the writer thread to the op's event loop."""
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+
+
+class SqliteStateStore(StateStore):
+    """State in one sqlite file (WAL, synchronous=FULL), written by one thread.
+
+    `retention_seconds`: done/dead records older than this are swept by `open()`; None
+    sweeps nothing there. `max_batch`: most operations per transaction.
+    `busy_timeout`: seconds to wait for another process's write lock.
+    `commits` counts committed transactions (observability, and proof of batching).
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        retention_seconds: float | None = None,
+        max_batch: int = 512,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        self.path = os.fspath(path)
+        self.commits = 0
+        self._retention = retention_seconds
+        self._max_batch = max_batch
+        self._busy_timeout = busy_timeout
+        self._queue: queue.Queue[_Op | None] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Future[None] | None = None
+        self._accepting = False
+
+    @classmethod
+    def from_url(cls, url: str, *, retention_seconds: float | None = None) -> SqliteStateStore:
+        return cls(path_from_url(url), retention_seconds=retention_seconds)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def open(self) -> None:
+        if self._thread is not None:
+            raise StateError("state store opened twice")
+        loop = asyncio.get_running_loop()
+        ready: asyncio.Future[None] = loop.create_future()
+        self._stopped = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run,
+            args=(loop, ready),
+            name="state-sqlite-writer",
+            # Daemon so a loop that never closes us cannot hang interpreter exit; sqlite's
+            # journal keeps the file consistent even if the thread dies mid-transaction.
+            daemon=True,
+        )
+        self._thread.start()
+        await ready  # raises if the file cannot be opened; the thread has then ended
+        self._accepting = True
+        if self._retention is not None:
+            await self.sweep(self._retention)
+
+    async def close(self) -> None:
+        if self._thread is None or self._stopped is None:
+            return
+        if self._accepting:
+            self._accepting = False
+            self._queue.put(None)  # after every queued op: they are all committed first
+        await asyncio.shield(self._stopped)
+        self._thread.join()
+
+    # -- the writer thread ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        try:
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
+            # timeout= is sqlite's busy_timeout: wait for another process's write lock.
+            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise ConfigError(
+                f"--state / WORKER_STATE: cannot open sqlite database {self.path!r}: {exc}"
+            ) from exc
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=FULL")
+            conn.execute("BEGIN IMMEDIATE")
+            for statement in _SCHEMA:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            conn.close()
+            raise StateError(f"cannot initialise sqlite database {self.path!r}: {exc}") from exc
+        return conn
+
+    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
+        try:
+            conn = self._connect()
+        except WorkerError as exc:
+            self._notify(loop, ready, exc)
+            self._notify(loop, self._stopped, None)
+            return
+        self._notify(loop, ready, None)
+        try:
+            stop = False
+            while not stop:
+                batch, stop = self._take_batch()
+                if batch:
+                    self._run_batch(conn, batch)
+        finally:
+            self._accepting = False
+            conn.close()
+            self._fail_leftovers()
+            self._notify(loop, self._stopped, None)
+
+    @staticmethod
+    def _notify(
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[None] | None,
+        error: BaseException | None,
+    ) -> None:
+        if future is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed
+            loop.call_soon_threadsafe(_settle, future, None, error)
+
+    def _take_batch(self) -> tuple[list[_Op], bool]:
+        """Block for one op, then take whatever else is already queued: the group."""
+        batch: list[_Op] = []
+        item = self._queue.get()
+        while True:
+            if item is None:
+                return batch, True
+            batch.append(item)
+            if len(batch) >= self._max_batch:
+                return batch, False
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return batch, False
+
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            for op in batch:
+                # A savepoint per op: an op that raises undoes only its own writes.
+                conn.execute("SAVEPOINT op")
+                try:
+                    result = op.fn(conn)
+                except Exception as exc:  # noqa: BLE001 - it fails its own future only
+                    conn.execute("ROLLBACK TO op")
+                    outcomes.append((None, _as_state_error(exc)))
+                else:
+                    outcomes.append((result, None))
+                conn.execute("RELEASE op")
+            conn.execute("COMMIT")
+        except Exception as exc:  # noqa: BLE001 - every future of the batch must learn of it
+            # BEGIN, a savepoint or the commit failed: nothing of this batch is durable.
+            if conn.in_transaction:
+                # It may fail too if sqlite already rolled back or the connection is gone.
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+            error = StateError(f"sqlite transaction failed: {exc}")
+            error.__cause__ = exc
+            for op in batch:
+                _post(op, None, error)
+            return
+        self.commits += 1
+        for op, (result, op_error) in zip(batch, outcomes, strict=True):
+            _post(op, result, op_error)
+
+    def _fail_leftovers(self) -> None:
+        while True:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None:
+                _post(item, None, StateError("state store closed"))
+
+    # -- submitting ----------------------------------------------------------------------
+
+    async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if not self._accepting:
+            raise StateError("state store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._queue.put(_Op(fn, future, loop))
+        return await future
+
+    # -- the contract --------------------------------------------------------------------
+
+    async def claim(self, order_ref: str, owner: str, lease_seconds: float) -> Claim:
+        return await self._submit(lambda conn: _claim(conn, order_ref, owner, lease_seconds))
+
+    async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            t = base.now()
+            cur = conn.execute(
+                "UPDATE orders SET lease_until = ?, updated_at = ?"
+                " WHERE order_ref = ? AND status = ? AND owner = ?",
+                (t + lease_seconds, t, order_ref, IN_FLIGHT, owner),
+            )
+            return cur.rowcount == 1
+
+        return await self._submit(op)
+
+    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if _status(conn, order_ref) == DONE:
+                return  # the first contact stays: it is the one CDP holds
+            _check_owner(conn, order_ref, owner, "complete")
+            conn.execute(
+                "UPDATE orders SET status = ?, contact_ref = ?, href = ?, lease_until = 0,"
+                " updated_at = ? WHERE order_ref = ?",
+                (DONE, contact_ref, href, base.now(), order_ref),
+            )
+
+        await self._submit(op)
+
+    async def fail(self, order_ref: str, owner: str, reason: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            _check_owner(conn, order_ref, owner, "fail")
+            conn.execute(
+                "UPDATE orders SET status = ?, reason = ?, lease_until = 0, updated_at = ?"
+                " WHERE order_ref = ?",
+                (DEAD, reason, base.now(), order_ref),
+            )
+
+        await self._submit(op)
+
+    async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            if sent:
+                conn.execute(
+                    "UPDATE orders SET lease_until = 0, updated_at = ?"
+                    " WHERE order_ref = ? AND status = ? AND owner = ?",
+                    (base.now(), order_ref, IN_FLIGHT, owner),
+                )
+            else:
+                conn.execute(
+                    "DELETE FROM orders WHERE order_ref = ? AND status = ? AND owner = ?",
+                    (order_ref, IN_FLIGHT, owner),
+                )
+
+        await self._submit(op)
+
+    async def get_checkpoint(self, key: str) -> str | None:
+        def op(conn: sqlite3.Connection) -> str | None:
+            row = conn.execute("SELECT value FROM checkpoints WHERE key = ?", (key,)).fetchone()
+            return None if row is None else str(row[0])
+
+        return await self._submit(op)
+
+    async def set_checkpoint(self, key: str, value: str) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "INSERT INTO checkpoints (key, value, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET value = excluded.value,"
+                " updated_at = excluded.updated_at",
+                (key, value, base.now()),
+            )
+
+        await self._submit(op)
+
+    async def sweep(self, retention_seconds: float) -> int:
+        def op(conn: sqlite3.Connection) -> int:
+            cur = conn.execute(
+                "DELETE FROM orders WHERE status IN (?, ?) AND updated_at < ?",
+                (DONE, DEAD, base.now() - retention_seconds),
+            )
+            return cur.rowcount
+
+        return await self._submit(op)
+
+
+# -- operations: run on the writer thread, inside the batch's transaction --------------------
+
+
+def _claim(conn: sqlite3.Connection, order_ref: str, owner: str, lease_seconds: float) -> Claim:
+    t = base.now()
+    row = conn.execute(
+        "SELECT status, lease_until, attempts, contact_ref, href, reason"
+        " FROM orders WHERE order_ref = ?",
+        (order_ref,),
+    ).fetchone()
+    if row is None:
+        conn.execute(
+            "INSERT INTO orders (order_ref, status, owner, lease_until, attempts, updated_at)"
+            " VALUES (?, ?, ?, ?, 1, ?)",
+            (order_ref, IN_FLIGHT, owner, t + lease_seconds, t),
+        )
+        return Claim(ClaimStatus.CLAIMED, attempts=1)
+    status, lease_until, attempts, contact_ref, href, reason = row
+    if status == DONE:
+        return Claim(ClaimStatus.DONE, contact_ref=contact_ref, href=href)
+    if status == DEAD:
+        return Claim(ClaimStatus.DEAD, reason=reason)
+    if lease_until > t:
+        return Claim(ClaimStatus.BUSY)
+    # Lease ran out (or was given back after a send): the previous owner may have POSTed,
+    # so the new owner must reconcile before sending.
+    conn.execute(
+        "UPDATE orders SET owner = ?, lease_until = ?, attempts = ?, updated_at = ?"
+        " WHERE order_ref = ?",
+        (owner, t + lease_seconds, attempts + 1, t, order_ref),
+    )
+    return Claim(ClaimStatus.IN_DOUBT, attempts=attempts + 1)
+
+
+def _status(conn: sqlite3.Connection, order_ref: str) -> str | None:
+    row = conn.execute("SELECT status FROM orders WHERE order_ref = ?", (order_ref,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def _check_owner(conn: sqlite3.Connection, order_ref: str, owner: str, action: str) -> None:
+    row = conn.execute(
+        "SELECT 1 FROM orders WHERE order_ref = ? AND status = ? AND owner = ?",
+        (order_ref, IN_FLIGHT, owner),
+    ).fetchone()
+    if row is None:
+        raise StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
+
+
+def _as_state_error(exc: Exception) -> BaseException:
+    """Callers catch StateError; our own errors pass through, sqlite's get wrapped."""
+    if isinstance(exc, WorkerError):
+        return exc
+    error = StateError(f"state operation failed: {exc}")
+    error.__cause__ = exc
+    return error
