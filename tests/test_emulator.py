@@ -92,7 +92,8 @@ async def get(
 def assert_cdp_error(body: Any, status: int) -> None:
     assert body["status"] == status
     assert body["code"] == status
-    assert isinstance(body["message"], str) and body["message"]
+    assert isinstance(body["message"], str)
+    assert body["message"]
     assert isinstance(body["developerMessage"], str)
     assert body["moreInfoUrl"] == "https://doc.sitecore.com/cdp"
 
@@ -123,7 +124,8 @@ async def test_create_answers_201_in_cdp_shape(
     assert UUID_RE.fullmatch(ref)
     assert created["href"] == f"{emulator.url}/{version}/orderContacts/{ref}"
     assert created["order"] == {"href": f"{emulator.url}/{version}/orders/{order}"}
-    assert ISO_MS.fullmatch(created["createdAt"]) and ISO_MS.fullmatch(created["modifiedAt"])
+    assert ISO_MS.fullmatch(created["createdAt"])
+    assert ISO_MS.fullmatch(created["modifiedAt"])
     for name, value in body.items():
         assert created[name] == value
     assert emulator.contacts_for(order) == [created]
@@ -551,7 +553,8 @@ async def test_seeded_faults_are_reproducible(session: aiohttp.ClientSession) ->
 
     first, second = await statuses(), await statuses()
     assert first == second
-    assert 201 in first and any(status >= 500 for status in first)
+    assert 201 in first
+    assert any(status >= 500 for status in first)
 
 
 # --------------------------------------------------------------------------- runtime config
@@ -564,7 +567,8 @@ async def test_patch_config_changes_behaviour_at_runtime(
     async with session.patch(config_url, json={"forbidden": True, "rate_limit": 3}) as response:
         assert response.status == 200
         shown = orjson.loads(await response.read())
-    assert shown["forbidden"] is True and shown["rate_limit"] == 3.0
+    assert shown["forbidden"] is True
+    assert shown["rate_limit"] == 3.0
     assert emulator.config.forbidden is True
     status, _, _ = await post(session, emulator, new_order(), contact())
     assert status == 403
@@ -593,9 +597,7 @@ async def test_patch_config_rejects_bad_settings_atomically(
     emulator: Emulator, session: aiohttp.ClientSession, changes: Any
 ) -> None:
     before = emulator.config.as_dict()
-    async with session.patch(
-        f"{emulator.url}/_emulator/config", json=changes if changes else changes
-    ) as response:
+    async with session.patch(f"{emulator.url}/_emulator/config", json=changes) as response:
         assert response.status == 400
         assert_cdp_error(orjson.loads(await response.read()), 400)
     assert emulator.config.as_dict() == before

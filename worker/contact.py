@@ -131,7 +131,7 @@ def _parse_instant(text: str) -> datetime:
     year, month, day, hour, minute, second, fraction, offset = match.groups()
     micro = int((fraction or "0")[:6].ljust(6, "0"))
     tz = UTC
-    if offset and offset not in "Zz":
+    if offset and offset not in ("Z", "z"):
         digits = offset[1:].replace(":", "")
         delta = timedelta(hours=int(digits[:2]), minutes=int(digits[2:] or 0))
         tz = timezone(-delta if offset[0] == "-" else delta)

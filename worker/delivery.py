@@ -148,7 +148,7 @@ class Delivery:
             return True
         self._not_found_tries += 1
         left = self.worker.settings.not_found_grace - waited
-        delay = min(backoff_delay(self._not_found_tries), left)
+        delay = min(backoff_delay(self._not_found_tries, base=self.worker.backoff_base), left)
         self.worker.metrics.retries.labels("404").inc()
         log.info("event.order_not_found_yet", retry_in=round(delay, 3))
         await self.worker.sleep(delay)
@@ -182,7 +182,8 @@ class Delivery:
 
     async def _backoff(self, attempt: int, outcome: Outcome) -> None:
         self.worker.metrics.retries.labels(_retry_reason(outcome)).inc()
-        await self.worker.sleep(backoff_delay(attempt, retry_after=outcome.retry_after))
+        base = self.worker.backoff_base
+        await self.worker.sleep(backoff_delay(attempt, retry_after=outcome.retry_after, base=base))
 
     async def _done(self, contact_ref: str, href: str, outcome: str) -> None:
         worker = self.worker

@@ -73,20 +73,8 @@ TITLES = frozenset(
     }
 )  # fmt: skip
 GENDERS = frozenset({"male", "female", "unknown"})
-INJECTED_ERRORS = (500, 502, 503)
-REASONS = {
-    400: "Bad Request",
-    401: "Unauthorized",
-    403: "Forbidden",
-    404: "Not Found",
-    405: "Method Not Allowed",
-    413: "Payload Too Large",
-    415: "Unsupported Media Type",
-    429: "Too Many Requests",
-    500: "Internal Server Error",
-    502: "Bad Gateway",
-    503: "Service Unavailable",
-}
+INJECTED_REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
+INJECTED_CODES = tuple(INJECTED_REASONS)
 
 
 # --------------------------------------------------------------------------- config
@@ -385,15 +373,13 @@ class _State:
         self.arrivals.append(now)
         limit = self.config.rate_limit
         window = self.window
-        if limit > 0:
-            while window and window[0] <= now - 1.0:
-                window.popleft()
-            if len(window) >= max(1, int(limit)):
-                return False
-        # Kept even while the limiter is off, so switching it on at runtime sees the past second.
-        window.append(now)
-        if limit <= 0 and len(window) > 4096:
+        # Trimmed and filled even while the limiter is off, so switching it on at runtime
+        # already knows the past second.
+        while window and window[0] <= now - 1.0:
             window.popleft()
+        if limit > 0 and len(window) >= max(1, int(limit)):
+            return False
+        window.append(now)
         self.admitted.append(now)
         return True
 
@@ -424,7 +410,7 @@ class _State:
             "accepted_per_second_peak": _peak_in_window(self.admitted),
             "first_request_at": first,
             "last_request_at": last,
-            "duration_seconds": (last - first) if first is not None and last else 0.0,
+            "duration_seconds": last - first if first is not None and last is not None else 0.0,
         }
 
 
@@ -510,8 +496,8 @@ async def _gate(request: web.Request, state: _State) -> web.Response | None:
         )
     elif state.chance(config.error_rate):
         state.faults["error"] += 1
-        code = state.rng.choice(INJECTED_ERRORS)
-        refusal = _error(code, REASONS[code], "Injected fault: try again")
+        code = state.rng.choice(INJECTED_CODES)
+        refusal = _error(code, INJECTED_REASONS[code], "Injected fault: try again")
     delay = config.latency
     if config.latency_jitter > 0:
         delay += state.rng.uniform(-config.latency_jitter, config.latency_jitter)
@@ -716,10 +702,9 @@ class Emulator:
     def __init__(
         self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
     ) -> None:
-        self.config = config if config is not None else EmulatorConfig()
         self.host = host
         self.port = port
-        self._app = build_app(self.config)
+        self._app = build_app(config if config is not None else EmulatorConfig())
         self._state = self._app[STATE_KEY]
         self._runner: web.AppRunner | None = None
         self._url: str | None = None
@@ -752,6 +737,15 @@ class Emulator:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
+
+    @property
+    def config(self) -> EmulatorConfig:
+        """The live knobs: changing an attribute changes the very next request's fate."""
+        return self._state.config
+
+    @config.setter
+    def config(self, config: EmulatorConfig) -> None:
+        self._state.config = config
 
     @property
     def url(self) -> str:

@@ -194,14 +194,11 @@ class HealthServer:
             status=200 if ready else 503,
         )
 
-    async def start(self) -> None:
+    async def open(self) -> None:
         self._runner = web.AppRunner(self._app(), access_log=None, handle_signals=False)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, self._host, self._port)
-        await site.start()
-        server = site._server  # the bound port when 0 was asked for
-        sockets = getattr(server, "sockets", None) or []
-        self.port = sockets[0].getsockname()[1] if sockets else self._port
+        await web.TCPSite(self._runner, self._host, self._port).start()
+        self.port = int(self._runner.addresses[0][1])  # the bound port when 0 was asked for
 
     async def close(self) -> None:
         if self._runner is not None:

@@ -16,7 +16,7 @@ import socket
 import uuid
 from collections import Counter, deque
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -25,7 +25,7 @@ from .config import Settings
 from .contact import Event, parse_event
 from .delivery import Delivery, Draining, dead_letter
 from .errors import InvalidEvent
-from .limits import BACKOFF_CAP, RateLimiter, backoff_delay
+from .limits import BACKOFF_BASE, BACKOFF_CAP, RateLimiter, backoff_delay
 from .observability import HealthServer, Metrics, get_logger
 from .sources import DeadLetterSink, Message, Source, open_dead_letter_sink, open_source
 from .state import ClaimStatus, StateStore, open_state_store
@@ -51,6 +51,14 @@ def default_owner() -> str:
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+class _Part(Protocol):
+    """What the worker opens and closes: state store, sink, source, client, health server."""
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+
 class Worker:
     """One worker process. `await run()` until the source ends or `stop()`; then `close()`.
 
@@ -69,14 +77,15 @@ class Worker:
         owner: str | None = None,
     ) -> None:
         self.settings = settings
-        # Built here, not in run(), so that a bad URL fails before anything is consumed.
+        # Parts are built here, not in run(), so that a bad URL fails before anything is
+        # consumed. Parts passed in belong to the caller, who opens and closes them.
         self.state = state or open_state_store(
             settings.state, retention_seconds=settings.state_retention
         )
+        self.dead_letters = dead_letters or open_dead_letter_sink(settings.dead_letter_url)
         self.source = source or open_source(
             settings.source, state=self.state, follow=settings.follow
         )
-        self.dead_letters = dead_letters or open_dead_letter_sink(settings.dead_letter_url)
         self.client = client or CdpClient(
             settings.cdp_base_url,
             settings.cdp_client_key,
@@ -85,9 +94,15 @@ class Worker:
             timeout=settings.request_timeout,
             concurrency=settings.concurrency,
         )
+        given: tuple[object, ...] = (state, dead_letters, source, client)
+        built: tuple[_Part, ...] = (self.state, self.dead_letters, self.source, self.client)
+        # In opening order: the file source reads its checkpoint from the state store.
+        self._owned = [part for arg, part in zip(given, built, strict=True) if arg is None]
         self.metrics = metrics or Metrics()
         self.owner = owner or default_owner()
         self.limiter = RateLimiter(settings.rate_limit)
+        # First backoff step in seconds (DESIGN: 0.5); tests shrink it to run quickly.
+        self.backoff_base = BACKOFF_BASE
         self.summary: Counter[str] = Counter()
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
         self._slots = asyncio.Semaphore(settings.concurrency)
@@ -124,26 +139,26 @@ class Worker:
             self._stopping.set()
 
     async def open(self) -> None:
-        await self.state.open()
-        await self.dead_letters.open()
-        await self.source.open()
-        await self.client.open()
+        """Open the parts this worker built, then the health server."""
+        for part in self._owned:
+            await part.open()
         if self.settings.http_port:
             self._health = HealthServer(self.metrics, self.ready, self.settings.http_port)
-            await self._health.start()
+            await self._health.open()
 
     async def close(self) -> None:
-        """Close every part, whatever state run() left them in."""
+        """Close what open() opened, whatever state run() left it in."""
         if self._auth_probe is not None:
             self._auth_probe.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._auth_probe
-        for part in (self._health, self.client, self.source, self.dead_letters, self.state):
-            if part is not None:
-                try:
-                    await part.close()
-                except Exception:
-                    log.exception("worker.close_failed", part=type(part).__name__)
+        parts: list[_Part] = [self._health] if self._health else []
+        for part in [*parts, *reversed(self._owned)]:
+            try:
+                await part.close()
+            except Exception:
+                log.exception("worker.close_failed", part=type(part).__name__)
+        self._health = None
 
     async def run(self) -> None:
         """Consume until a finite source is finished or `stop()` is called, then drain."""
@@ -388,7 +403,9 @@ class Worker:
         probe = 0
         while not self._auth_ok.is_set():
             probe += 1
-            await asyncio.sleep(backoff_delay(probe, base=1.0, cap=BACKOFF_CAP) + 0.5)
+            # Never hammer CDP with bad credentials: at least one base step between probes.
+            delay = backoff_delay(probe, base=2 * self.backoff_base, cap=BACKOFF_CAP)
+            await asyncio.sleep(delay + self.backoff_base)
             outcome = await self.client.list_contacts(order_ref)
             self.metrics.requests.labels(outcome.label).inc()
             if outcome.verdict is Verdict.AUTH:

@@ -29,8 +29,8 @@ class Claim:
     """The answer to `claim`.
 
     `attempts` counts claims of this orderRef so far, this one included (for CLAIMED and
-    IN_DOUBT): a poison event that kills its worker every time is caught by it.
-    For DONE, `contact_ref`/`href` are set; for DEAD, `reason`.
+    IN_DOUBT; 0 for the other statuses): a poison event that kills its worker every time
+    is caught by it. For DONE, `contact_ref`/`href` are set; for DEAD, `reason`.
     """
 
     status: ClaimStatus
@@ -51,11 +51,17 @@ class StateStore(ABC):
     When `claim` returns CLAIMED or IN_DOUBT the caller owns the record (`owner`) until
     `lease_until`; only the owner may renew, complete, fail or release it. A lease that
     runs out makes the next `claim` by anyone return IN_DOUBT and transfer ownership.
+    Until that happens the owner still holds the record: renew/complete/fail/release by the
+    owner succeed after its lease ran out, as long as nobody claimed it meanwhile.
     """
 
     @abstractmethod
     async def open(self) -> None:
-        """Connect, create tables, sweep expired records. Called once before use."""
+        """Connect, create tables, sweep old records. Called once before use.
+
+        The sweep is `sweep(retention)` with the retention the store was constructed with
+        (none: no sweep); in_flight records are never swept, however old.
+        """
 
     @abstractmethod
     async def close(self) -> None:
@@ -75,18 +81,26 @@ class StateStore(ABC):
 
     @abstractmethod
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
-        """Extend the lease to now + lease_seconds. False if `owner` no longer holds it."""
+        """Extend the lease to now + lease_seconds.
+
+        False if `owner` no longer holds it (another owner took it over, or it is done,
+        dead, released or unknown).
+        """
 
     @abstractmethod
     async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
         """Record `done`. Durable when this returns. Raises StateError if not the owner.
 
-        A record already done keeps its first contact (completing twice is harmless).
+        A record already done keeps its first contact (completing twice is harmless, whoever
+        calls it). A dead record is not owned: completing it raises StateError.
         """
 
     @abstractmethod
     async def fail(self, order_ref: str, owner: str, reason: str) -> None:
-        """Record `dead(reason)`. Durable when this returns. Raises StateError if not the owner."""
+        """Record `dead(reason)`. Durable when this returns. Raises StateError if not the owner.
+
+        A done or dead record is not owned: failing it raises StateError (done stays done).
+        """
 
     @abstractmethod
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:

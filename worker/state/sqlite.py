@@ -177,8 +177,8 @@ class SqliteStateStore(StateStore):
     def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
         try:
             conn = self._connect()
-        except WorkerError as exc:
-            self._notify(loop, ready, exc)
+        except Exception as exc:  # noqa: BLE001 - open() must hear of any failure, not hang
+            self._notify(loop, ready, _as_state_error(exc))
             self._notify(loop, self._stopped, None)
             return
         self._notify(loop, ready, None)
@@ -242,9 +242,9 @@ class SqliteStateStore(StateStore):
                 # It may fail too if sqlite already rolled back or the connection is gone.
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            error = StateError(f"sqlite transaction failed: {exc}")
-            error.__cause__ = exc
-            for op in batch:
+            for op in batch:  # one exception object per waiter: each gets its own traceback
+                error = StateError(f"sqlite transaction failed: {exc}")
+                error.__cause__ = exc
                 _post(op, None, error)
             return
         self.commits += 1

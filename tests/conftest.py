@@ -1,0 +1,103 @@
+"""Factory fixtures (as arq's conftest does): an emulator, settings, and workers built on it."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any
+
+import orjson
+import pytest
+import structlog
+from harness import Harness
+
+from worker.config import Settings
+from worker.demo import contact_event
+from worker.emulator import Emulator, EmulatorConfig
+from worker.observability import configure_logging
+from worker.pipeline import Worker
+from worker.sources import MemoryDeadLetterSink, MemorySource
+from worker.state import MemoryStateStore
+
+# Personal data and credentials seeded into tests; no log line may ever contain them.
+SECRET_KEY = "ck-3f9a1c7e-client-key"
+SECRET_TOKEN = "tok-9b8d7c6e5f4a-api-token"
+
+
+@pytest.fixture(autouse=True)
+def _logging() -> Iterable[None]:
+    """JSON logs at debug, printed to the (captured) stdout, as in production."""
+    configure_logging("json", "debug")
+    yield
+    structlog.contextvars.clear_contextvars()
+
+
+@pytest.fixture
+async def emulator() -> AsyncIterator[Emulator]:
+    config = EmulatorConfig(client_key=SECRET_KEY, api_token=SECRET_TOKEN, seed=11)
+    async with Emulator(config) as running:
+        yield running
+
+
+@pytest.fixture
+def make_settings(emulator: Emulator) -> Callable[..., Settings]:
+    def make(**overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "source": "memory:",
+            "state": "memory:",
+            "dlq": "memory:",
+            "cdp_base_url": emulator.url,
+            "cdp_client_key": SECRET_KEY,
+            "cdp_api_token": SECRET_TOKEN,
+            "rate_limit": 0.0,
+            "request_timeout": 2.0,
+            "lease_seconds": 10.0,
+            "shutdown_timeout": 5.0,
+            "http_port": 0,
+        }
+        values.update(overrides)
+        return Settings(**values)
+
+    return make
+
+
+@pytest.fixture
+async def state() -> AsyncIterator[MemoryStateStore]:
+    """The test's state store: open for the whole test, shared by the workers it makes."""
+    store = MemoryStateStore()
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+def make_worker(
+    make_settings: Callable[..., Settings], state: MemoryStateStore
+) -> Callable[..., Harness]:
+    shared = state
+
+    def make(
+        events: Iterable[bytes | str | dict[str, Any]],
+        *,
+        state: MemoryStateStore | None = None,
+        **overrides: Any,
+    ) -> Harness:
+        bodies = [orjson.dumps(e) if isinstance(e, dict) else e for e in events]
+        source = MemorySource(bodies)
+        state = state or shared
+        dead = MemoryDeadLetterSink()
+        worker = Worker(make_settings(**overrides), source=source, state=state, dead_letters=dead)
+        return Harness(worker, source, state, dead)
+
+    return make
+
+
+@pytest.fixture
+def events() -> Callable[[int], list[dict[str, Any]]]:
+    """`events(n)`: n valid events with distinct orderRefs and made-up personal data."""
+    rng = random.Random(5)
+
+    def make(count: int) -> list[dict[str, Any]]:
+        return [contact_event(rng, number) for number in range(1, count + 1)]
+
+    return make

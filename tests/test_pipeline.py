@@ -1,0 +1,286 @@
+"""The pipeline end to end: memory source/state/dead letters, the emulator over real HTTP.
+
+Each test drives one row of DESIGN section 3 and checks what CDP ended up with (one
+contact per order), what was acked, and what was dead-lettered with which reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import pytest
+from harness import Harness, free_port
+from prometheus_client import generate_latest
+
+from worker.emulator import Emulator
+from worker.state import ClaimStatus, MemoryStateStore
+
+Events = Callable[[int], list[dict[str, Any]]]
+MakeWorker = Callable[..., Harness]
+
+
+def fast(harness: Harness) -> Harness:
+    harness.worker.backoff_base = 0.01
+    return harness
+
+
+def one_contact_each(emulator: Emulator, events: list[dict[str, Any]]) -> None:
+    per_order = emulator.stats()["contacts_per_order"]
+    for event in events:
+        assert per_order.get(event["orderRef"]) == 1, event["orderRef"]
+    assert emulator.stats()["duplicate_orders"] == 0
+
+
+async def test_delivers_each_event_once_and_acks(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    batch = events(50)
+    harness = await make_worker(batch).run()
+    one_contact_each(emulator, batch)
+    assert len(harness.source.acked) == 50
+    assert harness.worker.summary["delivered"] == 50
+    claim = await harness.state.claim(batch[0]["orderRef"], "someone-else", 10)
+    assert claim.status is ClaimStatus.DONE
+    assert (claim.href or "").startswith(emulator.url + "/v2/orderContacts/")
+
+
+async def test_duplicates_are_skipped_without_a_request(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    batch = events(10)
+    again = [{**event, "eventId": event["eventId"] + "-again"} for event in batch]
+    harness = await make_worker(batch + again + batch).run()
+    one_contact_each(emulator, batch)
+    assert harness.worker.summary["duplicate"] == 20
+    assert emulator.stats()["requests"].get("POST") == 10
+    assert len(harness.source.acked) == 30
+
+
+async def test_a_rerun_over_the_same_events_sends_nothing(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    batch = events(20)
+    await make_worker(batch).run()
+    posts = emulator.stats()["requests"]["POST"]
+    rerun = await make_worker(batch).run()
+    assert emulator.stats()["requests"]["POST"] == posts
+    assert rerun.worker.summary["duplicate"] == 20
+
+
+async def test_bad_input_is_dead_lettered_with_its_reason(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    good = events(1)[0]
+    bad: list[Any] = [
+        b"{not json",
+        {**good, "orderRef": "../../v2/guests"},
+        {**good, "contact": {**good["contact"], "firstName": ""}},
+        {**good, "contact": {**good["contact"], "favouriteColour": "blue"}},
+        b"[1, 2, 3]",
+    ]
+    harness = await make_worker(bad).run()
+    assert sorted(harness.reasons) == sorted(
+        ["malformed_json", "invalid_order_ref", "invalid_event", "invalid_event", "malformed_json"]
+    )
+    assert emulator.stats()["requests"] == {}
+    assert len(harness.source.acked) == 5
+    letters = {letter["reason"]: letter for letter in harness.dead.letters}
+    assert letters["malformed_json"]["raw"] in ("{not json", "[1, 2, 3]")
+    assert letters["invalid_event"]["event"]["orderRef"] == good["orderRef"]
+    assert set(letters["invalid_event"]) >= {
+        "reason",
+        "detail",
+        "orderRef",
+        "eventId",
+        "status",
+        "attempts",
+        "deadAt",
+        "event",
+    }
+
+
+async def test_cdp_rejection_is_dead_lettered_with_cdps_message(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    # v2 with a v2.1 field the parser lets through when configured for v2.1.
+    event = events(1)[0]
+    event["contact"]["city"] = "Dublin"
+    harness = await make_worker([event], cdp_api_version="v2.1").run()
+    assert harness.reasons == []  # v2.1 accepts it
+    emulator.reset()
+    event2 = events(2)[1]
+    event2["contact"]["city"] = "Cork"
+    harness = make_worker([event2], cdp_api_version="v2.1")
+    # Point the v2.1 worker at v2 paths: CDP rejects the unknown field with a 400.
+    harness.worker.client.api_version = "v2"
+    await harness.run()
+    assert harness.reasons == ["cdp_rejected"]
+    letter = harness.dead.letters[0]
+    assert letter["status"] == 400
+    assert "city" in letter["detail"]
+    claim = await harness.state.claim(event2["orderRef"], "other", 10)
+    assert claim.status is ClaimStatus.DEAD
+
+
+async def test_server_errors_are_retried_until_delivered(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.error_rate = 0.5
+    batch = events(30)
+    harness = fast(make_worker(batch, max_attempts=30))
+    await harness.run()
+    one_contact_each(emulator, batch)
+    assert harness.worker.summary["delivered"] == 30
+    responses = emulator.stats()["responses"]
+    assert sum(responses.get(code, 0) for code in ("500", "502", "503")) > 0
+
+
+async def test_retries_are_capped_then_dead_lettered(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.error_rate = 1.0
+    harness = fast(make_worker(events(2), max_attempts=3))
+    await harness.run()
+    assert harness.reasons == ["retries_exhausted", "retries_exhausted"]
+    assert all(letter["attempts"] == 3 for letter in harness.dead.letters)
+    assert emulator.stats()["requests"]["POST"] == 6
+
+
+@pytest.mark.parametrize("fault", ["timeout_after_create_rate", "reset_after_create_rate"])
+async def test_a_post_of_unknown_fate_is_reconciled_not_repeated(
+    make_worker: MakeWorker, emulator: Emulator, events: Events, fault: str
+) -> None:
+    setattr(emulator.config, fault, 1.0)
+    emulator.config.hang_seconds = 2.0
+    batch = events(5)
+    harness = fast(make_worker(batch, request_timeout=0.3, lease_seconds=5.0))
+    await harness.run()
+    one_contact_each(emulator, batch)
+    assert harness.worker.summary["reconciled"] == 5
+    assert emulator.stats()["requests"]["GET"] == 5
+
+
+async def test_an_in_doubt_claim_is_reconciled_before_any_post(
+    make_worker: MakeWorker, emulator: Emulator, events: Events, state: MemoryStateStore
+) -> None:
+    event = events(1)[0]
+    # A crashed owner claimed the order, created the contact, and never recorded it.
+    await state.claim(event["orderRef"], "crashed-owner", 10)
+    await state.release(event["orderRef"], "crashed-owner", sent=True)
+    harness = await make_worker([event]).run()
+    assert emulator.stats()["requests"] == {"GET": 1, "POST": 1}  # listed first, then sent
+    assert harness.worker.summary["reconciled"] == 0
+    assert harness.worker.summary["delivered"] == 1
+    one_contact_each(emulator, [event])
+
+
+async def test_429_slows_the_whole_worker_and_is_retried(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.rate_limit = 20
+    batch = events(40)
+    harness = fast(make_worker(batch, concurrency=16, max_attempts=20))
+    await harness.run()
+    one_contact_each(emulator, batch)
+    assert emulator.stats()["responses"].get("429", 0) > 0
+    throttled = harness.worker.metrics.throttled._value.get()
+    assert throttled == emulator.stats()["responses"]["429"]
+
+
+async def test_not_found_is_retried_within_the_grace_period(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.not_found_for = 0.3
+    batch = events(3)
+    harness = fast(make_worker(batch, not_found_grace=10.0))
+    await harness.run()
+    one_contact_each(emulator, batch)
+    assert emulator.stats()["responses"]["404"] >= 3
+
+
+async def test_not_found_past_the_grace_period_is_dead_lettered(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.not_found_for = 60.0
+    harness = fast(make_worker(events(2), not_found_grace=0.2))
+    await harness.run()
+    assert harness.reasons == ["order_not_found", "order_not_found"]
+    assert emulator.stats()["contacts"] == 0
+
+
+async def test_bad_credentials_pause_the_worker_until_they_work(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.auth_failure = True
+    batch = events(10)
+    harness = fast(make_worker(batch))
+    run = asyncio.create_task(harness.run())
+    while not harness.worker.metrics.auth_paused._value.get():
+        await asyncio.sleep(0.01)
+    assert harness.worker.ready() == (False, "paused: CDP rejected the credentials")
+    await asyncio.sleep(0.2)  # probes keep failing meanwhile
+    emulator.config.auth_failure = False
+    await asyncio.wait_for(run, 10)
+    assert harness.reasons == []  # nothing is dead-lettered for bad credentials
+    one_contact_each(emulator, batch)
+    assert harness.worker.metrics.auth_paused._value.get() == 0
+
+
+async def test_stop_gives_unfinished_messages_and_claims_back(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.error_rate = 1.0  # nothing can finish
+    batch = events(5)
+    harness = make_worker(batch, shutdown_timeout=1.0)
+    run = asyncio.create_task(harness.run())
+    while emulator.stats()["requests"].get("POST", 0) < 5:
+        await asyncio.sleep(0.01)
+    harness.worker.stop()
+    await asyncio.wait_for(run, 5)
+    assert len(harness.source.nacked) == 5
+    assert harness.source.acked == []
+    for event in batch:  # claims were released: the next worker may go at once
+        claim = await harness.state.claim(event["orderRef"], "next", 10)
+        assert claim.status is ClaimStatus.CLAIMED
+
+
+async def test_health_endpoints_and_metrics(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.latency = 0.3
+    harness = make_worker(events(5), concurrency=5, http_port=free_port())
+    run = asyncio.create_task(harness.run())
+    while emulator.stats()["requests"].get("POST", 0) < 5:
+        await asyncio.sleep(0.01)
+    assert harness.worker._health is not None
+    base = f"http://127.0.0.1:{harness.worker._health.port}"
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/healthz") as response:
+            assert response.status == 200
+        async with http.get(base + "/readyz") as response:
+            assert response.status == 200
+        async with http.get(base + "/metrics") as response:
+            assert response.status == 200
+            assert "cdp_sync_in_flight 5.0" in await response.text()
+        harness.worker.stop()
+        async with http.get(base + "/readyz") as response:
+            assert response.status == 503
+            assert (await response.json())["reason"] == "draining"
+    await run
+    exposition = generate_latest(harness.worker.metrics.registry).decode()
+    for name in (
+        "cdp_sync_events_received_total 5.0",
+        'cdp_sync_events_total{outcome="delivered"} 5.0',
+        'cdp_sync_requests_total{status="201"} 5.0',
+        "cdp_sync_request_duration_seconds_bucket",
+        "cdp_sync_in_flight 0.0",
+        "cdp_sync_concurrency_limit 5.0",
+        "cdp_sync_rate_limit_wait_seconds_total",
+        "cdp_sync_throttled_total 0.0",
+        "cdp_sync_last_success_timestamp_seconds",
+        "cdp_sync_auth_paused 0.0",
+    ):
+        assert name in exposition

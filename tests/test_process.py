@@ -1,0 +1,293 @@
+"""`worker run` as a user runs it: a real process, a JSONL file, SQLite state, signals.
+
+The emulator runs in the test's event loop; the worker is a subprocess talking to it over
+real HTTP. These tests prove the exit codes, the JSON logs without personal data, the rerun
+that sends nothing, SIGTERM within the shutdown timeout, and SIGKILL mid-run followed by a
+rerun that leaves every order with exactly one contact.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import signal
+import sys
+import time
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from conftest import SECRET_KEY, SECRET_TOKEN
+from harness import free_port
+
+from worker.contact import parse_event
+from worker.demo import generate_events, write_events
+from worker.emulator import Emulator, EmulatorConfig
+from worker.errors import InvalidEvent
+
+Run = Callable[..., "asyncio.Future[tuple[int, list[bytes], bytes]]"]
+
+
+def pii_event(number: int) -> dict[str, Any]:
+    """An event whose personal data is unmistakable in any log line."""
+    return {
+        "eventId": f"pii-{number}",
+        "orderRef": f"00000000-0000-4000-8000-{number:012d}",
+        "contact": {
+            "title": "Dr",
+            "firstName": f"Zyxfirst{number}",
+            "lastName": f"Qwvlast{number}",
+            "gender": "female",
+            "dateOfBirth": "1971-03-04",
+            "emails": [f"leak{number}@pii.example"],
+            "phoneNumbers": [f"+35399{number:06d}"],
+            "passportNumber": f"PXLEAK{number}",
+            "passportExpiry": "2033-05-06",
+            "identifiers": [{"provider": "Booking", "id": f"IDLEAK{number}"}],
+        },
+    }
+
+
+def forbidden_strings(events: list[dict[str, Any]]) -> list[str]:
+    found = [
+        SECRET_KEY,
+        SECRET_TOKEN,
+        base64.b64encode(f"{SECRET_KEY}:{SECRET_TOKEN}".encode()).decode(),
+    ]
+    for event in events:
+        contact = event["contact"]
+        found += [contact["firstName"], contact["lastName"], contact["passportNumber"]]
+        found += contact["emails"] + contact["phoneNumbers"]
+        found += [contact["identifiers"][0]["id"]]
+    return [*found, "1971-03-04", "2033-05-06"]
+
+
+@pytest.fixture
+async def cdp() -> AsyncIterator[Emulator]:
+    config = EmulatorConfig(client_key=SECRET_KEY, api_token=SECRET_TOKEN, seed=3)
+    async with Emulator(config) as running:
+        yield running
+
+
+def worker_env(cdp: Emulator, tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "CDP_"))}
+    env.update(
+        CDP_BASE_URL=cdp.url,
+        CDP_CLIENT_KEY=SECRET_KEY,
+        CDP_API_TOKEN=SECRET_TOKEN,
+        WORKER_SOURCE=f"file:{tmp_path / 'events.jsonl'}",
+        WORKER_STATE=f"sqlite:///{tmp_path / 'state.db'}",
+        WORKER_DLQ=f"file:{tmp_path / 'dead-letter.jsonl'}",
+        WORKER_HTTP_PORT="0",
+        WORKER_LOG_FORMAT="json",
+        WORKER_RATE_LIMIT="0",
+        WORKER_REQUEST_TIMEOUT="1",
+        WORKER_LEASE_SECONDS="3",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+async def start_worker(env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "run", *args,
+        env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+
+
+async def finish(
+    process: asyncio.subprocess.Process, timeout: float = 60
+) -> tuple[int, list[bytes], bytes]:
+    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    assert process.returncode is not None
+    return process.returncode, stdout.splitlines(), stderr
+
+
+def dead_letters(tmp_path: Path) -> list[dict[str, Any]]:
+    path = tmp_path / "dead-letter.jsonl"
+    return [orjson.loads(line) for line in path.read_bytes().splitlines()] if path.exists() else []
+
+
+def assert_json_logs_without_secrets(lines: list[bytes], forbidden: list[str]) -> None:
+    assert lines, "the worker logged nothing"
+    for line in lines:
+        record = orjson.loads(line)  # every stdout line is one JSON object
+        assert "event" in record
+        assert "level" in record
+        text = line.decode()
+        for secret in forbidden:
+            assert secret not in text, f"{secret!r} leaked into a log line"
+
+
+@pytest.mark.parametrize(
+    ("env_change", "named"),
+    [
+        ({"WORKER_SOURCE": ""}, "--source / WORKER_SOURCE"),
+        ({"CDP_BASE_URL": ""}, "CDP_BASE_URL"),
+        ({"CDP_API_TOKEN": ""}, "CDP_API_TOKEN"),
+        ({"WORKER_CONCURRENCY": "many"}, "--concurrency / WORKER_CONCURRENCY"),
+        ({"WORKER_LEASE_SECONDS": "1"}, "--lease-seconds / WORKER_LEASE_SECONDS"),
+        ({"WORKER_STATE": "mysql://db"}, "--state / WORKER_STATE"),
+        ({"WORKER_SOURCE": "kafka://broker"}, "--source / WORKER_SOURCE"),
+        ({"CDP_API_VERSION": "v3"}, "CDP_API_VERSION"),
+        ({"WORKER_SOURCE": "file:/nonexistent/events.jsonl"}, "--source"),
+    ],
+)
+async def test_bad_configuration_exits_2_naming_the_option(
+    cdp: Emulator, tmp_path: Path, env_change: dict[str, str], named: str
+) -> None:
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(pii_event(1))])
+    env = worker_env(cdp, tmp_path, **env_change)
+    code, _, stderr = await finish(await start_worker(env))
+    assert code == 2
+    assert named in stderr.decode()
+    assert SECRET_TOKEN not in stderr.decode()
+    assert cdp.stats()["requests"] == {}
+
+
+async def test_flags_win_over_the_environment(cdp: Emulator, tmp_path: Path) -> None:
+    write_events(tmp_path / "other.jsonl", [orjson.dumps(pii_event(1))])
+    env = worker_env(cdp, tmp_path, WORKER_SOURCE="file:/nonexistent")
+    code, _, _ = await finish(
+        await start_worker(env, "--source", f"file:{tmp_path / 'other.jsonl'}")
+    )
+    assert code == 0
+    assert cdp.stats()["contacts"] == 1
+
+
+async def test_run_delivers_logs_json_without_personal_data_and_reruns_send_nothing(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    events = [pii_event(n) for n in range(1, 41)]
+    bad = [b"{oops", orjson.dumps({**events[0], "orderRef": "nope"})]
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(e) for e in events] + bad)
+    cdp.config.error_rate = 0.2
+    cdp.config.timeout_after_create_rate = 0.1
+    cdp.config.hang_seconds = 1.5
+    env = worker_env(cdp, tmp_path, WORKER_LOG_LEVEL="debug")
+    code, lines, stderr = await finish(await start_worker(env))
+    assert code == 0, stderr.decode()
+    assert cdp.stats()["orders"] == 40
+    assert cdp.stats()["duplicate_orders"] == 0
+    assert Counter(letter["reason"] for letter in dead_letters(tmp_path)) == {
+        "malformed_json": 1,
+        "invalid_order_ref": 1,
+    }
+    assert_json_logs_without_secrets(lines, forbidden_strings(events))
+    assert stderr == b""
+
+    requests = dict(cdp.stats()["requests"])
+    code, lines, _ = await finish(await start_worker(env))
+    assert code == 0
+    assert cdp.stats()["requests"] == requests  # nothing sent, not even a listing
+    assert len(dead_letters(tmp_path)) == 2
+
+
+async def test_sigterm_drains_within_the_shutdown_timeout(cdp: Emulator, tmp_path: Path) -> None:
+    events = [pii_event(n) for n in range(1, 201)]
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(e) for e in events])
+    cdp.config.latency = 0.3
+    env = worker_env(cdp, tmp_path, WORKER_SHUTDOWN_TIMEOUT="2", WORKER_CONCURRENCY="8")
+    process = await start_worker(env)
+    while cdp.stats()["requests"].get("POST", 0) < 10:
+        await asyncio.sleep(0.02)
+    process.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    code, lines, _ = await finish(process, timeout=10)
+    assert code == 0
+    assert time.monotonic() - started < 2 + 2.0  # the timeout, plus start-up slack
+    assert any(orjson.loads(line)["event"] == "worker.stopping" for line in lines)
+    assert cdp.stats()["orders"] < 200
+
+    cdp.config.latency = 0.0
+    code, _, _ = await finish(await start_worker(env))
+    assert code == 0
+    assert cdp.stats()["orders"] == 200
+    assert cdp.stats()["duplicate_orders"] == 0
+
+
+@pytest.mark.slow
+async def test_sigkill_mid_run_then_rerun_loses_and_doubles_nothing(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    lines = generate_events(600, duplicate_share=0.2, invalid_rounds=3, seed=99)
+    write_events(tmp_path / "events.jsonl", lines)
+    valid_orders = set()
+    for line in lines:
+        with contextlib.suppress(InvalidEvent):
+            valid_orders.add(parse_event(line, default_event_id="-").order_ref)
+    cdp.config.latency = 0.01
+    cdp.config.timeout_after_create_rate = 0.02
+    cdp.config.reset_after_create_rate = 0.02
+    cdp.config.hang_seconds = 1.5
+    env = worker_env(cdp, tmp_path, WORKER_CONCURRENCY="16", WORKER_RATE_LIMIT="400")
+    for kill_after in (100, 250, 400):
+        process = await start_worker(env)
+        while cdp.stats()["contacts"] < kill_after:
+            await asyncio.sleep(0.005)
+        process.kill()
+        await process.communicate()
+    code, _, stderr = await finish(await start_worker(env), timeout=120)
+    assert code == 0, stderr.decode()
+    per_order = cdp.stats()["contacts_per_order"]
+    assert set(per_order) == valid_orders  # nothing lost
+    assert set(per_order.values()) == {1}  # nothing doubled
+    reasons = Counter(letter["reason"] for letter in dead_letters(tmp_path))
+    assert reasons == {"malformed_json": 3, "invalid_order_ref": 3, "invalid_event": 6}
+
+
+async def test_validate_and_schema(tmp_path: Path) -> None:
+    path = write_events(
+        tmp_path / "events.jsonl", [orjson.dumps(pii_event(1)), b"{nope", b'{"orderRef": 1}']
+    )
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "validate", str(path), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 1
+    text = out.decode()
+    assert "line 2: malformed_json" in text
+    assert "line 3: invalid_order_ref" in text
+    assert "1 valid, 2 invalid" in text
+    assert "Zyxfirst1" not in text
+
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "worker", "schema", stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await process.communicate()
+    assert process.returncode == 0
+    schema = orjson.loads(out)
+    assert "orderRef" in schema["required"]
+
+
+async def test_check_reports_readiness(cdp: Emulator, tmp_path: Path) -> None:
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(pii_event(1))])
+    port = free_port()
+    env = worker_env(cdp, tmp_path, WORKER_HTTP_PORT=str(port), WORKER_FOLLOW="true")
+
+    async def check() -> int:
+        probe = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "worker",
+            "check",
+            env={**env, "WORKER_HTTP_PORT": str(port)},
+            stdout=asyncio.subprocess.DEVNULL,
+        )
+        return await probe.wait()
+
+    assert await check() == 1  # nothing listens yet
+    process = await start_worker(env)
+    deadline = time.monotonic() + 20
+    while await check() != 0:
+        assert time.monotonic() < deadline, "the worker never became ready"
+        await asyncio.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    code, _, _ = await finish(process)
+    assert code == 0
