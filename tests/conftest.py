@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Callable, Iterable
+import types
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from typing import Any
 
+import aiohttp
+import aioresponses.core as aioresponses_core
 import orjson
 import pytest
 import structlog
+from aioresponses import aioresponses
 from harness import Harness
+from yarl import URL
 
 from worker.config import Settings
 from worker.demo import contact_event
@@ -22,6 +27,23 @@ from worker.state import MemoryStateStore
 # Personal data and credentials seeded into tests; no log line may ever contain them.
 SECRET_KEY = "ck-3f9a1c7e-client-key"
 SECRET_TOKEN = "tok-9b8d7c6e5f4a-api-token"
+
+
+class _Response(aiohttp.ClientResponse):
+    """aioresponses 0.7.x builds responses without aiohttp 3.14's new `stream_writer`
+    argument (pnuckowski/aioresponses#289); supply a stand-in."""
+
+    def __init__(self, method: str, url: URL, **kwargs: Any) -> None:
+        kwargs.setdefault("stream_writer", types.SimpleNamespace(output_size=0))
+        super().__init__(method, url, **kwargs)
+
+
+@pytest.fixture
+def mocked(monkeypatch: pytest.MonkeyPatch) -> Iterator[aioresponses]:
+    """aioresponses in place of CDP: for the client's unit tests and PII edge cases."""
+    monkeypatch.setattr(aioresponses_core, "ClientResponse", _Response)
+    with aioresponses() as mock:
+        yield mock
 
 
 @pytest.fixture(autouse=True)

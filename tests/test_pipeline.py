@@ -7,11 +7,14 @@ contact per order), what was acked, and what was dead-lettered with which reason
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import orjson
 import pytest
+from aioresponses import aioresponses
 from harness import Harness, free_port
 from prometheus_client import generate_latest
 
@@ -284,3 +287,24 @@ async def test_health_endpoints_and_metrics(
         "cdp_sync_auth_paused 0.0",
     ):
         assert name in exposition
+
+
+async def test_cdp_error_text_quoting_the_contact_stays_out_of_the_logs(
+    make_worker: MakeWorker,
+    events: Events,
+    mocked: aioresponses,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    event = events(1)[0]
+    email = event["contact"]["emails"][0]
+    error = {"status": 400, "code": 400, "message": f"bad email {email}", "developerMessage": ""}
+    mocked.post(re.compile(r".*/contacts$"), status=503, payload={"message": f"busy {email}"})
+    mocked.post(re.compile(r".*/contacts$"), status=400, payload=error)
+    harness = fast(make_worker([event]))
+    await harness.run()
+    assert harness.reasons == ["cdp_rejected"]
+    assert email in harness.dead.letters[0]["detail"]  # the dead letter keeps CDP's words
+    lines = capsys.readouterr().out.splitlines()
+    assert [orjson.loads(line)["event"] for line in lines if "event.retry" in line]
+    for line in lines:
+        assert email not in line

@@ -59,7 +59,7 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_SOURCE",
         str,
         None,
-        "where events come from: file:PATH, file:-, redis://, amqp://, nats://",
+        "where events come from: file:PATH (JSONL), file:- (stdin)",
     ),
     Option("state", "WORKER_STATE", str, DEFAULT_STATE, "state store URL: memory:, sqlite:///PATH"),
     Option(

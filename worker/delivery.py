@@ -127,12 +127,9 @@ class Delivery:
             return False
         if verdict in (Verdict.CONFLICT, Verdict.IN_DOUBT):
             self.reconcile = True
-        log.info(
-            "event.retry",
-            status=outcome.status,
-            reason=outcome.label,
-            message=outcome.message,
-        )
+        # CDP's error text stays out of logs (it may quote the contact); the dead letter
+        # keeps it if the event gives up.
+        log.info("event.retry", status=outcome.status, reason=outcome.label)
         await self._backoff(self.attempts, outcome)
         return False
 
@@ -207,4 +204,4 @@ class Delivery:
         await worker.state.fail(self.event.order_ref, worker.owner, reason)
         await worker.source.ack(self.message)
         worker.summary[f"dead:{reason}"] += 1
-        worker.finish("dead_lettered", reason=reason, status=status, detail=detail)
+        worker.finish("dead_lettered", reason=reason, status=status)  # detail: see above

@@ -54,7 +54,9 @@ def backoff_delay(
     Full jitter (AWS architecture blog): uniform in [0, min(cap, base * 2^(attempt-1))].
     A server's `Retry-After` (already capped by the client) is a floor, not a suggestion.
     """
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
+    # The exponent is bounded: 2 ** 1024 no longer converts to a float (OverflowError), and
+    # attempts do grow that far (the auth probe counts for as long as credentials are wrong).
+    ceiling = min(cap, base * 2.0 ** min(max(attempt - 1, 0), 1000))
     delay = random.uniform(0.0, ceiling)
     if retry_after is not None:
         delay = max(delay, retry_after)
@@ -72,7 +74,8 @@ class RateLimiter:
         self._lock = asyncio.Lock()
         self._fraction = 1.0
         self._hold_until = 0.0
-        self._last_brake = -math.inf
+        self._last_brake = -math.inf  # the last 429 (or recovery step): quiet is counted from it
+        self._last_decrease = -math.inf  # the last 30% decrease: at most one a second
         self._throttler = self._build(rate)
 
     @staticmethod
@@ -89,6 +92,8 @@ class RateLimiter:
     async def acquire(self) -> float:
         """Wait for a slot; return the seconds waited (for the wait-time metric)."""
         started = time.monotonic()
+        if self._throttler is None and self._hold_until <= started and not self._lock.locked():
+            return 0.0  # unlimited and not braked: the hot path takes no lock
         async with self._lock:
             self._recover()
             hold = self._hold_until - time.monotonic()
@@ -103,8 +108,9 @@ class RateLimiter:
         now = time.monotonic()
         pause = retry_after if retry_after is not None else DEFAULT_THROTTLE_PAUSE
         self._hold_until = max(self._hold_until, now + pause)
-        if self.rate > 0 and now - self._last_brake >= 1.0:
+        if self.rate > 0 and now - self._last_decrease >= 1.0:
             self._set_fraction(max(MIN_RATE_FRACTION, self._fraction * BRAKE_FACTOR))
+            self._last_decrease = now
         self._last_brake = now
 
     def _recover(self) -> None:

@@ -68,19 +68,49 @@ def redact_sensitive(
     return event_dict
 
 
-def _orjson_dumps(obj: Any, default: Callable[[Any], Any] | None = None) -> str:
-    return orjson.dumps(obj, default=default or str).decode()
+class StdoutLogger:
+    """Writes each rendered line to whatever `sys.stdout` is at that moment.
+
+    Looking stdout up per line (instead of holding the stream, as structlog's own loggers
+    do) lets loggers be cached after first use, the fast path, and still follow a stream
+    swapped later (test capture, the demo). One write per line keeps lines whole.
+    """
+
+    def msg(self, message: str | bytes) -> None:
+        stream = sys.stdout
+        if isinstance(message, bytes):
+            buffer = getattr(stream, "buffer", None)
+            if buffer is not None:
+                buffer.write(message + b"\n")
+                buffer.flush()
+                return
+            message = message.decode()
+        stream.write(message + "\n")
+        stream.flush()
+
+    log = debug = info = warn = warning = error = critical = exception = fatal = msg
+
+
+def _stdout_logger(*_args: Any) -> StdoutLogger:
+    return _STDOUT_LOGGER
+
+
+_STDOUT_LOGGER = StdoutLogger()
 
 
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Configure structlog once for the process. `log_format`: json, console or auto."""
+    """Configure structlog once for the process. `log_format`: json, console or auto.
+
+    JSON lines are rendered by orjson straight to bytes. Loggers are cached on first use,
+    so this must run before anything logs (as `worker run` and the demo do).
+    """
     if log_format == "auto":
         log_format = "console" if sys.stdout.isatty() else "json"
     renderer: Any
     if log_format == "console":
         renderer = structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
     else:
-        renderer = structlog.processors.JSONRenderer(serializer=_orjson_dumps)
+        renderer = structlog.processors.JSONRenderer(serializer=_orjson_bytes)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -93,10 +123,14 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
         wrapper_class=structlog.make_filtering_bound_logger(
             logging.getLevelNamesMapping()[level.upper()]
         ),
-        # Print to whatever sys.stdout is at call time, so test capture works.
-        logger_factory=structlog.PrintLoggerFactory(),
-        cache_logger_on_first_use=False,
+        logger_factory=_stdout_logger,
+        cache_logger_on_first_use=True,
     )
+
+
+def _orjson_bytes(obj: Any, default: Callable[[Any], Any] | None = None) -> bytes:
+    # default=str: a stray object (an exception, a path) is logged as text, never crashes.
+    return orjson.dumps(obj, default=default or str)
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

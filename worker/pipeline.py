@@ -15,7 +15,7 @@ import os
 import socket
 import uuid
 from collections import Counter, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 import structlog
@@ -108,7 +108,7 @@ class Worker:
         self._slots = asyncio.Semaphore(settings.concurrency)
         self._max_pending = max(settings.concurrency * PENDING_PER_REQUEST_SLOT, 64)
         self._tasks: set[asyncio.Task[None]] = set()
-        self._order_locks: dict[str, asyncio.Lock] = {}
+        self._working: dict[str, asyncio.Future[None]] = {}  # orderRef -> its delivery
         self._held: set[str] = set()  # orderRefs claimed by us, renewed by _renew_leases
         self._stopping = asyncio.Event()
         self._auth_ok = asyncio.Event()
@@ -273,8 +273,7 @@ class Worker:
             order_ref=event.order_ref, event_id=event.event_id, attempt=0
         )
         try:
-            async with self._order_lock(event.order_ref):
-                await self._deliver(message, event)
+            await self._one_at_a_time(event, message)
         except Exception:
             # A failure of ours (state store down, bug): give the message back untouched.
             log.exception("event.failed")
@@ -287,16 +286,22 @@ class Worker:
         except Exception:
             log.exception("source.nack_failed")
 
-    @contextlib.asynccontextmanager
-    async def _order_lock(self, order_ref: str) -> AsyncIterator[None]:
-        """Serialise events of one orderRef in this process (RudderStack's per-key barrier)."""
-        lock = self._order_locks.setdefault(order_ref, asyncio.Lock())
+    async def _one_at_a_time(self, event: Event, message: Message) -> None:
+        """Deliver, after any earlier event of the same orderRef in this process is done.
+
+        RudderStack's per-key barrier: a duplicate waits for its twin and then finds the
+        order `done`, instead of racing it to CDP; other orders flow past.
+        """
+        order_ref = event.order_ref
+        while (earlier := self._working.get(order_ref)) is not None:
+            await asyncio.shield(earlier)  # shielded: our cancellation must not cancel it
+        finished = asyncio.get_running_loop().create_future()
+        self._working[order_ref] = finished
         try:
-            async with lock:
-                yield
+            await self._deliver(message, event)
         finally:
-            if not lock.locked() and not lock._waiters:  # last user: forget it
-                self._order_locks.pop(order_ref, None)
+            del self._working[order_ref]
+            finished.set_result(None)
 
     async def _deliver(self, message: Message, event: Event) -> None:
         claim = await self.state.claim(event.order_ref, self.owner, self.settings.lease_seconds)

@@ -37,10 +37,19 @@ class _Checkpoint:
 
     def finish(self, line: int) -> None:
         self.above.add(line)
-        while self.line + 1 in self.above:
+        self.advance()
+
+    def advance(self) -> None:
+        """Move the watermark over finished lines, but only over lines read in this run.
+
+        After a restart, `above` holds lines finished before it that are not read again
+        yet: their end offsets are unknown, and passing them would pair `line` with the
+        offset of an earlier line (the next read would then renumber and resend them).
+        """
+        while self.line + 1 in self.above and self.line + 1 in self.ends:
             self.line += 1
             self.above.discard(self.line)
-            self.offset = self.ends.pop(self.line, self.offset)
+            self.offset = self.ends.pop(self.line)
 
     def dumps(self) -> str:
         return orjson.dumps(
@@ -171,11 +180,14 @@ class FileSource(Source):
             self._done.ends[line] = self._offset
             body = raw.strip()
             if line in self._done.above:
-                continue  # finished before a restart
+                self._done.advance()  # finished before a restart: its end is known now
+                continue
             if not body:
                 self._done.finish(line)  # blank lines are nothing to deliver
                 continue
             batch.append(Message(id=f"{self._label}:{line}", body=body, token=line))
+        if not batch and self._eof and not self._pending_redeliveries and not self._redeliver:
+            return None  # the end, reached by this read: say so now, not on the next call
         return batch
 
     async def ack(self, message: Message) -> None:
@@ -208,14 +220,16 @@ class FileSource(Source):
 class FileDeadLetterSink(DeadLetterSink):
     """Appends dead letters to a JSONL file; each `put` returns once fsynced.
 
-    Letters that arrive while a write is under way share the next write and fsync.
+    Letters that arrive while a write is under way share the next write and fsync. The
+    writing runs in a task of its own: a cancelled `put` must not abandon the letters of
+    other callers that ride on the same write (they would wait for it forever).
     """
 
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._lock = asyncio.Lock()
+        self._writer: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         try:
@@ -224,6 +238,9 @@ class FileDeadLetterSink(DeadLetterSink):
             raise SourceError(f"--dlq: cannot open {self.path!r}: {exc.strerror}") from None
 
     async def close(self) -> None:
+        if self._writer is not None:
+            await asyncio.wait([self._writer])  # letters already accepted are written first
+            self._writer = None
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -235,21 +252,28 @@ class FileDeadLetterSink(DeadLetterSink):
         os.fsync(self._file.fileno())
 
     async def put(self, letter: dict[str, Any]) -> None:
+        if self._file is None:
+            raise SourceError(f"dead-letter file {self.path!r} is not open")
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((orjson.dumps(letter) + b"\n", future))
-        async with self._lock:
-            if not future.done():  # else an earlier write already carried this letter
-                await self._flush()
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._write_pending(), name="dead-letter-writer")
         await future
 
-    async def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        try:
-            await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
-        except OSError as exc:
-            error = SourceError(f"dead-letter file {self.path!r}: {exc.strerror}")
-            for _, waiting in batch:
-                waiting.set_exception(error)
-        else:
-            for _, waiting in batch:
-                waiting.set_result(None)
+    async def _write_pending(self) -> None:
+        """Write everything queued, one write and fsync per round, until nothing is left."""
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
+            except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
+                reason = getattr(exc, "strerror", None) or exc
+                for _, waiting in batch:
+                    if not waiting.done():  # a cancelled put no longer waits
+                        waiting.set_exception(
+                            SourceError(f"dead-letter file {self.path!r}: {reason}")
+                        )
+            else:
+                for _, waiting in batch:
+                    if not waiting.done():
+                        waiting.set_result(None)

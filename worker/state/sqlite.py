@@ -83,10 +83,19 @@ def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | Non
         future.set_result(result)
 
 
-def _post(op: _Op, result: Any, error: BaseException | None) -> None:
-    """Hand a result from the writer thread to the op's event loop."""
-    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
-        op.loop.call_soon_threadsafe(_settle, op.future, result, error)
+def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
+    for future, result, error in settled:
+        _settle(future, result, error)
+
+
+def _post_all(batch: list[_Op], outcomes: list[tuple[Any, BaseException | None]]) -> None:
+    """Hand a batch's results to the event loop: one wake-up per loop, not one per op."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
+    for op, (result, error) in zip(batch, outcomes, strict=True):
+        by_loop.setdefault(op.loop, []).append((op.future, result, error))
+    for loop, settled in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(_settle_all, settled)
 
 
 class SqliteStateStore(StateStore):
@@ -111,7 +120,10 @@ class SqliteStateStore(StateStore):
         self._retention = retention_seconds
         self._max_batch = max_batch
         self._busy_timeout = busy_timeout
-        self._queue: queue.Queue[_Op | None] = queue.Queue()
+        # Ops queued on the event loop during one iteration go to the thread as one list:
+        # one cross-thread hand-over per iteration, not one per op. None means "stop".
+        self._outbox: list[_Op] = []
+        self._queue: queue.Queue[list[_Op] | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._stopped: asyncio.Future[None] | None = None
         self._accepting = False
@@ -147,6 +159,7 @@ class SqliteStateStore(StateStore):
             return
         if self._accepting:
             self._accepting = False
+            self._hand_over()
             self._queue.put(None)  # after every queued op: they are all committed first
         await asyncio.shield(self._stopped)
         self._thread.join()
@@ -206,13 +219,13 @@ class SqliteStateStore(StateStore):
             loop.call_soon_threadsafe(_settle, future, None, error)
 
     def _take_batch(self) -> tuple[list[_Op], bool]:
-        """Block for one op, then take whatever else is already queued: the group."""
+        """Block for one hand-over, then take whatever else is already queued: the group."""
         batch: list[_Op] = []
         item = self._queue.get()
         while True:
             if item is None:
                 return batch, True
-            batch.append(item)
+            batch.extend(item)
             if len(batch) >= self._max_batch:
                 return batch, False
             try:
@@ -225,31 +238,28 @@ class SqliteStateStore(StateStore):
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
-                # A savepoint per op: an op that raises undoes only its own writes.
-                conn.execute("SAVEPOINT op")
+                # Every op checks before it writes, so one that raises has written nothing
+                # and fails only its own future (no savepoint needed).
                 try:
-                    result = op.fn(conn)
+                    outcomes.append((op.fn(conn), None))
                 except Exception as exc:  # noqa: BLE001 - it fails its own future only
-                    conn.execute("ROLLBACK TO op")
                     outcomes.append((None, _as_state_error(exc)))
-                else:
-                    outcomes.append((result, None))
-                conn.execute("RELEASE op")
             conn.execute("COMMIT")
         except Exception as exc:  # noqa: BLE001 - every future of the batch must learn of it
-            # BEGIN, a savepoint or the commit failed: nothing of this batch is durable.
+            # BEGIN, an op's statement or the commit failed: nothing of this batch is durable.
             if conn.in_transaction:
                 # It may fail too if sqlite already rolled back or the connection is gone.
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            for op in batch:  # one exception object per waiter: each gets its own traceback
+            failures: list[tuple[Any, BaseException | None]] = []
+            for _ in batch:  # one exception object per waiter: each gets its own traceback
                 error = StateError(f"sqlite transaction failed: {exc}")
                 error.__cause__ = exc
-                _post(op, None, error)
+                failures.append((None, error))
+            _post_all(batch, failures)
             return
         self.commits += 1
-        for op, (result, op_error) in zip(batch, outcomes, strict=True):
-            _post(op, result, op_error)
+        _post_all(batch, outcomes)
 
     def _fail_leftovers(self) -> None:
         while True:
@@ -257,8 +267,8 @@ class SqliteStateStore(StateStore):
                 item = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if item is not None:
-                _post(item, None, StateError("state store closed"))
+            if item:
+                _post_all(item, [(None, StateError("state store closed")) for _ in item])
 
     # -- submitting ----------------------------------------------------------------------
 
@@ -267,8 +277,15 @@ class SqliteStateStore(StateStore):
             raise StateError("state store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Op(fn, future, loop))
+        if not self._outbox:
+            loop.call_soon(self._hand_over)
+        self._outbox.append(_Op(fn, future, loop))
         return await future
+
+    def _hand_over(self) -> None:
+        if self._outbox:
+            ops, self._outbox = self._outbox, []
+            self._queue.put(ops)
 
     # -- the contract --------------------------------------------------------------------
 
@@ -289,25 +306,26 @@ class SqliteStateStore(StateStore):
 
     async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            if _status(conn, order_ref) == DONE:
-                return  # the first contact stays: it is the one CDP holds
-            _check_owner(conn, order_ref, owner, "complete")
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE orders SET status = ?, contact_ref = ?, href = ?, lease_until = 0,"
-                " updated_at = ? WHERE order_ref = ?",
-                (DONE, contact_ref, href, base.now(), order_ref),
+                " updated_at = ? WHERE order_ref = ? AND status = ? AND owner = ?",
+                (DONE, contact_ref, href, base.now(), order_ref, IN_FLIGHT, owner),
             )
+            # Completing a done record again keeps the first contact: the one CDP holds.
+            if cur.rowcount == 0 and _status(conn, order_ref) != DONE:
+                raise _not_owner(order_ref, owner, "complete")
 
         await self._submit(op)
 
     async def fail(self, order_ref: str, owner: str, reason: str) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            _check_owner(conn, order_ref, owner, "fail")
-            conn.execute(
+            cur = conn.execute(
                 "UPDATE orders SET status = ?, reason = ?, lease_until = 0, updated_at = ?"
-                " WHERE order_ref = ?",
-                (DEAD, reason, base.now(), order_ref),
+                " WHERE order_ref = ? AND status = ? AND owner = ?",
+                (DEAD, reason, base.now(), order_ref, IN_FLIGHT, owner),
             )
+            if cur.rowcount == 0:
+                raise _not_owner(order_ref, owner, "fail")
 
         await self._submit(op)
 
@@ -395,13 +413,8 @@ def _status(conn: sqlite3.Connection, order_ref: str) -> str | None:
     return None if row is None else str(row[0])
 
 
-def _check_owner(conn: sqlite3.Connection, order_ref: str, owner: str, action: str) -> None:
-    row = conn.execute(
-        "SELECT 1 FROM orders WHERE order_ref = ? AND status = ? AND owner = ?",
-        (order_ref, IN_FLIGHT, owner),
-    ).fetchone()
-    if row is None:
-        raise StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
+def _not_owner(order_ref: str, owner: str, action: str) -> StateError:
+    return StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
 
 
 def _as_state_error(exc: Exception) -> BaseException:

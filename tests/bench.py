@@ -1,0 +1,209 @@
+"""`make bench`: throughput and rate precision, as ratios against a baseline in the same run.
+
+1. Throughput: the worker, unthrottled (file source, SQLite state, JSON logs at info to a
+   file), delivers N events to the emulator running in another process; a bare aiohttp
+   loop POSTs the same bodies at the same concurrency. Printed: both rates and the ratio
+   worker / bare loop (target >= 0.85). Each side runs twice, the better run counts.
+   Run with an emulator that answers at once (a race of CPU per request, the emulator
+   sharing the machine) and with 40 ms of latency (CDP's order of magnitude).
+2. Rate precision: the worker at --rate-limit 100 against an emulator limited to 110/s
+   with 40 ms latency: achieved rate (target >= 95/s), 429s (target 0), and the most
+   requests the emulator saw in any one-second window.
+
+Not a test: nothing here asserts on time. It prints figures for the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+
+from worker.cdp import basic_authorization
+from worker.contact import build_body, parse_event
+from worker.demo import generate_events, write_events
+
+KEY, TOKEN = "bench-key", "bench-token"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+class EmulatorProcess:
+    """`worker emulator` in a process of its own, as CDP would be."""
+
+    def __init__(self, *flags: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "emulator", "--port", str(self.port),
+             "--client-key", KEY, "--api-token", TOKEN, *flags],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.2).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the emulator did not start") from None
+                time.sleep(0.05)
+
+    async def admin(self, method: str, path: str) -> Any:
+        async with aiohttp.ClientSession() as http, http.request(method, self.url + path) as r:
+            return await r.json()
+
+    def close(self) -> None:
+        self._process.terminate()
+        self._process.wait(10)
+
+
+async def bare_loop(url: str, bodies: list[tuple[str, bytes]], concurrency: int) -> float:
+    """POST every body with `concurrency` requests in flight; return requests/s."""
+    headers = {
+        "Authorization": basic_authorization(KEY, TOKEN),
+        "Accept": "application/json",
+        "Content-Type": "application/json",
+    }
+    queue = iter(bodies)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    async with aiohttp.ClientSession(connector=connector, headers=headers) as http:
+
+        async def lane() -> None:
+            for order_ref, body in queue:
+                async with http.post(f"{url}/v2/orders/{order_ref}/contacts", data=body) as r:
+                    await r.read()
+                    if r.status != 201:
+                        raise RuntimeError(f"bare loop got {r.status}")
+
+        started = time.perf_counter()
+        await asyncio.gather(*(lane() for _ in range(concurrency)))
+        return len(bodies) / (time.perf_counter() - started)
+
+
+def run_worker(url: str, folder: Path, events: Path, **settings: str) -> dict[str, Any]:
+    """`worker run` over `events`; its rate from its own started/finished log lines."""
+    for stale in folder.glob("state.db*"):
+        stale.unlink()
+    env = {
+        **os.environ,
+        "CDP_BASE_URL": url,
+        "CDP_CLIENT_KEY": KEY,
+        "CDP_API_TOKEN": TOKEN,
+        "WORKER_SOURCE": f"file:{events}",
+        "WORKER_STATE": f"sqlite:///{folder / 'state.db'}",
+        "WORKER_DLQ": f"file:{folder / 'dead-letter.jsonl'}",
+        "WORKER_HTTP_PORT": "0",
+        "WORKER_LOG_FORMAT": "json",
+        "WORKER_LOG_LEVEL": "info",
+        **{f"WORKER_{name.upper()}": value for name, value in settings.items()},
+    }
+    log_path = folder / "worker.log"
+    with log_path.open("wb") as log:
+        subprocess.run([sys.executable, "-m", "worker", "run"], env=env, stdout=log, check=True)
+    times: dict[str, datetime] = {}
+    delivered = 0
+    for line in log_path.read_bytes().splitlines():
+        record = orjson.loads(line)
+        if record["event"] in ("worker.started", "worker.finished"):
+            times[record["event"]] = datetime.fromisoformat(record["timestamp"])
+        delivered += record["event"] in ("event.delivered", "event.reconciled")
+    seconds = (times["worker.finished"] - times["worker.started"]).total_seconds()
+    return {"delivered": delivered, "seconds": seconds, "rate": delivered / seconds}
+
+
+async def throughput(count: int, concurrency: int, latency: float, folder: Path) -> None:
+    lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=1)
+    events = write_events(folder / "events.jsonl", lines)
+    emulator = EmulatorProcess("--latency", str(latency))
+    try:
+        bodies = []
+        for line in lines:
+            event = parse_event(line, default_event_id="-")
+            body = build_body(event, base_url=emulator.url)
+            bodies.append((event.order_ref, orjson.dumps(body)))
+        bare, worker = [], []
+        for _ in range(2):
+            await emulator.admin("POST", "/_emulator/reset")
+            bare.append(await bare_loop(emulator.url, bodies, concurrency))
+            await emulator.admin("POST", "/_emulator/reset")
+            result = run_worker(
+                emulator.url, folder, events, rate_limit="0", concurrency=str(concurrency)
+            )
+            stats = await emulator.admin("GET", "/_emulator/stats")
+            if result["delivered"] != count or stats["duplicate_orders"]:
+                raise RuntimeError(f"worker run incomplete: {result}, {stats['contacts']}")
+            worker.append(result["rate"])
+    finally:
+        emulator.close()
+    best_bare, best_worker = max(bare), max(worker)
+    print(
+        f"throughput: {count} events, concurrency {concurrency}, "
+        f"emulator in another process answering after {latency * 1000:g} ms"
+    )
+    print(f"  bare aiohttp loop   {best_bare:8.0f} requests/s  (runs: {_fmt(bare)})")
+    print(f"  worker              {best_worker:8.0f} events/s    (runs: {_fmt(worker)})")
+    print(f"  ratio worker/bare   {best_worker / best_bare:8.2f}   (target >= 0.85)")
+
+
+async def rate_precision(count: int, folder: Path) -> None:
+    lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=2)
+    events = write_events(folder / "rate-events.jsonl", lines)
+    emulator = EmulatorProcess("--rate-limit", "110", "--latency", "0.04")
+    try:
+        result = run_worker(emulator.url, folder, events, rate_limit="100", concurrency="32")
+        stats = await emulator.admin("GET", "/_emulator/stats")
+    finally:
+        emulator.close()
+    throttled = stats["responses"].get("429", 0)
+    print(f"rate precision: {count} events at --rate-limit 100, emulator limit 110/s, 40 ms")
+    print(f"  achieved            {result['rate']:8.1f} requests/s  (target >= 95)")
+    print(f"  429 answers         {throttled:8d}   (target 0)")
+    print(f"  busiest second      {stats['max_posts_in_any_second']:8d} requests at the emulator")
+
+
+def _fmt(values: list[float]) -> str:
+    return ", ".join(f"{value:.0f}" for value in values)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--events", type=int, default=20_000)
+    parser.add_argument("--rate-events", type=int, default=1_500)
+    parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument(
+        "--latency",
+        type=float,
+        action="append",
+        help="emulator latency in seconds for the throughput runs (repeatable; default 0 and 0.04)",
+    )
+    args = parser.parse_args()
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
+        f"{platform.python_version()}, {platform.platform()}"
+    )
+    with tempfile.TemporaryDirectory(prefix="cdp-sync-bench-") as scratch:
+        for latency in args.latency or [0.0, 0.04]:
+            asyncio.run(throughput(args.events, args.concurrency, latency, Path(scratch)))
+        asyncio.run(rate_precision(args.rate_events, Path(scratch)))
+
+
+if __name__ == "__main__":
+    main()

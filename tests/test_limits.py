@@ -1,0 +1,344 @@
+"""Pacing: retry backoff with full jitter, the sliced sliding-log rate limit, the 429 brake.
+
+Timing assertions are structural (what a sliding log guarantees between any two admitted
+requests, whatever the scheduler does) or lower bounds (a wait happened), never an upper
+bound on wall-clock throughput, so they hold on a loaded 2-core machine. The brake's clock
+is a fake: `worker.limits.time` is swapped for one whose `monotonic()` the test moves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import statistics
+import time
+import types
+from collections.abc import Coroutine
+from typing import Any
+
+import pytest
+
+import worker.limits as limits
+from worker.limits import (
+    BACKOFF_BASE,
+    BACKOFF_CAP,
+    MIN_RATE_FRACTION,
+    SLICE_SECONDS,
+    RateLimiter,
+    backoff_delay,
+)
+
+# -- backoff ---------------------------------------------------------------------------------
+
+
+def samples(count: int, attempt: int, **kwargs: Any) -> list[float]:
+    return [backoff_delay(attempt, **kwargs) for _ in range(count)]
+
+
+@pytest.mark.parametrize("attempt", range(1, 13))
+def test_backoff_stays_within_the_full_jitter_range(attempt: int) -> None:
+    ceiling = min(BACKOFF_CAP, BACKOFF_BASE * 2 ** (attempt - 1))
+    delays = samples(2000, attempt)
+    assert all(0.0 <= delay <= ceiling for delay in delays)
+    assert max(delays) > ceiling * 0.9  # the whole range is used, up to the ceiling
+
+
+def test_backoff_defaults_are_the_designs() -> None:
+    assert (BACKOFF_BASE, BACKOFF_CAP) == (0.5, 60.0)
+
+
+def test_backoff_is_full_jitter_not_equal_jitter() -> None:
+    ceiling = BACKOFF_BASE * 2**4  # attempt 5: 8 s
+    delays = samples(4000, 5)
+    assert 0.45 * ceiling <= statistics.fmean(delays) <= 0.55 * ceiling
+    assert min(delays) < 0.05 * ceiling  # equal jitter would never go below half
+    assert max(delays) > 0.95 * ceiling
+    assert len({round(delay, 6) for delay in delays}) > 3900  # spread, not a few values
+    below_half = sum(delay < ceiling / 2 for delay in delays)
+    assert 1700 <= below_half <= 2300
+
+
+def test_backoff_with_custom_base_and_cap() -> None:
+    assert all(0.0 <= d <= 0.1 for d in samples(500, 1, base=0.1, cap=10))
+    assert all(0.0 <= d <= 0.8 for d in samples(500, 4, base=0.1, cap=10))
+    assert all(0.0 <= d <= 2.0 for d in samples(500, 9, base=0.1, cap=2.0))
+
+
+def test_retry_after_is_a_floor() -> None:
+    assert samples(200, 1, retry_after=5.0) == [5.0] * 200  # ceiling 0.5 < 5
+    late = samples(2000, 10, retry_after=5.0)  # ceiling 60
+    assert all(5.0 <= delay <= 60.0 for delay in late)
+    assert max(late) > 50.0  # a floor, not a fixed value
+    assert samples(50, 3, retry_after=0.0) != [0.0] * 50
+    # A Retry-After longer than the backoff cap (the client caps it at 300) is honoured.
+    assert samples(20, 30, retry_after=300.0) == [300.0] * 20
+
+
+@pytest.mark.parametrize("attempt", [30, 64, 100, 1024, 1025, 5000, 10**6])
+def test_the_cap_holds_for_any_attempt(attempt: int) -> None:
+    delays = samples(1000, attempt)
+    assert all(0.0 <= delay <= BACKOFF_CAP for delay in delays)
+    assert max(delays) > BACKOFF_CAP * 0.9
+
+
+@pytest.mark.parametrize("attempt", [0, -3])
+def test_an_attempt_below_one_backs_off_like_the_first(attempt: int) -> None:
+    assert all(0.0 <= delay <= BACKOFF_BASE for delay in samples(500, attempt))
+
+
+# -- the rate limit: configuration -----------------------------------------------------------
+
+
+def completes_without_suspending(coro: Coroutine[Any, Any, float]) -> bool:
+    """Drive `coro` one step: True if it finished (never waited), else close it (it waited)."""
+    try:
+        coro.send(None)
+    except StopIteration:
+        return True
+    coro.close()
+    return False
+
+
+async def test_rate_zero_has_no_throttler_and_never_waits() -> None:
+    limiter = RateLimiter(0)
+    assert limiter._throttler is None
+    assert limiter.effective_rate == 0
+    assert all(completes_without_suspending(limiter.acquire()) for _ in range(5000))
+    waits = await asyncio.gather(*(limiter.acquire() for _ in range(500)))
+    assert all(wait >= 0 for wait in waits)
+
+
+async def test_a_slice_goes_at_once_and_the_next_request_waits() -> None:
+    limiter = RateLimiter(100)  # 5 per 50 ms
+    assert all(completes_without_suspending(limiter.acquire()) for _ in range(5))
+    assert not completes_without_suspending(limiter.acquire())
+    assert not limiter._lock.locked()  # the abandoned waiter let go of the lock
+
+
+@pytest.mark.parametrize(
+    ("rate", "per_slice", "period"),
+    [
+        (100, 5, 0.05),
+        (200, 10, 0.05),
+        (1000, 50, 0.05),
+        (50, 3, 0.06),  # ceil(2.5) = 3 per 3/50 s
+        (33, 2, 2 / 33),
+        (10, 1, 0.1),
+        (1, 1, 1.0),
+        (0.5, 1, 2.0),
+    ],
+)
+def test_the_budget_is_sliced(rate: float, per_slice: int, period: float) -> None:
+    limiter = RateLimiter(rate)
+    throttler = limiter._throttler
+    assert throttler is not None
+    assert throttler.rate_limit == per_slice
+    assert throttler.period == pytest.approx(period)
+    assert throttler.rate_limit / throttler.period == pytest.approx(rate)  # the same rate
+    # About one slice wide, or one request per slot when the rate is below one per slice.
+    assert throttler.period == pytest.approx(SLICE_SECONDS, rel=0.25) or per_slice == 1
+    assert limiter.effective_rate == rate
+
+
+# -- the rate limit: behaviour ---------------------------------------------------------------
+
+
+async def test_acquisitions_are_spread_over_slices_at_200_per_second() -> None:
+    limiter = RateLimiter(200)  # 10 per 50 ms
+    per_slice, period = 10, 0.05
+    throttler = limiter._throttler
+    assert throttler is not None
+    original = throttler.acquire
+    admitted: list[float] = []  # the sliding log's own admission times
+
+    async def recording_acquire() -> None:
+        await original()
+        admitted.append(throttler._task_logs[-1])  # no other coroutine ran in between
+
+    throttler.acquire = recording_acquire
+    returned: list[float] = []
+
+    async def one() -> None:
+        await limiter.acquire()
+        returned.append(time.monotonic())
+
+    await asyncio.gather(*(one() for _ in range(60)))
+    assert len(admitted) == len(returned) == 60
+    assert admitted == sorted(admitted)
+    assert all(a <= r for a, r in zip(admitted, returned, strict=True))
+    # A sliding log admits at most `per_slice` in any window of `period`: the (k+1)-th
+    # admission after any admission comes more than a whole period later ...
+    for i in range(len(admitted) - per_slice):
+        assert admitted[i + per_slice] - admitted[i] > period, i
+    # ... so there is no burst: any 50 ms window holds at most one slice's worth ...
+    for i, start in enumerate(admitted):
+        assert sum(1 for t in admitted[i:] if t - start < period) <= per_slice
+    # ... and 60 acquisitions span more than five whole periods, however fast the machine.
+    assert admitted[-1] - admitted[0] > 5 * period
+    assert returned[-1] - returned[0] >= admitted[-1] - admitted[0] - 0.01
+
+
+async def test_only_one_coroutine_waits_inside_the_throttler() -> None:
+    limiter = RateLimiter(20)  # one per 50 ms
+    throttler = limiter._throttler
+    assert throttler is not None
+    original = throttler.acquire
+    inside = 0
+    most_inside = 0
+    entered = 0
+
+    async def counting_acquire() -> None:
+        nonlocal inside, most_inside, entered
+        inside += 1
+        entered += 1
+        most_inside = max(most_inside, inside)
+        try:
+            await original()
+        finally:
+            inside -= 1
+
+    throttler.acquire = counting_acquire
+    admitted = 0
+
+    async def one() -> None:
+        nonlocal admitted
+        await limiter.acquire()
+        admitted += 1
+
+    tasks = [asyncio.create_task(one()) for _ in range(500)]
+    await asyncio.sleep(0.2)
+    assert most_inside == 1
+    assert entered >= 2
+    assert 1 <= admitted < 50  # paced: nowhere near 500 in 0.2 s
+    for task in tasks:
+        task.cancel()
+    results = await asyncio.gather(*tasks, return_exceptions=True)
+    assert sum(isinstance(r, asyncio.CancelledError) for r in results) == 500 - admitted
+    assert inside == 0
+    # Cancelled waiters leave nothing behind: the next caller gets through.
+    await asyncio.wait_for(limiter.acquire(), 2)
+    assert most_inside == 1
+
+
+# -- the 429 brake ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rate", [0, 100])
+async def test_after_a_brake_every_request_waits_out_retry_after(rate: float) -> None:
+    limiter = RateLimiter(rate)
+    await limiter.acquire()
+    started = time.monotonic()
+    limiter.brake(0.2)
+    waits = await asyncio.gather(*(limiter.acquire() for _ in range(3)))
+    elapsed = time.monotonic() - started
+    assert elapsed >= 0.15
+    assert all(wait >= 0.15 for wait in waits)  # everyone, not just the first
+    assert limiter.effective_rate == pytest.approx(rate * 0.7)
+
+
+async def test_a_brake_without_retry_after_pauses_by_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert limits.DEFAULT_THROTTLE_PAUSE == 1.0
+    monkeypatch.setattr(limits, "DEFAULT_THROTTLE_PAUSE", 0.2)
+    limiter = RateLimiter(100)
+    limiter.brake(None)
+    assert await limiter.acquire() >= 0.15
+
+
+class FakeClock:
+    """Stands in for the `time` module inside worker.limits."""
+
+    def __init__(self, start: float = 1000.0) -> None:
+        self.now = start
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    fake = FakeClock()
+    monkeypatch.setattr(limits, "time", types.SimpleNamespace(monotonic=fake.monotonic))
+    return fake
+
+
+def test_a_brake_lowers_the_rate_by_30_percent_at_most_once_a_second(clock: FakeClock) -> None:
+    limiter = RateLimiter(100)
+    limiter.brake(0.0)
+    assert limiter.effective_rate == pytest.approx(70)
+    clock.now += 0.3
+    limiter.brake(0.0)
+    clock.now += 0.3
+    limiter.brake(0.0)
+    assert limiter.effective_rate == pytest.approx(70)  # the same burst of 429s: once
+    clock.now += 0.5  # 1.1 s after the first decrease
+    limiter.brake(0.0)
+    assert limiter.effective_rate == pytest.approx(49)
+    throttler = limiter._throttler
+    assert throttler is not None
+    assert throttler.rate_limit / throttler.period == pytest.approx(49)  # really slower
+
+
+def test_sustained_429s_keep_lowering_the_rate_once_a_second(clock: FakeClock) -> None:
+    limiter = RateLimiter(100)
+    for _ in range(7):  # a 429 every 0.5 s for 3 s: decreases at 0, 1, 2 and 3 s
+        limiter.brake(0.0)
+        clock.now += 0.5
+    assert limiter.effective_rate == pytest.approx(100 * 0.7**4)
+
+
+def test_the_rate_never_drops_below_its_floor(clock: FakeClock) -> None:
+    limiter = RateLimiter(100)
+    for _ in range(50):
+        limiter.brake(0.0)
+        clock.now += 1.0
+    assert limiter.effective_rate == pytest.approx(100 * MIN_RATE_FRACTION)
+
+
+async def test_the_rate_recovers_10_percent_per_quiet_interval(clock: FakeClock) -> None:
+    interval = limits.RECOVERY_INTERVAL
+    limiter = RateLimiter(1000)
+    limiter.brake(0.0)
+    assert limiter.effective_rate == pytest.approx(700)
+    clock.now += interval - 0.1
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(700)  # not quiet long enough
+    clock.now += 0.2
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(770)
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(770)  # one step per interval
+    clock.now += interval
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(847)
+    for _ in range(10):
+        clock.now += interval
+        await limiter.acquire()
+    assert limiter.effective_rate == 1000  # back to the limit, never above
+    throttler = limiter._throttler
+    assert throttler is not None
+    assert throttler.rate_limit / throttler.period == pytest.approx(1000)
+
+
+async def test_a_429_during_recovery_restarts_the_quiet_interval(clock: FakeClock) -> None:
+    interval = limits.RECOVERY_INTERVAL
+    limiter = RateLimiter(1000)
+    limiter.brake(0.0)
+    clock.now += interval - 1.0
+    limiter.brake(0.0)  # more than a second after the first decrease: decreases again
+    assert limiter.effective_rate == pytest.approx(490)
+    clock.now += interval - 0.5  # quiet since the second 429 for less than an interval
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(490)
+    clock.now += 1.0
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(539)
+
+
+def test_braking_an_unlimited_limiter_keeps_it_unlimited(clock: FakeClock) -> None:
+    limiter = RateLimiter(0)
+    limiter.brake(2.0)
+    assert limiter._throttler is None
+    assert limiter.effective_rate == 0
+    assert math.isclose(limiter._hold_until, clock.now + 2.0)
