@@ -622,6 +622,53 @@ async def test_put_appends_to_an_existing_file(tmp_path: Path) -> None:
     assert read_letters(path) == [letter(0), letter(1)]
 
 
+async def test_a_letter_stored_by_a_killed_run_is_not_stored_again(tmp_path: Path) -> None:
+    path = tmp_path / "dl.jsonl"
+    first = FileDeadLetterSink(str(path))
+    await first.open()
+    await first.put(letter(1))
+    await first.put(letter(1))  # within one run, each put is a message of its own
+    await first.close()
+    rerun = FileDeadLetterSink(str(path))
+    await rerun.open()
+    # The same message, dead-lettered again later and after more attempts.
+    await rerun.put({**letter(1), "deadAt": "2026-11-27T00:00:00.000Z", "attempts": 3})
+    await rerun.put({**letter(1), "eventId": "another-event"})
+    await rerun.put(letter(2))
+    await rerun.close()
+    assert [(d["eventId"], d["event"]["n"]) for d in read_letters(path)] == [
+        ("e-1", 1),
+        ("e-1", 1),
+        ("another-event", 1),
+        ("e-2", 2),
+    ]
+
+
+async def test_a_line_torn_by_a_crash_is_cut_off_on_open(tmp_path: Path) -> None:
+    path = tmp_path / "dl.jsonl"
+    whole = orjson.dumps(letter(1)) + b"\n"
+    path.write_bytes(whole + orjson.dumps(letter(2))[:25])
+    sink = FileDeadLetterSink(str(path))
+    await sink.open()
+    await sink.put(letter(2))  # the torn letter was never acknowledged: it comes again
+    await sink.close()
+    assert read_letters(path) == [letter(1), letter(2)]
+
+
+async def test_only_the_recent_tail_is_indexed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_module, "RECENT_BYTES", 600)  # letter 3 and part of 2
+    path = tmp_path / "dl.jsonl"
+    path.write_bytes(b"".join(orjson.dumps(letter(n)) + b"\n" for n in (1, 2, 3)))
+    sink = FileDeadLetterSink(str(path))
+    await sink.open()
+    await sink.put(letter(1))  # too old to be a crash's leftover: stored
+    await sink.put(letter(3))  # the last one: skipped
+    await sink.close()
+    assert [d["event"]["n"] for d in read_letters(path)] == [1, 2, 3, 1]
+
+
 async def test_concurrent_puts_are_whole_lines_and_share_writes(
     sink: FileDeadLetterSink, fsyncs: FsyncCounter
 ) -> None:

@@ -8,9 +8,12 @@ its orderRef), `hold` to keep a message from being redelivered during long retri
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
+
+import orjson
 
 
 @dataclass(eq=False, slots=True)
@@ -75,8 +78,23 @@ class Source(ABC):
         return type(self).__name__
 
 
+def letter_key(letter: dict[str, Any]) -> str:
+    """What makes two dead letters the same: reason, ids and the event (or raw text).
+
+    Not `deadAt`, `attempts` or `detail`, which differ when a crash makes a second run
+    dead-letter the same message again.
+    """
+    identity = {k: letter.get(k) for k in ("reason", "eventId", "orderRef", "event", "raw")}
+    return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
 class DeadLetterSink(ABC):
-    """Where undeliverable events go, one JSON object each (DESIGN section 5)."""
+    """Where undeliverable events go, one JSON object each (DESIGN section 5).
+
+    A crash between storing a letter and recording that it was stored (checkpoint, state)
+    makes the next run dead-letter the same message again; sinks skip a letter an earlier
+    run already stored (`letter_key`), so each message is dead-lettered once.
+    """
 
     @abstractmethod
     async def open(self) -> None: ...

@@ -20,8 +20,11 @@ import orjson
 
 from ..errors import SourceError
 from ..state.base import StateStore
-from .base import DeadLetterSink, Message, Source
+from .base import DeadLetterSink, Message, Source, letter_key
 
+# How much of an existing dead-letter file is indexed at start: the letters a killed run
+# may have stored without recording it are among its last ones.
+RECENT_BYTES = 4 * 1024 * 1024
 # How often --follow looks for new lines at the end of the file.
 FOLLOW_POLL_SECONDS = 0.2
 
@@ -223,6 +226,10 @@ class FileDeadLetterSink(DeadLetterSink):
     Letters that arrive while a write is under way share the next write and fsync. The
     writing runs in a task of its own: a cancelled `put` must not abandon the letters of
     other callers that ride on the same write (they would wait for it forever).
+
+    On open, the letters in the file's last `RECENT_BYTES` are indexed: a letter an earlier
+    run stored just before it was killed is not stored again. A line torn by a crash in
+    the middle of a write is cut off (its letter was never acknowledged: it comes again).
     """
 
     def __init__(self, path: str) -> None:
@@ -230,10 +237,12 @@ class FileDeadLetterSink(DeadLetterSink):
         self._file: IO[bytes] | None = None
         self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
+        self._earlier: set[str] = set()
 
     async def open(self) -> None:
         try:
-            self._file = open(self.path, "ab")  # noqa: SIM115, ASYNC230 - held open until close(); opening is instant
+            self._file = open(self.path, "a+b")  # noqa: SIM115, ASYNC230 - held open until close(); opening is instant
+            self._earlier = await asyncio.to_thread(_recent_letters, self._file)
         except OSError as exc:
             raise SourceError(f"--dlq: cannot open {self.path!r}: {exc.strerror}") from None
 
@@ -254,6 +263,8 @@ class FileDeadLetterSink(DeadLetterSink):
     async def put(self, letter: dict[str, Any]) -> None:
         if self._file is None:
             raise SourceError(f"dead-letter file {self.path!r} is not open")
+        if self._earlier and letter_key(letter) in self._earlier:
+            return  # stored by the run a crash cut short
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((orjson.dumps(letter) + b"\n", future))
         if self._writer is None or self._writer.done():
@@ -277,3 +288,27 @@ class FileDeadLetterSink(DeadLetterSink):
                 for _, waiting in batch:
                     if not waiting.done():
                         waiting.set_result(None)
+
+
+def _recent_letters(file: IO[bytes]) -> set[str]:
+    """Keys of the letters in the file's tail, after cutting off a torn last line."""
+    size = file.seek(0, os.SEEK_END)
+    start = max(0, size - RECENT_BYTES)
+    file.seek(start)
+    tail = file.read()
+    if tail and not tail.endswith(b"\n"):
+        kept = tail.rfind(b"\n") + 1
+        file.truncate(start + kept)
+        tail = tail[:kept]
+    lines = tail.split(b"\n")
+    if start > 0:
+        lines = lines[1:]  # the first line of the window is only the end of one
+    keys = set()
+    for line in lines:
+        try:
+            letter = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(letter, dict):
+            keys.add(letter_key(letter))
+    return keys
