@@ -209,7 +209,7 @@ async def test_restart_resumes_at_the_gap_and_skips_lines_acked_above_it(
     assert await read_checkpoint(db, events_file) == {
         "line": 2,
         "offset": 2 * len(body(1) + b"\n"),
-        "above": [4, 5],
+        "above": [[4, 5]],  # ranges of lines
     }
 
     # A new process: a new store on the same file, a new source. Acks as it goes, in
@@ -261,7 +261,7 @@ async def test_restart_after_a_long_gap_keeps_line_numbers_and_offsets_right(
     assert saved is not None
     lines = events_file.read_bytes().splitlines(keepends=True)
     assert saved["offset"] == sum(len(line) for line in lines[: saved["line"]])
-    assert set(range(1, saved["line"] + 1)) | set(saved["above"]) == set(range(1, 301))
+    assert set(range(1, saved["line"] + 1)) | above(saved) == set(range(1, 301))
 
     store = await new_store()
     source = await opened(events_file, store)
@@ -285,7 +285,7 @@ async def test_ack_is_durable_when_it_returns(
     await source.ack(messages[3])
     seen = await read_checkpoint(db, events_file)
     assert seen is not None
-    assert (seen["line"], seen["above"]) == (1, [3])
+    assert (seen["line"], seen["above"]) == (1, [[3, 3]])
     await source.close()
 
 
@@ -307,7 +307,7 @@ async def test_concurrent_acks_share_commits_and_each_is_durable_on_return(
         saved = await observer.get_checkpoint(key)
         assert saved is not None
         seen = orjson.loads(saved)
-        if not (message.token <= seen["line"] or message.token in seen["above"]):
+        if not (message.token <= seen["line"] or message.token in above(seen)):
             not_durable.append(message.token)
 
     before = store.commits
@@ -579,6 +579,36 @@ async def sink(tmp_path: Path) -> AsyncIterator[FileDeadLetterSink]:
     await opened_sink.open()
     yield opened_sink
     await opened_sink.close()
+
+
+async def test_reading_ahead_of_a_stuck_line_is_bounded(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(file_module, "MAX_AHEAD", 5)
+    monkeypatch.setattr(file_module, "FOLLOW_POLL_SECONDS", 0.01)
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"".join(b'{"n": %d}\n' % n for n in range(1, 21)))
+    source = FileSource(str(path))
+    await source.open()
+    handed: list[Message] = []
+    for _ in range(10):
+        batch = await source.fetch(2, 0.01)
+        assert batch is not None
+        for message in batch:
+            handed.append(message)
+            if message.token != 1:  # line 1 is stuck in retries
+                await source.ack(message)
+    assert [m.token for m in handed] == [1, 2, 3, 4, 5, 6]
+    await source.ack(handed[0])
+    batch = await source.fetch(2, 0.01)
+    assert batch is not None
+    assert [m.token for m in batch] == [7, 8]
+    await source.close()
+
+
+def above(checkpoint: dict[str, Any]) -> set[int]:
+    """The lines a checkpoint's ranges cover."""
+    return {n for first, last in checkpoint["above"] for n in range(first, last + 1)}
 
 
 def letter(n: int) -> dict[str, Any]:

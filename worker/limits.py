@@ -82,8 +82,16 @@ class RateLimiter:
     def _build(rate: float) -> Throttler | None:
         if rate <= 0:
             return None
+        throttler = Throttler(rate_limit=1, retry_interval=POLL_SECONDS)
+        RateLimiter._slice(throttler, rate)
+        return throttler
+
+    @staticmethod
+    def _slice(throttler: Throttler, rate: float) -> None:
+        """`k` per `k / rate` seconds, with `k / rate` about one slice."""
         per_slice = max(1, math.ceil(rate * SLICE_SECONDS))
-        return Throttler(rate_limit=per_slice, period=per_slice / rate, retry_interval=POLL_SECONDS)
+        throttler.rate_limit = per_slice
+        throttler.period = per_slice / rate
 
     @property
     def effective_rate(self) -> float:
@@ -96,8 +104,8 @@ class RateLimiter:
             return 0.0  # unlimited and not braked: the hot path takes no lock
         async with self._lock:
             self._recover()
-            hold = self._hold_until - time.monotonic()
-            if hold > 0:
+            # A 429 that arrives while we wait out an earlier one may extend the hold.
+            while (hold := self._hold_until - time.monotonic()) > 0:  # noqa: ASYNC110 - a moving deadline, not an event
                 await asyncio.sleep(hold)
             if self._throttler is not None:
                 await self._throttler.acquire()  # type: ignore[no-untyped-call]  # untyped library
@@ -122,5 +130,8 @@ class RateLimiter:
             self._set_fraction(min(1.0, self._fraction * RECOVERY_FACTOR))
 
     def _set_fraction(self, fraction: float) -> None:
+        # The same throttler, re-sliced: its log of recent requests stays, so a change of
+        # rate cannot let an extra slice out at once.
         self._fraction = fraction
-        self._throttler = self._build(self.rate * fraction)
+        if self._throttler is not None:
+            self._slice(self._throttler, self.rate * fraction)

@@ -25,6 +25,9 @@ from .base import DeadLetterSink, Message, Source, letter_key
 # How much of an existing dead-letter file is indexed at start: the letters a killed run
 # may have stored without recording it are among its last ones.
 RECENT_BYTES = 4 * 1024 * 1024
+# Lines read ahead of the first unfinished one, at most: one line stuck in retries (a 404
+# grace period) must not let the set of finished lines above it grow without bound.
+MAX_AHEAD = 20_000
 # How often --follow looks for new lines at the end of the file.
 FOLLOW_POLL_SECONDS = 0.2
 
@@ -56,13 +59,25 @@ class _Checkpoint:
 
     def dumps(self) -> str:
         return orjson.dumps(
-            {"line": self.line, "offset": self.offset, "above": sorted(self.above)}
+            {"line": self.line, "offset": self.offset, "above": _ranges(self.above)}
         ).decode()
 
     @classmethod
     def loads(cls, text: str) -> _Checkpoint:
         data = orjson.loads(text)
-        return cls(int(data["line"]), int(data["offset"]), {int(n) for n in data["above"]})
+        above = {n for first, last in data["above"] for n in range(first, last + 1)}
+        return cls(int(data["line"]), int(data["offset"]), above)
+
+
+def _ranges(numbers: set[int]) -> list[tuple[int, int]]:
+    """{3, 4, 5, 9} -> [(3, 5), (9, 9)]: lines finished above a gap are mostly contiguous."""
+    runs: list[tuple[int, int]] = []
+    for n in sorted(numbers):
+        if runs and runs[-1][1] == n - 1:
+            runs[-1] = (runs[-1][0], n)
+        else:
+            runs.append((n, n))
+    return runs
 
 
 class FileSource(Source):
@@ -171,6 +186,9 @@ class FileSource(Source):
         batch, self._redeliver = self._redeliver[:max_messages], self._redeliver[max_messages:]
         if batch:
             return batch
+        if self._next_line - self._done.line > MAX_AHEAD:
+            await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))  # wait for the gap to close
+            return []
         if self._eof:
             if self._pending_redeliveries:
                 await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))

@@ -18,7 +18,6 @@ class MemorySource(Source):
     def __init__(self, bodies: Iterable[bytes | str] = (), *, finite: bool = True) -> None:
         self.finite = finite
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._outstanding = 0  # handed out, neither acked nor nacked
         self._pending_redeliveries = 0
         self.acked: list[Message] = []
         self.nacked: list[Message] = []
@@ -47,15 +46,12 @@ class MemorySource(Source):
             return batch
         while len(batch) < max_messages and not self._queue.empty():
             batch.append(self._queue.get_nowait())
-        self._outstanding += len(batch)
         return batch
 
     async def ack(self, message: Message) -> None:
-        self._outstanding -= 1
         self.acked.append(message)
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
-        self._outstanding -= 1
         self.nacked.append(message)
         again = Message(message.id, message.body, message.delivery_count + 1, message.token)
         self._pending_redeliveries += 1
