@@ -81,6 +81,11 @@ def test_secrets_can_come_from_mounted_files(tmp_path: Path) -> None:
         ({"WORKER_LOG_LEVEL": "loud"}, "--log-level / WORKER_LOG_LEVEL"),
         ({"WORKER_FOLLOW": "maybe"}, "--follow / WORKER_FOLLOW"),
         ({"WORKER_RATE_LIMIT_BACKEND": "memcached://x"}, "--rate-limit-backend"),
+        ({"WORKER_RATE_LIMIT_BACKEND": "redis://r:6379/0"}, "--rate-limit-backend"),
+        ({"WORKER_RATE_LIMIT": "inf"}, "--rate-limit / WORKER_RATE_LIMIT"),
+        ({"WORKER_LEASE_SECONDS": "nan"}, "--lease-seconds / WORKER_LEASE_SECONDS"),
+        ({"WORKER_NOT_FOUND_GRACE": "nan"}, "--not-found-grace / WORKER_NOT_FOUND_GRACE"),
+        ({"WORKER_SHUTDOWN_TIMEOUT": "inf"}, "--shutdown-timeout / WORKER_SHUTDOWN_TIMEOUT"),
         ({"CDP_API_VERSION": "v3"}, "CDP_API_VERSION"),
     ],
 )
@@ -88,6 +93,16 @@ def test_bad_values_are_refused_naming_the_option(change: dict[str, str], named:
     with pytest.raises(ConfigError) as refused:
         load_settings(parse_flags(), {**REQUIRED, **change})
     assert named in str(refused.value)
+
+
+def test_a_base_url_with_credentials_is_refused_without_echoing_them() -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(parse_flags(), {**REQUIRED, "CDP_BASE_URL": "https://u:pw-123@cdp.example"})
+    assert "CDP_BASE_URL" in str(refused.value)
+    assert "pw-123" not in str(refused.value)
+    with pytest.raises(ConfigError) as refused:
+        load_settings(parse_flags(), {**REQUIRED, "CDP_BASE_URL": "ftp://u:pw-123@x"})
+    assert "pw-123" not in str(refused.value)
 
 
 def test_credentials_never_show_in_errors_or_repr() -> None:

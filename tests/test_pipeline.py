@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,7 @@ from harness import Harness, free_port
 from prometheus_client import generate_latest
 
 from worker.emulator import Emulator
+from worker.errors import StateError
 from worker.state import ClaimStatus, MemoryStateStore
 
 Events = Callable[[int], list[dict[str, Any]]]
@@ -308,3 +310,94 @@ async def test_cdp_error_text_quoting_the_contact_stays_out_of_the_logs(
     assert [orjson.loads(line)["event"] for line in lines if "event.retry" in line]
     for line in lines:
         assert email not in line
+
+
+class FlakyState(MemoryStateStore):
+    """A memory store whose first `complete` / first `renew` calls fail, as a disk might."""
+
+    def __init__(self, *, complete_failures: int = 0, renew_failures: int = 0) -> None:
+        super().__init__()
+        self.complete_failures = complete_failures
+        self.renew_failures = renew_failures
+
+    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
+        if self.complete_failures:
+            self.complete_failures -= 1
+            raise StateError("disk I/O error")
+        await super().complete(order_ref, owner, contact_ref, href)
+
+    async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
+        if self.renew_failures:
+            self.renew_failures -= 1
+            return False
+        return await super().renew(order_ref, owner, lease_seconds)
+
+
+async def test_a_contact_created_but_not_recorded_is_reconciled_not_posted_again(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    state = FlakyState(complete_failures=1)
+    await state.open()
+    event = events(1)[0]
+    harness = make_worker([event], state=state)
+    harness.worker.backoff_base = 0.01
+    await asyncio.wait_for(harness.run(), 20)
+    await state.close()
+    one_contact_each(emulator, [event])
+    assert emulator.stats()["requests"]["POST"] == 1
+    assert harness.worker.summary["reconciled"] == 1
+
+
+async def test_no_request_is_sent_for_an_order_whose_lease_may_be_lost(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    # A lease barely longer than the timeout: every request first renews it.
+    state = FlakyState(renew_failures=1)
+    await state.open()
+    event = events(1)[0]
+    harness = make_worker([event], state=state, request_timeout=0.5, lease_seconds=1.0)
+    await asyncio.wait_for(harness.run(), 20)
+    await state.close()
+    assert len(harness.source.nacked) >= 1  # given back when the renewal failed
+    one_contact_each(emulator, [event])
+    assert emulator.stats()["requests"]["POST"] == 1
+
+
+async def test_after_stop_nothing_new_is_sent_and_unsent_claims_are_not_in_doubt(
+    make_worker: MakeWorker, emulator: Emulator, events: Events, state: MemoryStateStore
+) -> None:
+    emulator.config.latency = 0.3
+    batch = events(12)
+    harness = make_worker(batch, rate_limit=4.0, concurrency=2, shutdown_timeout=5.0)
+    run = asyncio.create_task(harness.run())
+    while emulator.stats()["requests"].get("POST", 0) < 2:
+        await asyncio.sleep(0.01)
+    harness.worker.stop()
+    await asyncio.wait_for(run, 10)
+    posts = emulator.stats()["requests"]["POST"]
+    assert posts <= 3  # those in flight (or just leaving) at the stop, nothing after
+    statuses = Counter()
+    for event in batch:
+        claim = await state.claim(event["orderRef"], "next-worker", 10)
+        statuses[claim.status] += 1
+    assert statuses[ClaimStatus.DONE] == emulator.stats()["orders"]
+    assert statuses[ClaimStatus.IN_DOUBT] == 0  # nothing was released as "maybe sent"
+    assert statuses[ClaimStatus.CLAIMED] == 12 - emulator.stats()["orders"]
+
+
+async def test_the_auth_pause_ends_only_when_a_probe_succeeds(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    emulator.config.auth_failure = True
+    batch = events(3)
+    harness = fast(make_worker(batch))
+    run = asyncio.create_task(harness.run())
+    while not harness.worker.metrics.auth_paused._value.get():
+        await asyncio.sleep(0.01)
+    emulator.config.auth_failure = False
+    emulator.config.error_rate = 1.0  # CDP down: a probe that says nothing about credentials
+    await asyncio.sleep(0.3)
+    assert harness.worker.metrics.auth_paused._value.get() == 1
+    emulator.config.error_rate = 0.0
+    await asyncio.wait_for(run, 10)
+    one_contact_each(emulator, batch)

@@ -7,6 +7,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections import Counter
@@ -23,6 +24,7 @@ from .emulator import add_cli_arguments, run_from_args
 from .errors import ConfigError, InvalidEvent, SourceError
 from .observability import configure_logging, get_logger
 from .pipeline import Worker
+from .sources import Publisher, open_publisher
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
@@ -74,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="CDP API version (default $CDP_API_VERSION or v2)",
     )
 
+    publish = commands.add_parser(
+        "publish",
+        help="enqueue a JSONL file of events into a source",
+        description="Enqueue every non-blank line of FILE as one message into the source at "
+        "--to (file:PATH appends; redis://...?stream=NAME adds stream entries). A progress "
+        "bar shows on a terminal. Lines are sent as they are: run `worker validate` first.",
+    )
+    publish.add_argument("--to", required=True, metavar="URL", help="the source URL")
+    publish.add_argument("file", help="JSONL file, or - for standard input")
+    publish.add_argument("--batch", type=int, default=500, help="messages per round trip")
+
     schema = commands.add_parser("schema", help="print the event envelope's JSON Schema")
     schema.add_argument(
         "--api-version",
@@ -92,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "demo": command_demo,
         "check": command_check,
         "validate": command_validate,
+        "publish": command_publish,
         "schema": command_schema,
     }[args.command]
     sys.exit(handler(args))
@@ -182,6 +196,66 @@ def command_validate(args: argparse.Namespace) -> int:
     by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
     print(f"{valid} valid, {invalid_count} invalid" + (f" ({by_reason})" if by_reason else ""))
     return EXIT_FAILURE if invalid_count else EXIT_OK
+
+
+def command_publish(args: argparse.Namespace) -> int:
+    try:
+        lines = _read_lines(args.file)
+        publisher = open_publisher(args.to)
+    except ConfigError as exc:
+        print(f"worker publish: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"worker publish: cannot read {args.file!r}: {exc.strerror}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        asyncio.run(_publish(publisher, lines, max(1, args.batch)))
+    except (ConfigError, SourceError) as exc:
+        print(f"\nworker publish: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    return EXIT_OK
+
+
+def _read_lines(path: str) -> list[bytes]:
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    return [line.strip() for line in data.splitlines() if line.strip()]
+
+
+async def _publish(publisher: Publisher, lines: list[bytes], batch: int) -> None:
+    progress = Progress(len(lines), enabled=sys.stderr.isatty())
+    await publisher.open()
+    try:
+        for start in range(0, len(lines), batch):
+            chunk = lines[start : start + batch]
+            await publisher.publish(chunk)
+            progress.advance(len(chunk))
+    finally:
+        await publisher.close()
+        progress.done()
+
+
+class Progress:
+    """A one-line progress bar on stderr, drawn only on a terminal."""
+
+    WIDTH = 30
+
+    def __init__(self, total: int, *, enabled: bool) -> None:
+        self.total, self.enabled, self.count = total, enabled, 0
+        self.started = time.monotonic()
+
+    def advance(self, count: int) -> None:
+        self.count += count
+        if self.enabled:
+            filled = self.WIDTH * self.count // max(self.total, 1)
+            rate = self.count / max(time.monotonic() - self.started, 1e-9)
+            bar = "#" * filled + "." * (self.WIDTH - filled)
+            sys.stderr.write(f"\r[{bar}] {self.count}/{self.total} ({rate:.0f}/s)")
+            sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+        print(f"published {self.count} of {self.total} messages")
 
 
 def command_schema(args: argparse.Namespace) -> int:

@@ -9,6 +9,7 @@ raises `ConfigError` naming the flag and the variable, and `worker run` exits 2.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
@@ -18,6 +19,7 @@ from urllib.parse import urlsplit
 
 from .contact import API_VERSIONS
 from .errors import ConfigError
+from .sources import default_dead_letter_url
 
 THIRTY_DAYS = 30 * 24 * 3600.0
 DEFAULT_STATE = "sqlite:///./worker-state.db"
@@ -61,7 +63,13 @@ OPTIONS: tuple[Option, ...] = (
         None,
         "where events come from: file:PATH (JSONL), file:- (stdin)",
     ),
-    Option("state", "WORKER_STATE", str, DEFAULT_STATE, "state store URL: memory:, sqlite:///PATH"),
+    Option(
+        "state",
+        "WORKER_STATE",
+        str,
+        DEFAULT_STATE,
+        "state store URL: memory:, sqlite:///PATH, redis://, postgresql://",
+    ),
     Option(
         "dlq",
         "WORKER_DLQ",
@@ -185,14 +193,7 @@ class Settings:
     @property
     def dead_letter_url(self) -> str:
         """The dead-letter sink: `--dlq`, or the default for the source's kind."""
-        return self.dlq or default_dlq(self.source)
-
-
-def default_dlq(source: str) -> str:
-    scheme = urlsplit(source).scheme
-    if scheme == "file" or scheme == "memory":
-        return "file:./dead-letter.jsonl" if scheme == "file" else "memory:"
-    return source  # broker sources put dead letters beside their stream/queue/subject
+        return self.dlq or default_dead_letter_url(self.source)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -251,10 +252,12 @@ def load_settings(
         try:
             values[option.name] = option.parse(str(text)) if isinstance(text, str) else text
         except ValueError:
+            shown = (
+                "" if option.secret or "://" in str(text) else f" {text!r}"
+            )  # URLs hold passwords
             raise ConfigError(
-                f"{option.label}: invalid value"
-                + ("" if option.secret else f" {text!r}")
-                + f", expected {getattr(option.parse, '__name__', 'a value')}"
+                f"{option.label}: invalid value{shown}, "
+                f"expected {getattr(option.parse, '__name__', 'a value')}"
             ) from None
     _validate(values)
     return Settings(**values)
@@ -267,7 +270,7 @@ def _require(values: Mapping[str, Any], name: str) -> None:
 
 def _positive(values: Mapping[str, Any], name: str, *, zero_ok: bool = False) -> None:
     value = values[name]
-    if value < 0 or (value == 0 and not zero_ok):
+    if not math.isfinite(value) or value < 0 or (value == 0 and not zero_ok):
         bound = ">= 0" if zero_ok else "> 0"
         raise ConfigError(f"{_BY_NAME[name].label}: must be {bound}, got {value}")
 
@@ -276,8 +279,15 @@ def _validate(values: dict[str, Any]) -> None:
     for name in ("source", "cdp_base_url", "cdp_client_key", "cdp_api_token"):
         _require(values, name)
     base = urlsplit(values["cdp_base_url"])
-    if base.scheme not in {"http", "https"} or not base.netloc:
-        raise ConfigError(f"CDP_BASE_URL: expected an http(s) URL, got {values['cdp_base_url']!r}")
+    if base.scheme not in {"http", "https"} or not base.hostname:
+        raise ConfigError(
+            "CDP_BASE_URL: expected an http(s) URL such as https://api-engage-eu.sitecorecloud.io"
+        )
+    if base.username or base.password:
+        # The value is not echoed: it holds a credential.
+        raise ConfigError(
+            "CDP_BASE_URL: must not carry credentials; set CDP_CLIENT_KEY and CDP_API_TOKEN"
+        )
     values["cdp_base_url"] = values["cdp_base_url"].rstrip("/")
     if values["cdp_api_version"] not in API_VERSIONS:
         raise ConfigError(f"CDP_API_VERSION: expected one of {', '.join(API_VERSIONS)}")
@@ -298,6 +308,7 @@ def _validate(values: dict[str, Any]) -> None:
     if values["log_level"].lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"{_BY_NAME['log_level'].label}: expected debug, info, warning or error")
     values["log_level"] = values["log_level"].lower()
-    backend = values["rate_limit_backend"]
-    if backend != "local" and not backend.startswith(("redis://", "rediss://")):
-        raise ConfigError(f"{_BY_NAME['rate_limit_backend'].label}: expected local or redis://...")
+    if values["rate_limit_backend"] != "local":
+        raise ConfigError(
+            f"{_BY_NAME['rate_limit_backend'].label}: only local is available in this version"
+        )

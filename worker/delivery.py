@@ -9,6 +9,7 @@ claim back; `sent_in_doubt` then tells whether a POST of ours may have reached C
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,10 @@ log = get_logger("worker.delivery")
 
 class Draining(Exception):
     """Raised inside a delivery that must give its message back because the worker stops."""
+
+
+class LeaseLost(Exception):
+    """Raised before a request when our claim on the order may have passed to another worker."""
 
 
 def dead_letter(
@@ -101,18 +106,23 @@ class Delivery:
                 return
             self.attempts += 1
             structlog.contextvars.bind_contextvars(attempt=self.attempts)
-            self.sent_in_doubt = True
-            outcome = await worker.request(
-                lambda: worker.client.create_contact(self.event.order_ref, body)
-            )
+
+            def post() -> Awaitable[Outcome]:
+                # In doubt from the moment the POST leaves, not while it waits its turn.
+                self.sent_in_doubt = True
+                return worker.client.create_contact(self.event.order_ref, body)
+
+            outcome = await worker.request(self.event.order_ref, post)
             if await self._act_on(outcome):
                 return
 
     async def _act_on(self, outcome: Outcome) -> bool:
         """Act on a POST's outcome; True once the event is finished."""
         verdict = outcome.verdict
-        if verdict is not Verdict.IN_DOUBT:
-            self.sent_in_doubt = False  # CDP answered: we know what happened
+        if verdict in (Verdict.REJECTED, Verdict.NOT_FOUND, Verdict.AUTH, Verdict.RETRY):
+            # CDP answered that nothing was created. After CREATED or CONFLICT a contact
+            # exists: until it is recorded, a claim given back must leave it in doubt.
+            self.sent_in_doubt = False
         if verdict is Verdict.CREATED:
             await self._done(outcome.contact_ref or "", outcome.href or "", "delivered")
             return True
@@ -154,7 +164,8 @@ class Delivery:
     async def _reconcile(self) -> bool:
         """List the order's contacts: record one that exists (True), or clear the doubt."""
         worker = self.worker
-        listing = await worker.request(lambda: worker.client.list_contacts(self.event.order_ref))
+        order_ref = self.event.order_ref
+        listing = await worker.request(order_ref, lambda: worker.client.list_contacts(order_ref))
         if listing.verdict is Verdict.CREATED:
             self.reconcile = False
             if listing.contacts:

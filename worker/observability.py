@@ -183,6 +183,9 @@ class Metrics:
             registry=r,
         )
         self.auth_paused = Gauge(p + "auth_paused", "1 while paused on 401/403", registry=r)
+        self.source_lag = Gauge(
+            p + "source_lag", "Messages waiting in the source (where it can tell)", registry=r
+        )
         for outcome in ("delivered", "duplicate", "dead_lettered", "reconciled"):
             self.events.labels(outcome)  # export zeroes so rate() works from the start
 

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import os
 import socket
+import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -23,7 +24,7 @@ import structlog
 from .cdp import CdpClient, Outcome, Verdict
 from .config import Settings
 from .contact import Event, parse_event
-from .delivery import Delivery, Draining, dead_letter
+from .delivery import Delivery, Draining, LeaseLost, dead_letter
 from .errors import InvalidEvent
 from .limits import BACKOFF_BASE, BACKOFF_CAP, RateLimiter, backoff_delay
 from .observability import HealthServer, Metrics, get_logger
@@ -42,6 +43,10 @@ FETCH_TIMEOUT = 1.0
 BUSY_RETRY_SECONDS = 2.0
 # Retention sweeps, once at start (by the store) and then this often.
 SWEEP_INTERVAL = 3600.0
+# A request is sent only if our lease outlasts its timeout by this much (seconds).
+LEASE_MARGIN = 1.0
+# How often the source's lag is read for the metric.
+LAG_INTERVAL = 10.0
 # Request latencies kept for the demo's percentiles.
 LATENCY_SAMPLES = 100_000
 
@@ -109,7 +114,9 @@ class Worker:
         self._max_pending = max(settings.concurrency * PENDING_PER_REQUEST_SLOT, 64)
         self._tasks: set[asyncio.Task[None]] = set()
         self._working: dict[str, asyncio.Future[None]] = {}  # orderRef -> its delivery
-        self._held: set[str] = set()  # orderRefs claimed by us, renewed by _renew_leases
+        # Claimed by us: leases renewed and messages held by _renew_leases.
+        self._held: dict[str, Message] = {}
+        self._lease_until: dict[str, float] = {}  # orderRef -> monotonic end of our lease
         self._stopping = asyncio.Event()
         self._auth_ok = asyncio.Event()
         self._auth_ok.set()
@@ -172,16 +179,19 @@ class Worker:
             concurrency=self.settings.concurrency,
             api_version=self.settings.cdp_api_version,
         )
-        renewer = asyncio.create_task(self._renew_leases(), name="lease-renewer")
-        sweeper = asyncio.create_task(self._sweep_periodically(), name="retention-sweeper")
+        helpers = [
+            asyncio.create_task(self._renew_leases(), name="lease-renewer"),
+            asyncio.create_task(self._sweep_periodically(), name="retention-sweeper"),
+            asyncio.create_task(self._watch_lag(), name="lag-watcher"),
+        ]
         try:
             await self._consume()
             await self._drain()
         finally:
             self._running = False
-            for task in (renewer, sweeper):
+            for task in helpers:
                 task.cancel()
-            await asyncio.gather(renewer, sweeper, return_exceptions=True)
+            await asyncio.gather(*helpers, return_exceptions=True)
         log.info("worker.finished", **self.summary)
 
     async def _consume(self) -> None:
@@ -190,7 +200,7 @@ class Worker:
                 break
             room = self._max_pending - len(self._tasks)
             if room <= 0:
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                await self._until_stop(self._any_task_done())
                 continue
             fetched = await self._until_stop(
                 self.source.fetch(min(room, FETCH_BATCH), FETCH_TIMEOUT)
@@ -200,7 +210,7 @@ class Worker:
             if fetched is None:  # a finite source handed out its last message
                 if not self._tasks:
                     break
-                await asyncio.wait(self._tasks, return_when=asyncio.FIRST_COMPLETED)
+                await self._until_stop(self._any_task_done())
                 continue
             assert isinstance(fetched, list)
             for message in fetched:
@@ -208,6 +218,10 @@ class Worker:
                 task = asyncio.create_task(self._handle(message))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
+
+    async def _any_task_done(self) -> None:
+        if self._tasks:  # they may all have finished since the caller looked
+            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
 
     async def _until_stop(self, awaitable: Awaitable[Any]) -> Any:
         """Await `awaitable` unless stop() comes first (then cancel it and return False)."""
@@ -235,17 +249,32 @@ class Worker:
             await asyncio.wait(late)
 
     async def _renew_leases(self) -> None:
+        """Keep our claims' leases, and the messages behind them, from running out."""
         interval = self.settings.lease_seconds / 3
         while True:
             await asyncio.sleep(interval)
-            for order_ref in list(self._held):
+            for order_ref, message in list(self._held.items()):
+                renewed_at = time.monotonic()
                 try:
-                    if not await self.state.renew(
-                        order_ref, self.owner, self.settings.lease_seconds
-                    ):
+                    if await self.state.renew(order_ref, self.owner, self.settings.lease_seconds):
+                        self._lease_until[order_ref] = renewed_at + self.settings.lease_seconds
+                    else:
                         log.warning("state.lease_lost", order_ref=order_ref)
+                        self._lease_until[order_ref] = 0.0  # the next request stops
+                    await self.source.hold(message)
                 except Exception:
                     log.exception("state.renew_failed", order_ref=order_ref)
+
+    async def _watch_lag(self) -> None:
+        while True:
+            try:
+                lag = await self.source.lag()
+            except Exception:
+                log.warning("source.lag_unknown", exc_info=True)
+            else:
+                if lag is not None:
+                    self.metrics.source_lag.set(lag)
+            await asyncio.sleep(LAG_INTERVAL)
 
     async def _sweep_periodically(self) -> None:
         while True:
@@ -261,6 +290,16 @@ class Worker:
     async def _handle(self, message: Message) -> None:
         structlog.contextvars.bind_contextvars(message_id=message.id)
         try:
+            await self._handle_message(message)
+        except Exception:
+            # A failure of ours (state store or sink down, bug): give the message back
+            # untouched; it is worked again once the part is back.
+            log.exception("event.failed")
+            self.summary["failed"] += 1
+            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
+
+    async def _handle_message(self, message: Message) -> None:
+        try:
             event = parse_event(
                 message.body,
                 default_event_id=message.id,
@@ -272,13 +311,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(
             order_ref=event.order_ref, event_id=event.event_id, attempt=0
         )
-        try:
-            await self._one_at_a_time(event, message)
-        except Exception:
-            # A failure of ours (state store down, bug): give the message back untouched.
-            log.exception("event.failed")
-            self.summary["failed"] += 1
-            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
+        await self._one_at_a_time(event, message)
 
     async def _give_back(self, message: Message, *, delay: float = 0.0) -> None:
         try:
@@ -293,8 +326,12 @@ class Worker:
         order `done`, instead of racing it to CDP; other orders flow past.
         """
         order_ref = event.order_ref
-        while (earlier := self._working.get(order_ref)) is not None:
-            await asyncio.shield(earlier)  # shielded: our cancellation must not cancel it
+        try:
+            while (earlier := self._working.get(order_ref)) is not None:
+                await asyncio.shield(earlier)  # shielded: our cancellation must not cancel it
+        except asyncio.CancelledError:
+            await self._give_back(message)  # drained while waiting for its twin
+            raise
         finished = asyncio.get_running_loop().create_future()
         self._working[order_ref] = finished
         try:
@@ -304,6 +341,10 @@ class Worker:
             finished.set_result(None)
 
     async def _deliver(self, message: Message, event: Event) -> None:
+        if self._stopping.is_set():  # fetched before the stop, not started: give it back
+            await self._give_back(message)
+            return
+        claimed_at = time.monotonic()
         claim = await self.state.claim(event.order_ref, self.owner, self.settings.lease_seconds)
         if claim.status in (ClaimStatus.DONE, ClaimStatus.DEAD):
             await self.source.ack(message)
@@ -313,16 +354,23 @@ class Worker:
             log.info("event.busy_elsewhere")
             await self._give_back(message, delay=BUSY_RETRY_SECONDS)
             return
-        self._held.add(event.order_ref)
+        self._held[event.order_ref] = message
+        self._lease_until[event.order_ref] = claimed_at + self.settings.lease_seconds
+        # A message the transport keeps redelivering (its consumers die on it) counts
+        # like a claim that keeps expiring: both end in retries_exhausted.
         delivery = Delivery(
             self,
             message,
             event,
             in_doubt=claim.status is ClaimStatus.IN_DOUBT,
-            claims=claim.attempts,
+            claims=max(claim.attempts, message.delivery_count),
         )
         try:
             await delivery.run()
+        except LeaseLost:
+            # Another worker may own the order now: leave the record alone (it reconciles).
+            log.warning("event.lease_lost", sent_in_doubt=delivery.sent_in_doubt)
+            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
         except (Draining, asyncio.CancelledError) as stopped:
             await self._release(event.order_ref, sent=delivery.sent_in_doubt)
             await self._give_back(message)
@@ -333,7 +381,8 @@ class Worker:
             await self._release(event.order_ref, sent=delivery.sent_in_doubt)
             raise
         finally:
-            self._held.discard(event.order_ref)
+            self._held.pop(event.order_ref, None)
+            self._lease_until.pop(event.order_ref, None)
 
     async def _release(self, order_ref: str, *, sent: bool) -> None:
         try:
@@ -371,11 +420,18 @@ class Worker:
 
     # -- pacing and requests, shared by every delivery ------------------------------------
 
-    async def request(self, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
-        """One CDP request: a concurrency slot, then the rate limit, then the call."""
+    async def request(self, order_ref: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """One CDP request: a concurrency slot, the rate limit, then checks, then the call.
+
+        Nothing new is sent once the worker stops, nor for an order whose claim we may no
+        longer hold: either raises Draining / LeaseLost and the message goes back.
+        """
         async with self._slots:
             waited = await self.limiter.acquire()
             self.metrics.rate_limit_wait.inc(waited)
+            if self._stopping.is_set():
+                raise Draining
+            await self._ensure_lease(order_ref)
             self.metrics.in_flight.inc()
             try:
                 outcome = await call()
@@ -388,6 +444,22 @@ class Worker:
             self.metrics.throttled.inc()
             self.limiter.brake(outcome.retry_after)
         return outcome
+
+    async def _ensure_lease(self, order_ref: str) -> None:
+        """Send only while our lease outlasts the request, renewing it first if need be."""
+        if order_ref not in self._lease_until:
+            return  # not a claimed order (the auth probe)
+        needed = self.settings.request_timeout + LEASE_MARGIN
+        if self._lease_until[order_ref] - time.monotonic() >= needed:
+            return
+        try:
+            renewed = await self.state.renew(order_ref, self.owner, self.settings.lease_seconds)
+        except Exception:
+            log.warning("state.renew_failed", exc_info=True)
+            renewed = False
+        if not renewed:
+            raise LeaseLost
+        self._lease_until[order_ref] = time.monotonic() + self.settings.lease_seconds
 
     async def sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by stop(): the message goes back instead."""
@@ -405,17 +477,19 @@ class Worker:
             raise Draining
 
     async def _probe_auth(self, order_ref: str) -> None:
+        """List an order's contacts with backoff until CDP answers it: then resume."""
         probe = 0
         while not self._auth_ok.is_set():
             probe += 1
             # Never hammer CDP with bad credentials: at least one base step between probes.
             delay = backoff_delay(probe, base=2 * self.backoff_base, cap=BACKOFF_CAP)
             await asyncio.sleep(delay + self.backoff_base)
-            outcome = await self.client.list_contacts(order_ref)
-            self.metrics.requests.labels(outcome.label).inc()
+            outcome = await self.request(order_ref, lambda: self.client.list_contacts(order_ref))
             if outcome.verdict is Verdict.AUTH:
                 log.error("cdp.auth_failed", probe=probe, status=outcome.status)
-                continue
-            log.info("cdp.auth_recovered", probe=probe)
-            self.metrics.auth_paused.set(0)
-            self._auth_ok.set()
+            elif outcome.verdict is Verdict.CREATED:  # a listing that worked
+                log.info("cdp.auth_recovered", probe=probe)
+                self.metrics.auth_paused.set(0)
+                self._auth_ok.set()
+            else:  # CDP unreachable or busy: says nothing about the credentials
+                log.info("cdp.auth_probe_inconclusive", probe=probe, reason=outcome.label)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,15 +63,23 @@ class Source(ABC):
 
     @abstractmethod
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
-        """Deliver the message again, not before `delay` seconds if the transport can."""
+        """Deliver the message again, not before `delay` seconds.
+
+        Not a failed delivery: `delivery_count` counts the transport's redeliveries (a
+        consumer that died), which is what the pipeline's poison check looks at.
+        """
 
     async def hold(self, message: Message) -> None:  # noqa: B027 - optional, no-op by default
-        """Keep a message being retried from being redelivered elsewhere."""
+        """Keep a message being worked from being redelivered elsewhere (called periodically)."""
 
     @property
     def connected(self) -> bool:
         """False while the transport is down (readiness off)."""
         return True
+
+    async def lag(self) -> int | None:
+        """Messages waiting to be worked (exported as a metric), if the transport knows."""
+        return None
 
     @property
     def name(self) -> str:
@@ -105,3 +114,17 @@ class DeadLetterSink(ABC):
     @abstractmethod
     async def put(self, letter: dict[str, Any]) -> None:
         """Store one dead letter. Durable on return: the message is acked right after."""
+
+
+class Publisher(ABC):
+    """Puts events into a source (`worker publish`, tests, benchmarks, backfills)."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def publish(self, bodies: Sequence[bytes]) -> None:
+        """Enqueue each body as one message, in order. Done when this returns."""

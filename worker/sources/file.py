@@ -13,6 +13,7 @@ import asyncio
 import os
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -20,7 +21,7 @@ import orjson
 
 from ..errors import SourceError
 from ..state.base import StateStore
-from .base import DeadLetterSink, Message, Source, letter_key
+from .base import DeadLetterSink, Message, Publisher, Source, letter_key
 
 # How much of an existing dead-letter file is indexed at start: the letters a killed run
 # may have stored without recording it are among its last ones.
@@ -228,14 +229,43 @@ class FileSource(Source):
             self._saved_version = newest
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
-        again = Message(message.id, message.body, message.delivery_count + 1, message.token)
         self._pending_redeliveries += 1
 
         def redeliver() -> None:
             self._pending_redeliveries -= 1
-            self._redeliver.append(again)
+            self._redeliver.append(message)
 
         asyncio.get_running_loop().call_later(delay, redeliver)
+
+
+class FilePublisher(Publisher):
+    """Appends events to a JSONL file, one per line (`worker publish --to file:PATH`)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._file: IO[bytes] | None = None
+
+    async def open(self) -> None:
+        try:
+            self._file = open(self.path, "ab")  # noqa: SIM115, ASYNC230 - held open until close(); opening is instant
+        except OSError as exc:
+            raise SourceError(f"--to: cannot open {self.path!r}: {exc.strerror}") from None
+
+    async def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    async def publish(self, bodies: Sequence[bytes]) -> None:
+        if self._file is None:
+            raise SourceError(f"{self.path!r} is not open")
+        data = b"".join(body.rstrip(b"\n") + b"\n" for body in bodies)
+        await asyncio.to_thread(self._write, data)
+
+    def _write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._file.flush()
 
 
 class FileDeadLetterSink(DeadLetterSink):

@@ -53,12 +53,11 @@ class MemorySource(Source):
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
         self.nacked.append(message)
-        again = Message(message.id, message.body, message.delivery_count + 1, message.token)
         self._pending_redeliveries += 1
 
         def redeliver() -> None:
             self._pending_redeliveries -= 1
-            self._queue.put_nowait(again)
+            self._queue.put_nowait(message)
 
         asyncio.get_running_loop().call_later(delay, redeliver)
 

@@ -1,0 +1,172 @@
+"""Every source against the one contract (tests/source_contract.py), plus what is its own."""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import orjson
+import pytest
+import services
+from source_contract import MakeSource, Publish, SourceContract, bodies, collect
+
+from worker.sources import Source, open_dead_letter_sink, open_publisher, open_source
+from worker.state import SqliteStateStore
+
+
+class _Opened:
+    """Opens sources for a test and closes whatever is still open at its end."""
+
+    def __init__(self) -> None:
+        self.sources: list[Source] = []
+
+    async def close_all(self) -> None:
+        for source in self.sources:
+            await source.close()
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[_Opened]:
+    tracker = _Opened()
+    yield tracker
+    await tracker.close_all()
+
+
+class TestFileSource(SourceContract):
+    @pytest.fixture
+    async def state(self, tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
+        store = SqliteStateStore(tmp_path / "state.db")
+        await store.open()
+        yield store
+        await store.close()
+
+    @pytest.fixture
+    def publish(self, tmp_path: Path) -> Publish:
+        async def publish(lines: list[bytes]) -> None:
+            publisher = open_publisher(f"file:{tmp_path / 'events.jsonl'}")
+            await publisher.open()
+            await publisher.publish(lines)
+            await publisher.close()
+
+        return publish
+
+    @pytest.fixture
+    def make_source(self, tmp_path: Path, state: SqliteStateStore, opened: _Opened) -> MakeSource:
+        async def make() -> Source:
+            source = open_source(f"file:{tmp_path / 'events.jsonl'}", state=state)
+            await source.open()
+            opened.sources.append(source)
+            return source
+
+        return make
+
+
+class TestRedisStreamSource(SourceContract):
+    @pytest.fixture
+    async def stream_url(self) -> AsyncIterator[str]:
+        services.require("redis")
+        import redis.asyncio as aioredis
+
+        stream = f"test-{uuid.uuid4().hex[:12]}"
+        yield f"{services.REDIS_URL}?stream={stream}&group=cdp-sync"
+        client = aioredis.Redis.from_url(services.REDIS_URL)
+        await client.delete(stream, stream + ".dead-letter")
+        await client.aclose()
+
+    @pytest.fixture
+    def publish(self, stream_url: str) -> Publish:
+        async def publish(lines: list[bytes]) -> None:
+            publisher = open_publisher(stream_url)
+            await publisher.open()
+            await publisher.publish(lines)
+            await publisher.close()
+
+        return publish
+
+    @pytest.fixture
+    def make_source(self, stream_url: str, opened: _Opened) -> MakeSource:
+        names = itertools.count(1)
+
+        async def make() -> Source:
+            # One consumer name per instance, as replicas (hostname-pid) have.
+            source = open_source(f"{stream_url}&consumer=c{next(names)}")
+            await source.open()
+            opened.sources.append(source)
+            return source
+
+        return make
+
+    async def test_an_entry_of_a_dead_consumer_is_taken_over_with_its_count(
+        self, stream_url: str, publish: Publish, opened: _Opened
+    ) -> None:
+        await publish(bodies(1))
+        dead = open_source(f"{stream_url}&consumer=dead&claim_idle=100")
+        await dead.open()
+        opened.sources.append(dead)
+        (first,) = await collect(dead, 1)  # delivered, then its consumer dies (no close)
+        survivor = open_source(f"{stream_url}&consumer=alive&claim_idle=100")
+        await survivor.open()
+        opened.sources.append(survivor)
+        (taken,) = await collect(survivor, 1, within=10)
+        assert (taken.id, taken.body) == (first.id, first.body)
+        assert taken.delivery_count == 2
+        await survivor.ack(taken)
+
+    async def test_an_entry_without_the_event_field_is_delivered_empty(
+        self, stream_url: str, make_source: MakeSource
+    ) -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(services.REDIS_URL)
+        stream = stream_url.split("stream=")[1].split("&")[0]
+        await client.xadd(stream, {"something": "else"})
+        await client.aclose()
+        source = await make_source()
+        (message,) = await collect(source, 1)
+        assert message.body == b""  # the pipeline dead-letters it as malformed_json
+
+    async def test_lag_counts_waiting_and_pending_entries(
+        self, publish: Publish, make_source: MakeSource
+    ) -> None:
+        await publish(bodies(7))
+        source = await make_source()
+        assert await source.lag() == 7
+        messages = await collect(source, 3, batch=3)
+        assert await source.lag() == 7  # 4 waiting, 3 pending
+        for message in messages:
+            await source.ack(message)
+        assert await source.lag() == 4
+
+    async def test_dead_letters_go_to_the_stream_beside_and_once_across_a_crash(
+        self, stream_url: str
+    ) -> None:
+        from worker.config import Settings
+
+        settings = Settings(
+            source=stream_url, cdp_base_url="http://x", cdp_client_key="k", cdp_api_token="t"
+        )
+        assert "stream=test-" in settings.dead_letter_url
+        assert ".dead-letter" in settings.dead_letter_url
+        letter = {"reason": "invalid_event", "eventId": "e1", "orderRef": None, "event": {"a": 1}}
+        sink = open_dead_letter_sink(settings.dead_letter_url)
+        await sink.open()
+        await sink.put(letter)
+        await sink.close()
+        rerun = open_dead_letter_sink(settings.dead_letter_url)
+        await rerun.open()
+        await rerun.put({**letter, "deadAt": "later"})  # the same letter after a crash
+        await rerun.put({**letter, "eventId": "e2"})
+        await rerun.close()
+
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(services.REDIS_URL)
+        stream = settings.dead_letter_url.split("stream=")[1]
+        entries = await client.xrange(stream.replace("%2E", "."))
+        await client.aclose()
+        assert [orjson.loads(fields[b"letter"])["eventId"] for _, fields in entries] == [
+            "e1",
+            "e2",
+        ]
