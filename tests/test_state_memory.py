@@ -50,17 +50,6 @@ def test_factory_sqlite_paths(url: str, path: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "url",
-    ["redis://:secret@redis:6379/0", "rediss://redis:6380", "postgresql://u:secret@db/x"],
-)
-def test_factory_scale_out_backends_are_not_there_yet(url: str) -> None:
-    with pytest.raises(ConfigError, match="scale-out") as info:
-        open_state_store(url)
-    assert "--state / WORKER_STATE" in str(info.value)
-    assert "secret" not in str(info.value)
-
-
-@pytest.mark.parametrize(
     "url", ["mysql://u:secret@db/x", "sqlite://state.db", "sqlite:///", "./state.db", ""]
 )
 def test_factory_rejects_other_urls_naming_the_option(url: str) -> None:

@@ -1,11 +1,21 @@
-"""State stores: idempotency by orderRef (DESIGN section 4), chosen by `--state` URL."""
+"""State stores: idempotency by orderRef (DESIGN section 4), chosen by `--state` URL.
+
+The redis and postgres stores are imported only when their URL is used: their client
+libraries are extras, and a missing one matters only to whoever asks for that backend.
+"""
 
 from __future__ import annotations
 
-from worker.errors import ConfigError
+from typing import TYPE_CHECKING
+
+from worker.errors import ConfigError, MissingExtraError
 from worker.state.base import Claim, ClaimStatus, StateStore
 from worker.state.memory import MemoryStateStore
 from worker.state.sqlite import SqliteStateStore
+
+if TYPE_CHECKING:  # imported lazily at run time: see open_state_store
+    from worker.state.postgres import PostgresStateStore
+    from worker.state.redis import RedisStateStore
 
 __all__ = [
     "DEFAULT_RETENTION_SECONDS",
@@ -13,6 +23,8 @@ __all__ = [
     "Claim",
     "ClaimStatus",
     "MemoryStateStore",
+    "PostgresStateStore",
+    "RedisStateStore",
     "SqliteStateStore",
     "StateStore",
     "open_state_store",
@@ -21,8 +33,26 @@ __all__ = [
 DEFAULT_STATE_URL = "sqlite:///./worker-state.db"
 DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600.0  # WORKER_STATE_RETENTION's default: 30 days
 
-_ACCEPTED = "memory:, sqlite:///RELATIVE/PATH or sqlite:////ABSOLUTE/PATH"
-_SCALE_OUT_SCHEMES = {"redis", "rediss", "postgresql", "postgres"}
+_OPTION = "--state / WORKER_STATE"
+_ACCEPTED = (
+    "memory:, sqlite:///RELATIVE/PATH, sqlite:////ABSOLUTE/PATH, "
+    "redis://[:PASSWORD@]HOST:6379/DB or postgresql://USER[:PASSWORD]@HOST:5432/DATABASE"
+)
+_REDIS_SCHEMES = {"redis", "rediss"}
+_POSTGRES_SCHEMES = {"postgresql", "postgres"}
+
+
+def __getattr__(name: str) -> object:
+    """`from worker.state import RedisStateStore` works, importing the extra only then."""
+    if name == "RedisStateStore":
+        from worker.state.redis import RedisStateStore
+
+        return RedisStateStore
+    if name == "PostgresStateStore":
+        from worker.state.postgres import PostgresStateStore
+
+        return PostgresStateStore
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def open_state_store(
@@ -37,13 +67,20 @@ def open_state_store(
         return MemoryStateStore(retention_seconds=retention_seconds)
     if scheme == "sqlite":
         return SqliteStateStore.from_url(url, retention_seconds=retention_seconds)
-    if scheme in _SCALE_OUT_SCHEMES:
-        raise ConfigError(
-            f"--state / WORKER_STATE: {scheme}:// state stores arrive with the scale-out "
-            f"work; use {_ACCEPTED} for now"
-        )
+    try:
+        if scheme in _REDIS_SCHEMES:
+            from worker.state.redis import RedisStateStore
+
+            return RedisStateStore.from_url(url, retention_seconds=retention_seconds)
+        if scheme in _POSTGRES_SCHEMES:
+            from worker.state.postgres import PostgresStateStore
+
+            return PostgresStateStore.from_url(url, retention_seconds=retention_seconds)
+    except MissingExtraError as exc:
+        exc.args = (f"{_OPTION}: {exc}",)  # same type for callers, and the option named
+        raise
     shown = f"{scheme}:" if scheme and scheme != url else "this value"
     raise ConfigError(
-        f"--state / WORKER_STATE: {shown} is not a state store URL; accepted: {_ACCEPTED} "
+        f"{_OPTION}: {shown} is not a state store URL; accepted: {_ACCEPTED} "
         f"(default {DEFAULT_STATE_URL})"
     )

@@ -1,0 +1,364 @@
+"""The postgres state store: the contract, plus replicas racing, reopening and errors.
+
+Every test gets its own table prefix in POSTGRES_URL's database and drops its tables
+afterwards, so runs can share one server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+
+pytest.importorskip("asyncpg")
+pytest.register_assert_rewrite("state_contract")
+
+import asyncpg  # noqa: E402
+from services import POSTGRES_URL, require  # noqa: E402
+from state_contract import DAY, LEASE, FakeClock, StateStoreContract  # noqa: E402
+
+from worker.errors import ConfigError, MissingExtraError, StateError  # noqa: E402
+from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
+from worker.state.postgres import PostgresStateStore  # noqa: E402
+
+StoreFactory = Callable[..., PostgresStateStore]
+
+
+async def _drop_tables(prefix: str) -> None:
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {prefix}orders, {prefix}checkpoints")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def table_prefix() -> str:
+    return f"cdp_sync_test_{uuid.uuid4().hex[:12]}_"
+
+
+@pytest.fixture
+async def make_store(table_prefix: str) -> AsyncIterator[StoreFactory]:
+    """`make_store(url=POSTGRES_URL, **options)`: stores on this test's tables, closed
+    afterwards, and the tables dropped."""
+    require("postgresql")
+    made: list[PostgresStateStore] = []
+
+    def make(url: str = POSTGRES_URL, **options: Any) -> PostgresStateStore:
+        store = PostgresStateStore(url, table_prefix=table_prefix, **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+    await _drop_tables(table_prefix)
+
+
+@pytest.fixture
+async def pg_store(make_store: StoreFactory) -> PostgresStateStore:
+    store = make_store()
+    await store.open()
+    return store
+
+
+class TestPostgresState(StateStoreContract):
+    @pytest.fixture
+    async def store(self, make_store: StoreFactory) -> StateStore:
+        store = make_store()
+        await store.open()
+        return store
+
+
+# -- several replicas ------------------------------------------------------------------------
+
+
+async def test_two_replicas_racing_claim_each_order_once(make_store: StoreFactory) -> None:
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    refs = [f"ORD-{i}" for i in range(50)]
+    contenders = [(a, "A1"), (b, "B1"), (a, "A2"), (b, "B2")]
+    claims = await asyncio.gather(
+        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in contenders)
+    )
+    for i, ref in enumerate(refs):
+        statuses = [c.status for c in claims[4 * i : 4 * i + 4]]
+        assert statuses.count(ClaimStatus.CLAIMED) == 1, ref
+        assert statuses.count(ClaimStatus.BUSY) == 3, ref
+        winner = contenders[statuses.index(ClaimStatus.CLAIMED)]
+        for store, owner in contenders:
+            assert await store.renew(ref, owner, LEASE) is (owner == winner[1])
+
+
+async def test_two_replicas_racing_a_takeover_have_one_winner(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    refs = [f"ORD-{i}" for i in range(50)]
+    await asyncio.gather(*(a.claim(ref, "dead-replica", LEASE) for ref in refs))
+    clock.advance(LEASE + 1)
+    claims = await asyncio.gather(
+        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in ((a, "A"), (b, "B")))
+    )
+    for i in range(len(refs)):
+        pair = sorted(c.status for c in claims[2 * i : 2 * i + 2])
+        assert pair == sorted([ClaimStatus.IN_DOUBT, ClaimStatus.BUSY])
+        assert max(c.attempts for c in claims[2 * i : 2 * i + 2]) == 2
+
+
+async def test_replicas_starting_together_create_the_tables_once(
+    make_store: StoreFactory,
+) -> None:
+    stores = [make_store() for _ in range(4)]
+    await asyncio.gather(*(store.open() for store in stores))
+    assert (await stores[0].claim("ORD-1", "w0", LEASE)).status is ClaimStatus.CLAIMED
+    assert (await stores[3].claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
+
+
+class _CountingPool:
+    """Wraps the store's pool and records each call: one call is one round trip."""
+
+    def __init__(self, pool: Any) -> None:
+        self.pool = pool
+        self.calls: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.pool, name)
+
+        async def call(*args: Any) -> Any:
+            self.calls.append(name)
+            return await method(*args)
+
+        return call
+
+
+async def test_every_operation_is_one_statement(
+    pg_store: PostgresStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = _CountingPool(pg_store._pool)
+    monkeypatch.setattr(pg_store, "_pool", counting)
+    await pg_store.claim("ORD-1", "w1", LEASE)
+    await pg_store.renew("ORD-1", "w1", LEASE)
+    await pg_store.complete("ORD-1", "w1", "c", "h")
+    await pg_store.claim("ORD-1", "w2", LEASE)
+    await pg_store.claim("ORD-2", "w1", LEASE)
+    await pg_store.fail("ORD-2", "w1", "cdp_rejected")
+    await pg_store.claim("ORD-3", "w1", LEASE)
+    await pg_store.release("ORD-3", "w1", sent=True)
+    await pg_store.claim("ORD-3", "w2", LEASE)
+    await pg_store.set_checkpoint("k", "v")
+    assert len(counting.calls) == 10
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+async def test_open_sweeps_with_the_configured_retention(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    first = make_store()
+    await first.open()
+    await first.claim("ORD-1", "w1", LEASE)
+    await first.complete("ORD-1", "w1", "c", "h")
+    await first.close()
+
+    clock.advance(6 * DAY)
+    second = make_store(retention_seconds=5 * DAY)
+    await second.open()
+    assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
+
+
+# -- durability ------------------------------------------------------------------------------
+
+
+async def test_records_and_checkpoints_survive_reopen(make_store: StoreFactory) -> None:
+    first = make_store()
+    await first.open()
+    for ref in ("done", "dead", "in-flight"):
+        await first.claim(ref, "w1", LEASE)
+    await first.complete("done", "w1", "contact-1", "href-1")
+    await first.fail("dead", "w1", "cdp_rejected")
+    await first.set_checkpoint("file:a.jsonl", "42")
+    await first.close()
+
+    second = make_store()
+    await second.open()
+    done = await second.claim("done", "w2", LEASE)
+    assert (done.status, done.contact_ref, done.href) == (ClaimStatus.DONE, "contact-1", "href-1")
+    dead = await second.claim("dead", "w2", LEASE)
+    assert (dead.status, dead.reason) == (ClaimStatus.DEAD, "cdp_rejected")
+    assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+    assert await second.get_checkpoint("file:a.jsonl") == "42"
+
+
+async def test_the_tables_carry_the_prefix(pg_store: PostgresStateStore, table_prefix: str) -> None:
+    await pg_store.claim("ORD-1", "w1", LEASE)
+    await pg_store.complete("ORD-1", "w1", "contact-1", "href-1")
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        row = await conn.fetchrow(
+            f"SELECT status, owner, attempts, contact_ref FROM {table_prefix}orders"
+            " WHERE order_ref = 'ORD-1'"
+        )
+    finally:
+        await conn.close()
+    assert tuple(row) == ("done", "w1", 1, "contact-1")
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+async def test_an_unreachable_server_is_a_state_error_without_the_password() -> None:
+    store = open_state_store("postgresql://cdp:s3cret@127.0.0.1:1/state")
+    with pytest.raises(StateError) as info:
+        await store.open()
+    message = str(info.value)
+    assert "--state / WORKER_STATE" in message
+    assert "127.0.0.1:1/state" in message
+    assert "s3cret" not in message
+    await store.close()
+    with pytest.raises(StateError, match="not open"):
+        await store.claim("ORD-1", "w1", LEASE)
+
+
+async def test_an_unknown_database_is_a_state_error_without_the_password() -> None:
+    require("postgresql")
+    parts = urlsplit(POSTGRES_URL)
+    netloc = f"{parts.username or 'postgres'}:s3cret@{parts.hostname}:{parts.port or 5432}"
+    store = open_state_store(urlunsplit(parts._replace(netloc=netloc, path="/cdp_sync_no_db")))
+    with pytest.raises(StateError) as info:
+        await store.open()
+    assert "cdp_sync_no_db" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    await store.close()
+
+
+async def test_connections_the_server_dropped_are_replaced(pg_store: PostgresStateStore) -> None:
+    await pg_store.claim("ORD-1", "w1", LEASE)
+    pool = pg_store._pool
+    assert pool is not None
+    pid = await pool.fetchval("SELECT pg_backend_pid()")  # the pool's one idle connection
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:  # as a server restart or an idle-connection reaper would
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+    finally:
+        await conn.close()
+    await asyncio.sleep(0.1)
+    assert await pg_store.renew("ORD-1", "w1", LEASE) is True
+
+
+class _Relay:
+    """A TCP relay to PostgreSQL that can be cut: the server going away under the store."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parts = urlsplit(POSTGRES_URL)
+        up_reader, up_writer = await asyncio.open_connection(parts.hostname, parts.port or 5432)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except OSError:
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+async def test_losing_the_server_is_a_state_error(make_store: StoreFactory) -> None:
+    relay = _Relay()
+    port = await relay.start()
+    parts = urlsplit(POSTGRES_URL)
+    netloc = f"{parts.username or 'postgres'}:s3cret@127.0.0.1:{port}"
+    store = make_store(url=urlunsplit(parts._replace(netloc=netloc)))
+    await store.open()
+    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CLAIMED
+    await relay.cut()
+    with pytest.raises(StateError, match="renew failed") as info:
+        await store.renew("ORD-1", "w1", LEASE)
+    assert "s3cret" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://cdp:s3cret@127.0.0.1:notaport/state", "invalid postgresql URL"),
+        ("postgresql:s3cret", "postgresql://"),
+    ],
+)
+def test_a_malformed_url_is_a_config_error_without_the_password(url: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        open_state_store(url)
+    assert "--state / WORKER_STATE" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+async def test_a_bad_url_option_is_a_config_error_without_the_password() -> None:
+    store = open_state_store("postgresql://cdp:s3cret@127.0.0.1:1/state?sslmode=sometimes")
+    with pytest.raises(ConfigError) as info:
+        await store.open()
+    assert "--state / WORKER_STATE" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    await store.close()
+
+
+def test_a_table_prefix_must_be_an_identifier() -> None:
+    with pytest.raises(ValueError, match="table_prefix"):
+        PostgresStateStore(POSTGRES_URL, table_prefix="x; DROP TABLE y; --")
+
+
+# -- the factory -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["postgresql://u@db:5432/x", "postgres://u:pw@db/x"])
+def test_factory_postgres_urls(url: str) -> None:
+    store = open_state_store(url, retention_seconds=3600)
+    assert isinstance(store, PostgresStateStore)
+    assert store.table_prefix == "cdp_sync_"
+
+
+def test_the_class_is_importable_from_the_package() -> None:
+    from worker.state import PostgresStateStore as exported
+
+    assert exported is PostgresStateStore
+
+
+def test_a_missing_asyncpg_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "asyncpg", None)  # `import asyncpg` now fails
+    monkeypatch.delitem(sys.modules, "worker.state.postgres")
+    with pytest.raises(MissingExtraError) as info:
+        open_state_store("postgresql://u:s3cret@db/x")
+    message = str(info.value)
+    assert "pip install 'cdp-sync[postgres]'" in message
+    assert "--state / WORKER_STATE" in message
+    assert "s3cret" not in message

@@ -1,0 +1,415 @@
+"""The redis state store: the contract, plus replicas racing, TTLs, reopening and errors.
+
+Every test gets its own key prefix in REDIS_URL's database (15 by default), and deletes
+its keys afterwards, so runs can share one Redis.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+pytest.importorskip("redis.asyncio")
+pytest.register_assert_rewrite("state_contract")
+
+import redis.asyncio as aioredis  # noqa: E402
+from services import REDIS_URL, require  # noqa: E402
+from state_contract import DAY, LEASE, FakeClock, StateStoreContract  # noqa: E402
+
+from worker.errors import ConfigError, MissingExtraError, StateError  # noqa: E402
+from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
+from worker.state.redis import RedisStateStore  # noqa: E402
+
+StoreFactory = Callable[..., RedisStateStore]
+
+
+async def _delete_keys(prefix: str) -> None:
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def make_store() -> AsyncIterator[StoreFactory]:
+    """`make_store(url=REDIS_URL, **options)`: stores sharing this test's key prefix, closed
+    afterwards, and their keys deleted."""
+    require("redis")
+    prefix = f"cdp-sync-test:{uuid.uuid4().hex}:"
+    made: list[RedisStateStore] = []
+
+    def make(url: str = REDIS_URL, **options: Any) -> RedisStateStore:
+        store = RedisStateStore(url, key_prefix=prefix, **options)
+        made.append(store)
+        return store
+
+    yield make
+    for store in made:
+        await store.close()
+    await _delete_keys(prefix)
+
+
+@pytest.fixture
+async def redis_store(make_store: StoreFactory) -> RedisStateStore:
+    store = make_store()
+    await store.open()
+    return store
+
+
+@pytest.fixture
+async def raw() -> AsyncIterator[aioredis.Redis]:
+    """A plain client on the test database, to look at what the store wrote."""
+    client = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+class TestRedisState(StateStoreContract):
+    @pytest.fixture
+    async def store(self, make_store: StoreFactory) -> StateStore:
+        store = make_store()
+        await store.open()
+        return store
+
+
+# -- several replicas ------------------------------------------------------------------------
+
+
+async def test_two_replicas_racing_claim_each_order_once(make_store: StoreFactory) -> None:
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    refs = [f"ORD-{i}" for i in range(50)]
+    contenders = [(a, "A1"), (b, "B1"), (a, "A2"), (b, "B2")]
+    claims = await asyncio.gather(
+        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in contenders)
+    )
+    for i, ref in enumerate(refs):
+        statuses = [c.status for c in claims[4 * i : 4 * i + 4]]
+        assert statuses.count(ClaimStatus.CLAIMED) == 1, ref
+        assert statuses.count(ClaimStatus.BUSY) == 3, ref
+        winner = contenders[statuses.index(ClaimStatus.CLAIMED)]
+        for store, owner in contenders:
+            assert await store.renew(ref, owner, LEASE) is (owner == winner[1])
+
+
+async def test_two_replicas_racing_a_takeover_have_one_winner(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    a, b = make_store(), make_store()
+    await a.open()
+    await b.open()
+    refs = [f"ORD-{i}" for i in range(50)]
+    await asyncio.gather(*(a.claim(ref, "dead-replica", LEASE) for ref in refs))
+    clock.advance(LEASE + 1)
+    claims = await asyncio.gather(
+        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in ((a, "A"), (b, "B")))
+    )
+    for i in range(len(refs)):
+        pair = sorted(c.status for c in claims[2 * i : 2 * i + 2])
+        assert pair == sorted([ClaimStatus.IN_DOUBT, ClaimStatus.BUSY])
+        assert max(c.attempts for c in claims[2 * i : 2 * i + 2]) == 2
+
+
+async def test_every_operation_is_one_round_trip(
+    redis_store: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_store._client
+    assert client is not None
+    commands: list[str] = []
+    execute: Callable[..., Awaitable[Any]] = client.execute_command
+
+    async def counting(*args: Any, **options: Any) -> Any:
+        commands.append(str(args[0]))
+        return await execute(*args, **options)
+
+    monkeypatch.setattr(client, "execute_command", counting)
+    await redis_store.claim("ORD-1", "w1", LEASE)
+    await redis_store.renew("ORD-1", "w1", LEASE)
+    await redis_store.complete("ORD-1", "w1", "c", "h")
+    await redis_store.claim("ORD-1", "w2", LEASE)
+    await redis_store.claim("ORD-2", "w1", LEASE)
+    await redis_store.fail("ORD-2", "w1", "cdp_rejected")
+    await redis_store.claim("ORD-3", "w1", LEASE)
+    await redis_store.release("ORD-3", "w1", sent=True)
+    assert commands == ["EVALSHA"] * 8
+
+
+# -- retention -------------------------------------------------------------------------------
+
+
+async def test_finished_records_expire_after_the_retention_in_flight_ones_never(
+    make_store: StoreFactory, raw: aioredis.Redis
+) -> None:
+    store = make_store(retention_seconds=3600)
+    await store.open()
+    for ref in ("done", "dead", "in-flight", "released"):
+        await store.claim(ref, "w1", LEASE)
+    await store.complete("done", "w1", "c", "h")
+    await store.fail("dead", "w1", "cdp_rejected")
+    await store.release("released", "w1", sent=True)
+
+    for ref in ("done", "dead"):
+        ttl_ms = await raw.pttl(store.order_prefix + ref)
+        assert 3590_000 < ttl_ms <= 3600_000, ref
+    for ref in ("in-flight", "released"):
+        assert await raw.pttl(store.order_prefix + ref) == -1, ref  # no expiry at all
+    # Completing again keeps the first contact and does not extend its life.
+    await raw.pexpire(store.order_prefix + "done", 1000_000)
+    await store.complete("done", "w1", "c2", "h2")
+    assert await raw.pttl(store.order_prefix + "done") <= 1000_000
+
+
+async def test_without_retention_nothing_expires(
+    redis_store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    await redis_store.claim("ORD-1", "w1", LEASE)
+    await redis_store.complete("ORD-1", "w1", "c", "h")
+    assert await raw.pttl(redis_store.order_prefix + "ORD-1") == -1
+
+
+async def test_the_record_layout(redis_store: RedisStateStore, raw: aioredis.Redis) -> None:
+    await redis_store.claim("ORD-1", "w1", LEASE)
+    await redis_store.complete("ORD-1", "w1", "contact-1", "href-1")
+    record = await raw.hgetall(redis_store.order_prefix + "ORD-1")
+    assert record["status"] == "done"
+    assert (record["owner"], record["contact_ref"], record["href"]) == ("w1", "contact-1", "href-1")
+    assert record["attempts"] == "1"
+    assert float(record["updated_at"]) > 0
+    assert await raw.zscore(redis_store.finished_key, "ORD-1") == float(record["updated_at"])
+    await redis_store.set_checkpoint("file:a.jsonl", "42")
+    assert await raw.hget(redis_store.checkpoints_key, "file:a.jsonl") == "42"
+
+
+async def test_sweep_tidies_the_index_of_records_redis_expired(
+    redis_store: RedisStateStore, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    for ref in ("expired", "kept"):
+        await redis_store.claim(ref, "w1", LEASE)
+        await redis_store.complete(ref, "w1", "c", "h")
+    await raw.delete(redis_store.order_prefix + "expired")  # as its TTL would
+    clock.advance(10 * DAY)
+    assert await redis_store.sweep(5 * DAY) == 1  # only the record it deleted itself
+    assert await raw.zcard(redis_store.finished_key) == 0
+
+
+async def test_sweep_keeps_an_order_claimed_again_after_its_record_expired(
+    redis_store: RedisStateStore, raw: aioredis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    await redis_store.claim("ORD-1", "w1", LEASE)
+    await redis_store.complete("ORD-1", "w1", "c", "h")
+    await raw.delete(redis_store.order_prefix + "ORD-1")  # expired
+    clock.advance(10 * DAY)
+    assert (await redis_store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
+    assert await redis_store.sweep(5 * DAY) == 0
+    assert (await redis_store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
+
+
+async def test_sweep_works_in_batches(
+    redis_store: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    monkeypatch.setattr("worker.state.redis.SWEEP_BATCH", 7)
+    refs = [f"ORD-{i}" for i in range(30)]
+    await asyncio.gather(*(redis_store.claim(ref, "w1", LEASE) for ref in refs))
+    await asyncio.gather(*(redis_store.complete(ref, "w1", "c", "h") for ref in refs))
+    clock.advance(10 * DAY)
+    assert await redis_store.sweep(5 * DAY) == 30
+
+
+async def test_open_sweeps_with_the_configured_retention(
+    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr("worker.state.base.now", clock)
+    first = make_store()
+    await first.open()
+    await first.claim("ORD-1", "w1", LEASE)
+    await first.complete("ORD-1", "w1", "c", "h")
+    await first.close()
+
+    clock.advance(6 * DAY)
+    second = make_store(retention_seconds=5 * DAY)
+    await second.open()
+    assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
+
+
+# -- durability ------------------------------------------------------------------------------
+
+
+async def test_records_and_checkpoints_survive_reopen(make_store: StoreFactory) -> None:
+    first = make_store()
+    await first.open()
+    for ref in ("done", "dead", "in-flight"):
+        await first.claim(ref, "w1", LEASE)
+    await first.complete("done", "w1", "contact-1", "href-1")
+    await first.fail("dead", "w1", "cdp_rejected")
+    await first.set_checkpoint("file:a.jsonl", "42")
+    await first.close()
+
+    second = make_store()
+    await second.open()
+    done = await second.claim("done", "w2", LEASE)
+    assert (done.status, done.contact_ref, done.href) == (ClaimStatus.DONE, "contact-1", "href-1")
+    dead = await second.claim("dead", "w2", LEASE)
+    assert (dead.status, dead.reason) == (ClaimStatus.DEAD, "cdp_rejected")
+    assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+    assert await second.get_checkpoint("file:a.jsonl") == "42"
+
+
+async def test_scripts_are_reloaded_after_a_script_flush(
+    redis_store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    await redis_store.claim("ORD-1", "w1", LEASE)
+    await raw.script_flush()  # as after a Redis restart or failover
+    assert (await redis_store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.BUSY
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def _test_server(userinfo: str = "", port: int | None = None) -> str:
+    """REDIS_URL's database on `port` (default: REDIS_URL's), with other credentials."""
+    parts = urlsplit(REDIS_URL)
+    at = f"{userinfo}@" if userinfo else ""
+    return f"redis://{at}{parts.hostname}:{port or parts.port or 6379}{parts.path}"
+
+
+class _Proxy:
+    """A TCP relay to Redis that can be cut: Redis going away under an open store."""
+
+    def __init__(self) -> None:
+        self.server: asyncio.Server | None = None
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        parts = urlsplit(REDIS_URL)
+        up_reader, up_writer = await asyncio.open_connection(parts.hostname, parts.port or 6379)
+        self.writers += [writer, up_writer]
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    async def cut(self) -> None:
+        assert self.server is not None
+        self.server.close()
+        for writer in self.writers:
+            writer.close()
+        await self.server.wait_closed()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "redis://:s3cret@127.0.0.1:1/0",  # nothing listens there
+        "rediss://user:s3cret@127.0.0.1:1/0",
+        "redis://:s3cret%2Fx@127.0.0.1:1/0",  # percent-encoded: neither form may show
+    ],
+)
+async def test_an_unreachable_server_is_a_state_error_without_the_password(url: str) -> None:
+    store = open_state_store(url)
+    with pytest.raises(StateError) as info:
+        await store.open()
+    message = str(info.value)
+    assert "--state / WORKER_STATE" in message
+    assert "127.0.0.1:1/0" in message
+    assert "s3cret" not in message
+    await store.close()
+    with pytest.raises(StateError, match="not open"):
+        await store.claim("ORD-1", "w1", LEASE)
+
+
+async def test_a_wrong_password_is_a_state_error_without_the_password() -> None:
+    require("redis")
+    store = open_state_store(_test_server("nobody-here:s3cret"))
+    with pytest.raises(StateError) as info:
+        await store.open()
+    assert "--state / WORKER_STATE" in str(info.value)
+    assert "s3cret" not in str(info.value)
+    await store.close()
+
+
+async def test_losing_the_server_is_a_state_error(make_store: StoreFactory) -> None:
+    proxy = _Proxy()
+    port = await proxy.start()
+    store = make_store(_test_server(port=port))
+    await store.open()
+    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CLAIMED
+    await proxy.cut()
+    started = asyncio.get_running_loop().time()
+    with pytest.raises(StateError, match="release failed"):
+        await store.release("ORD-1", "w1", sent=False)
+    assert asyncio.get_running_loop().time() - started < 3  # a few fast retries, no more
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://:s3cret@127.0.0.1:notaport/0", "invalid redis URL"),
+        ("redis://:s3cret@127.0.0.1:6379/state", "database number"),
+        ("redis://:s3cret@127.0.0.1:6379/0?socket_timeout=soon", "invalid redis URL"),
+        ("redis:s3cret", "redis://"),
+    ],
+)
+def test_a_malformed_url_is_a_config_error_without_the_password(url: str, expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected) as info:
+        open_state_store(url)
+    assert "--state / WORKER_STATE" in str(info.value)
+    assert "s3cret" not in str(info.value)
+
+
+# -- the factory -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", ["redis://127.0.0.1:6379/0", "rediss://:pw@redis:6380/2"])
+def test_factory_redis_urls(url: str) -> None:
+    store = open_state_store(url, retention_seconds=3600)
+    assert isinstance(store, RedisStateStore)
+    assert store.order_prefix == "cdp-sync:order:"
+    assert store.checkpoints_key == "cdp-sync:checkpoints"
+
+
+def test_the_class_is_importable_from_the_package() -> None:
+    from worker.state import RedisStateStore as exported
+
+    assert exported is RedisStateStore
+
+
+def test_a_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
+    monkeypatch.delitem(sys.modules, "worker.state.redis")
+    with pytest.raises(MissingExtraError) as info:
+        open_state_store("redis://:s3cret@127.0.0.1:6379/0")
+    message = str(info.value)
+    assert "pip install 'cdp-sync[redis]'" in message
+    assert "--state / WORKER_STATE" in message
+    assert "s3cret" not in message
