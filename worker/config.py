@@ -308,7 +308,6 @@ def _validate(values: dict[str, Any]) -> None:
     if values["log_level"].lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError(f"{_BY_NAME['log_level'].label}: expected debug, info, warning or error")
     values["log_level"] = values["log_level"].lower()
-    if values["rate_limit_backend"] != "local":
-        raise ConfigError(
-            f"{_BY_NAME['rate_limit_backend'].label}: only local is available in this version"
-        )
+    backend = values["rate_limit_backend"]
+    if backend != "local" and urlsplit(backend).scheme not in {"redis", "rediss"}:
+        raise ConfigError(f"{_BY_NAME['rate_limit_backend'].label}: expected local or redis://...")

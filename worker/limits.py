@@ -21,8 +21,14 @@ import asyncio
 import math
 import random
 import time
+from typing import Any
 
 from asyncio_throttle.throttler import Throttler
+
+from ._redis import client, redis_module, split_url_params
+from .observability import get_logger
+
+log = get_logger("worker.limits")
 
 # Width of one slice of the budget, in seconds: small enough to be smooth, large enough
 # that the throttler's polling and sleep overshoot cost little of the rate.
@@ -66,17 +72,25 @@ def backoff_delay(
 class RateLimiter:
     """Process-wide pacing of CDP requests: `await acquire()` before each one.
 
-    `rate` is requests per second; 0 means no limit (the 429 brake still applies).
+    `rate` is requests per second; 0 means no limit (the 429 brake still applies). With
+    `shared`, the rate is the total of every replica using the same Redis key, and the
+    local throttler stands aside.
     """
 
-    def __init__(self, rate: float) -> None:
+    def __init__(self, rate: float, shared: SharedRateLimit | None = None) -> None:
         self.rate = rate
+        self.shared = shared if rate > 0 else None
         self._lock = asyncio.Lock()
         self._fraction = 1.0
         self._hold_until = 0.0
         self._last_brake = -math.inf  # the last 429 (or recovery step): quiet is counted from it
         self._last_decrease = -math.inf  # the last 30% decrease: at most one a second
-        self._throttler = self._build(rate)
+        self._throttler = None if self.shared else self._build(rate)
+
+    @property
+    def available(self) -> bool:
+        """False while a shared limit cannot be reached: nothing is sent meanwhile."""
+        return self.shared is None or self.shared.available
 
     @staticmethod
     def _build(rate: float) -> Throttler | None:
@@ -100,14 +114,17 @@ class RateLimiter:
     async def acquire(self) -> float:
         """Wait for a slot; return the seconds waited (for the wait-time metric)."""
         started = time.monotonic()
-        if self._throttler is None and self._hold_until <= started and not self._lock.locked():
+        unlimited = self._throttler is None and self.shared is None
+        if unlimited and self._hold_until <= started and not self._lock.locked():
             return 0.0  # unlimited and not braked: the hot path takes no lock
         async with self._lock:
             self._recover()
             # A 429 that arrives while we wait out an earlier one may extend the hold.
             while (hold := self._hold_until - time.monotonic()) > 0:  # noqa: ASYNC110 - a moving deadline, not an event
                 await asyncio.sleep(hold)
-            if self._throttler is not None:
+            if self.shared is not None:
+                await self.shared.acquire(self.effective_rate)
+            elif self._throttler is not None:
                 await self._throttler.acquire()  # type: ignore[no-untyped-call]  # untyped library
         return time.monotonic() - started
 
@@ -135,3 +152,70 @@ class RateLimiter:
         self._fraction = fraction
         if self._throttler is not None:
             self._slice(self._throttler, self.rate * fraction)
+
+
+# GCRA (generic cell rate algorithm) over one Redis key holding the theoretical arrival
+# time (TAT) in microseconds of Redis's own clock, so replicas' clocks do not matter.
+# Admits when TAT - tolerance <= now and moves TAT one interval on; otherwise returns
+# the microseconds to wait. Doubles hold microsecond epochs exactly (< 2^53).
+_GCRA = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local tolerance = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local wait = tat - tolerance - now
+if wait > 0 then return math.ceil(wait) end
+tat = tat + interval
+redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
+return 0
+"""
+# Retry pause while the shared limit's Redis cannot be reached.
+SHARED_RETRY_SECONDS = 1.0
+
+
+class SharedRateLimit:
+    """One rate for all replicas: `--rate-limit-backend redis://HOST:6379/0[?key=NAME]`.
+
+    Bursts are held to one slice, as locally. If Redis cannot be reached, nothing is
+    admitted (the limit must hold even then): `available` turns False, which takes the
+    worker's readiness down, and acquire() keeps trying.
+    """
+
+    def __init__(self, url: str) -> None:
+        redis_module()  # a missing extra is a configuration error, found at start
+        self.url, params = split_url_params(url, {"key"})
+        self.key = params.get("key") or "cdp-sync:rate-limit"
+        self.available = True
+        self._client: Any = None
+        self._script: Any = None
+
+    async def open(self) -> None:
+        # No PING: an unreachable Redis pauses sending (see acquire), it does not stop start-up.
+        self._client = client(self.url)
+        self._script = self._client.register_script(_GCRA)
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def acquire(self, rate: float) -> None:
+        interval = 1_000_000 / rate
+        tolerance = interval * (max(1, math.ceil(rate * SLICE_SECONDS)) - 1)
+        while True:
+            try:
+                wait_us = int(await self._script(keys=[self.key], args=[interval, tolerance]))
+            except Exception as exc:  # noqa: BLE001 - any failure to reach Redis pauses sending
+                if self.available:
+                    self.available = False
+                    log.error("ratelimit.unavailable", error=type(exc).__name__)  # noqa: TRY400 - no traceback, one line
+                await asyncio.sleep(SHARED_RETRY_SECONDS)
+                continue
+            if not self.available:
+                self.available = True
+                log.info("ratelimit.available")
+            if wait_us <= 0:
+                return
+            await asyncio.sleep(wait_us / 1_000_000)

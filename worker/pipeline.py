@@ -26,7 +26,7 @@ from .config import Settings
 from .contact import Event, parse_event
 from .delivery import Delivery, Draining, LeaseLost, dead_letter
 from .errors import InvalidEvent
-from .limits import BACKOFF_BASE, BACKOFF_CAP, RateLimiter, backoff_delay
+from .limits import BACKOFF_BASE, BACKOFF_CAP, RateLimiter, SharedRateLimit, backoff_delay
 from .observability import HealthServer, Metrics, get_logger
 from .sources import DeadLetterSink, Message, Source, open_dead_letter_sink, open_source
 from .state import ClaimStatus, StateStore, open_state_store
@@ -105,7 +105,11 @@ class Worker:
         self._owned = [part for arg, part in zip(given, built, strict=True) if arg is None]
         self.metrics = metrics or Metrics()
         self.owner = owner or default_owner()
-        self.limiter = RateLimiter(settings.rate_limit)
+        shared = None
+        if settings.rate_limit_backend != "local" and settings.rate_limit > 0:
+            shared = SharedRateLimit(settings.rate_limit_backend)
+            self._owned.append(shared)
+        self.limiter = RateLimiter(settings.rate_limit, shared)
         # First backoff step in seconds (DESIGN: 0.5); tests shrink it to run quickly.
         self.backoff_base = BACKOFF_BASE
         self.summary: Counter[str] = Counter()
@@ -137,6 +141,8 @@ class Worker:
             return False, "paused: CDP rejected the credentials"
         if not self.source.connected:
             return False, "source disconnected"
+        if not self.limiter.available:
+            return False, "paused: the shared rate limit cannot be reached"
         return True, "consuming"
 
     def stop(self) -> None:

@@ -16,19 +16,18 @@ import os
 import socket
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
+from redis.exceptions import RedisError, ResponseError  # imported only for redis:// URLs
 
-from ..errors import ConfigError, MissingExtraError, SourceError
+from .._redis import connect, redis_module, safe_url, split_url_params
+from ..errors import ConfigError, SourceError
 from .base import DeadLetterSink, Message, Publisher, Source, letter_key
 
-try:
+if TYPE_CHECKING:
     import redis.asyncio as aioredis
-    from redis.exceptions import RedisError, ResponseError
-except ImportError:  # pragma: no cover - exercised without the extra installed
-    aioredis = None  # type: ignore[assignment]
 
 # The entry field holding the event JSON (DESIGN section 5), and a dead letter's.
 EVENT_FIELD = b"event"
@@ -46,29 +45,12 @@ RECONNECT_PAUSE = 1.0
 RECENT_LETTERS = 1000
 
 
-def _require_redis(url: str) -> None:
-    if aioredis is None:
-        raise MissingExtraError("redis", "redis", "redis://")
-
-
 def split_url(url: str, label: str) -> tuple[str, dict[str, str]]:
-    """(the URL for redis-py, our own parameters). Never echoes a password in errors."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    ours = {k: v for k, v in query.items() if k in _OWN_PARAMS}
-    rest = urlencode({k: v for k, v in query.items() if k not in _OWN_PARAMS})
+    """(the URL for redis-py, our own parameters); `?stream=` is required."""
+    plain, ours = split_url_params(url, _OWN_PARAMS)
     if not ours.get("stream"):
         raise ConfigError(f"{label}: a redis:// URL needs ?stream=NAME")
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, "")), ours
-
-
-def safe_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    return plain, ours
 
 
 def dead_letter_url(source_url: str) -> str:
@@ -83,22 +65,14 @@ class _RedisClient:
     """One client per part, created at open() and closed at close()."""
 
     def __init__(self, url: str, label: str) -> None:
-        _require_redis(url)
+        redis_module()  # a missing extra is a configuration error, found before open()
         self.url, self.params = split_url(url, label)
         self.label = label
         self.client: aioredis.Redis | None = None
 
     async def connect(self) -> aioredis.Redis:
-        client = aioredis.Redis.from_url(
-            self.url, socket_connect_timeout=5, health_check_interval=15
-        )
-        try:
-            await client.ping()
-        except (RedisError, OSError) as exc:
-            await client.aclose()
-            raise SourceError(f"{self.label}: cannot reach {safe_url(self.url)}: {exc}") from None
-        self.client = client
-        return client
+        self.client = await connect(self.url, self.label)
+        return self.client
 
     async def aclose(self) -> None:
         if self.client is not None:
