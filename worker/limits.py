@@ -171,6 +171,8 @@ tat = tat + interval
 redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.floor((tat - now) / 1000) + 1000)
 return 0
 """
+# How much before its turn a waiter asks again (covers sleep overshoot and a round trip).
+SHARED_EARLY_SECONDS = 0.002
 # Retry pause while the shared limit's Redis cannot be reached.
 SHARED_RETRY_SECONDS = 1.0
 
@@ -178,7 +180,7 @@ SHARED_RETRY_SECONDS = 1.0
 class SharedRateLimit:
     """One rate for all replicas: `--rate-limit-backend redis://HOST:6379/0[?key=NAME]`.
 
-    Bursts are held to one slice, as locally. If Redis cannot be reached, nothing is
+    Admissions are spaced one interval apart across replicas. If Redis cannot be reached, nothing is
     admitted (the limit must hold even then): `available` turns False, which takes the
     worker's readiness down, and acquire() keeps trying.
     """
@@ -202,8 +204,9 @@ class SharedRateLimit:
             self._client = None
 
     async def acquire(self, rate: float) -> None:
-        interval = 1_000_000 / rate
-        tolerance = interval * (max(1, math.ceil(rate * SLICE_SECONDS)) - 1)
+        # No burst tolerance: replicas' requests are spaced one interval apart, so any
+        # one-second window holds at most rate + 1 admissions.
+        interval, tolerance = 1_000_000 / rate, 0.0
         while True:
             try:
                 wait_us = int(await self._script(keys=[self.key], args=[interval, tolerance]))
@@ -218,4 +221,6 @@ class SharedRateLimit:
                 log.info("ratelimit.available")
             if wait_us <= 0:
                 return
-            await asyncio.sleep(wait_us / 1_000_000)
+            # Wake a little early and ask again: a late wake-up would waste its slot
+            # (with no tolerance there is no catching up), an early one costs a round trip.
+            await asyncio.sleep(max(wait_us / 1_000_000 - SHARED_EARLY_SECONDS, 0.0005))

@@ -33,6 +33,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
+from worker._redis import split_url_params
 from worker.errors import ConfigError, MissingExtraError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
@@ -221,7 +222,10 @@ class RedisStateStore(StateStore):
 
     @classmethod
     def from_url(cls, url: str, *, retention_seconds: float | None = None) -> RedisStateStore:
-        return cls(url, retention_seconds=retention_seconds)
+        """`redis://HOST:6379/DB[?prefix=NAME:]`: the prefix keeps deployments apart."""
+        plain, ours = split_url_params(url, {"prefix"})
+        prefix = ours.get("prefix") or DEFAULT_KEY_PREFIX
+        return cls(plain, retention_seconds=retention_seconds, key_prefix=prefix)
 
     # -- lifecycle -----------------------------------------------------------------------
 
