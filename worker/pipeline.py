@@ -1,10 +1,11 @@
 """The core loop: source -> parse -> claim -> pace -> POST -> record -> ack.
 
 `Worker.run()` fetches messages in batches and works each in its own task, at most
-`max_pending` at a time. `deliver` follows one event through DESIGN section 3; every exit
-from it records the outcome durably (state store, dead-letter sink) before the ack, or
-gives the message back (nack) and its claim with it. Events of one orderRef are worked one
-after the other in this process; other replicas are kept out by the claim's lease.
+`max_pending` at a time: parse, claim the orderRef, then `Delivery` (delivery.py) follows
+the event through DESIGN section 3. Every exit records the outcome durably (state store,
+dead-letter sink) before the ack, or gives the message back (nack) and its claim with it.
+Events of one orderRef are worked one after the other in this process; other replicas
+are kept out by the claim's lease, which is renewed while the event is worked.
 """
 
 from __future__ import annotations
