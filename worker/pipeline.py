@@ -26,7 +26,7 @@ from .cdp import CdpClient, Outcome, Verdict
 from .config import Settings
 from .contact import Event, parse_event
 from .delivery import Delivery, Draining, LeaseLost, dead_letter
-from .errors import InvalidEvent
+from .errors import InvalidEvent, SourceError, StateError
 from .limits import BACKOFF_BASE, BACKOFF_CAP, RateLimiter, SharedRateLimit, backoff_delay
 from .observability import HealthServer, Metrics, get_logger
 from .sources import DeadLetterSink, Message, Source, open_dead_letter_sink, open_source
@@ -298,10 +298,15 @@ class Worker:
         structlog.contextvars.bind_contextvars(message_id=message.id)
         try:
             await self._handle_message(message)
+        except (StateError, SourceError) as exc:
+            # The state store, the sink or the broker is down: give the message back
+            # untouched; it is worked again once the part is back. No traceback: this is
+            # an outage, not a bug, and it says so in one line per event.
+            log.error("event.failed", error=str(exc))  # noqa: TRY400 - one line, see above
+            self.summary["failed"] += 1
+            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
         except Exception:
-            # A failure of ours (state store or sink down, bug): give the message back
-            # untouched; it is worked again once the part is back.
-            log.exception("event.failed")
+            log.exception("event.failed")  # a bug: the traceback is wanted
             self.summary["failed"] += 1
             await self._give_back(message, delay=BUSY_RETRY_SECONDS)
 
@@ -394,8 +399,8 @@ class Worker:
     async def _release(self, order_ref: str, *, sent: bool) -> None:
         try:
             await self.state.release(order_ref, self.owner, sent=sent)
-        except Exception:
-            log.exception("state.release_failed")  # the lease runs out on its own
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the lease runs out on its own
+            log.warning("state.release_failed", error=str(exc))
 
     async def _reject_unparsed(self, message: Message, invalid: InvalidEvent) -> None:
         letter = dead_letter(
