@@ -6,7 +6,9 @@
    worker / bare loop (target >= 0.85). Each side runs twice, the better run counts.
    Run with an emulator that answers at once (a race of CPU per request, the emulator
    sharing the machine) and with 40 ms of latency (CDP's order of magnitude).
-2. Rate precision: the worker at --rate-limit 100 against an emulator limited to 110/s
+2. Scale-out: 1 and then 3 worker processes on one Redis stream with Redis state,
+   unthrottled, against a bare loop in the same run (target >= 0.80 for one replica).
+3. Rate precision: the worker at --rate-limit 100 against an emulator limited to 110/s
    with 40 ms latency: achieved rate (target >= 95/s), 429s (target 0), and the most
    requests the emulator saw in any one-second window.
 
@@ -24,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,8 +37,10 @@ import orjson
 from worker.cdp import basic_authorization
 from worker.contact import build_body, parse_event
 from worker.demo import generate_events, write_events
+from worker.sources import open_publisher
 
 KEY, TOKEN = "bench-key", "bench-token"
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 
 
 def free_port() -> int:
@@ -163,6 +168,82 @@ async def throughput(count: int, concurrency: int, latency: float, folder: Path)
     print(f"  ratio worker/bare   {best_worker / best_bare:8.2f}   (target >= 0.85)")
 
 
+async def redis_replicas(
+    emulator: EmulatorProcess, lines: list[bytes], replicas: int, concurrency: int, folder: Path
+) -> float:
+    """`replicas` worker processes on one Redis stream with Redis state; contacts/s."""
+    import redis.asyncio as aioredis
+
+    run = uuid.uuid4().hex[:8]
+    source = f"{REDIS_URL}?stream=bench-{run}&group=bench"
+    publisher = open_publisher(source)
+    await publisher.open()
+    await publisher.publish(lines)
+    await publisher.close()
+    env = {
+        **os.environ,
+        "CDP_BASE_URL": emulator.url,
+        "CDP_CLIENT_KEY": KEY,
+        "CDP_API_TOKEN": TOKEN,
+        "WORKER_SOURCE": source,
+        "WORKER_STATE": f"{REDIS_URL}?prefix=bench-{run}:",
+        "WORKER_RATE_LIMIT": "0",
+        "WORKER_CONCURRENCY": str(concurrency),
+        "WORKER_HTTP_PORT": "0",
+        "WORKER_LOG_FORMAT": "json",
+        "WORKER_LOG_LEVEL": "info",
+    }
+    logs = [(folder / f"replica-{n}.log").open("wb") for n in range(replicas)]
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, stdout=log)
+        for log in logs
+    ]
+    try:
+        deadline = time.monotonic() + 600
+        while (stats := await emulator.admin("GET", "/_emulator/stats"))["orders"] < len(lines):
+            if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+                raise RuntimeError(f"replicas stalled at {stats['orders']} orders")
+            await asyncio.sleep(0.2)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process, log in zip(processes, logs, strict=True):
+            process.wait(60)
+            log.close()
+        client = aioredis.Redis.from_url(REDIS_URL)
+        keys = [key async for key in client.scan_iter(f"bench-{run}*")]
+        await client.delete(*keys)
+        await client.aclose()
+    if stats["duplicate_orders"]:
+        raise RuntimeError("an order got two contacts")
+    return len(lines) / stats["duration_seconds"]
+
+
+async def scale_out(count: int, concurrency: int, folder: Path) -> None:
+    lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=3)
+    emulator = EmulatorProcess()
+    try:
+        bodies = []
+        for line in lines:
+            event = parse_event(line, default_event_id="-")
+            bodies.append((event.order_ref, orjson.dumps(build_body(event, base_url=emulator.url))))
+        await emulator.admin("POST", "/_emulator/reset")
+        bare = await bare_loop(emulator.url, bodies, concurrency)
+        results = {}
+        for replicas in (1, 3):
+            await emulator.admin("POST", "/_emulator/reset")
+            results[replicas] = await redis_replicas(
+                emulator.url, lines, replicas, concurrency, folder
+            )
+    finally:
+        emulator.close()
+    print(f"scale-out: {count} events on one Redis stream, Redis state, unthrottled")
+    print(f"  bare aiohttp loop   {bare:8.0f} requests/s")
+    ratio = results[1] / bare
+    print(f"  1 replica           {results[1]:8.0f} events/s    ratio {ratio:.2f} (target >= 0.80)")
+    print(f"  3 replicas          {results[3]:8.0f} events/s    (together)")
+
+
 async def rate_precision(count: int, folder: Path) -> None:
     lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=2)
     events = write_events(folder / "rate-events.jsonl", lines)
@@ -188,6 +269,8 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--rate-events", type=int, default=1_500)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--scale-events", type=int, default=10_000)
+    parser.add_argument("--only", choices=["throughput", "rate", "scale"], action="append")
     parser.add_argument(
         "--latency",
         type=float,
@@ -199,10 +282,15 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}"
     )
+    only = set(args.only or ["throughput", "rate", "scale"])
     with tempfile.TemporaryDirectory(prefix="cdp-sync-bench-") as scratch:
-        for latency in args.latency or [0.0, 0.04]:
-            asyncio.run(throughput(args.events, args.concurrency, latency, Path(scratch)))
-        asyncio.run(rate_precision(args.rate_events, Path(scratch)))
+        if "throughput" in only:
+            for latency in args.latency or [0.0, 0.04]:
+                asyncio.run(throughput(args.events, args.concurrency, latency, Path(scratch)))
+        if "rate" in only:
+            asyncio.run(rate_precision(args.rate_events, Path(scratch)))
+        if "scale" in only:
+            asyncio.run(scale_out(args.scale_events, args.concurrency, Path(scratch)))
 
 
 if __name__ == "__main__":
