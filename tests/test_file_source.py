@@ -794,7 +794,7 @@ def test_open_source_rejects_unsupported_urls_naming_the_option(url: str) -> Non
     "url",
     [
         "rediss://:pass@localhost:6380/0",  # no ?stream=
-        "amqp://user:pass@localhost:5672/vhost?queue=order-contacts",
+        "amqp://user:pass@localhost:5672/vhost",  # no ?queue=
         "amqps://localhost",
         "nats://localhost:4222?stream=ORDER_CONTACTS",
     ],
