@@ -1,19 +1,21 @@
-"""Replicas: three `worker run` processes on one Redis stream, with shared Redis state and
-one shared rate limit, one of them SIGKILLed mid-run. Every valid order gets exactly one
-contact, nothing is lost, every invalid event is dead-lettered once, and the emulator
-never sees more than the limit in any one-second window."""
+"""Replicas: three `worker run` processes on one broker (a Redis stream, then a RabbitMQ
+queue), with shared Redis state and one shared rate limit, one of them SIGKILLed mid-run.
+Every valid order gets exactly one contact, nothing is lost, every invalid event is
+dead-lettered once, and the emulator never sees more than the limit in any second."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any, Protocol
 
 import orjson
 import pytest
@@ -29,13 +31,112 @@ from worker.sources import open_publisher
 RATE = 150.0  # requests/s for all replicas together
 
 
-@pytest.fixture
-async def names() -> AsyncIterator[dict[str, str]]:
-    services.require("redis")
+class Broker(Protocol):
+    run: str
+    source_url: str
+
+    async def dead_letters(self) -> list[dict[str, Any]]: ...
+
+    async def cleanup(self) -> None: ...
+
+    async def settled(self) -> bool:
+        """Nothing left to deliver and nothing unacked."""
+
+
+class RedisBroker:
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.stream = f"scale-{run}"
+        self.source_url = (
+            f"{services.REDIS_URL}?stream={self.stream}&group=cdp-sync&claim_idle=3000"
+        )
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(services.REDIS_URL)
+        entries = await client.xrange(self.stream + ".dead-letter")
+        await client.aclose()
+        return [orjson.loads(fields[b"letter"]) for _, fields in entries]
+
+    async def settled(self) -> bool:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(services.REDIS_URL)
+        pending = (await client.xpending(self.stream, "cdp-sync"))["pending"]
+        info = await client.xinfo_groups(self.stream)
+        await client.aclose()
+        return pending == 0 and all(group["lag"] == 0 for group in info)
+
+    async def cleanup(self) -> None:
+        import redis.asyncio as aioredis
+
+        client = aioredis.Redis.from_url(services.REDIS_URL)
+        await client.delete(self.stream, self.stream + ".dead-letter")
+        await client.aclose()
+
+
+class RabbitBroker:
+    def __init__(self, run: str) -> None:
+        self.run = run
+        self.queue = f"scale-{run}"
+        self.source_url = f"{services.AMQP_URL}?queue={self.queue}&prefetch=32"
+
+    async def dead_letters(self) -> list[dict[str, Any]]:
+        """Read without taking: get each, then reject it back when done."""
+        import aio_pika
+
+        connection = await aio_pika.connect(services.AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            queue = await channel.declare_queue(self.queue + ".dead-letter", passive=True)
+            letters, held = [], []
+            while (message := await queue.get(fail=False)) is not None:
+                letters.append(orjson.loads(message.body))
+                held.append(message)
+            for message in held:
+                await message.nack(requeue=True)
+        return letters
+
+    async def settled(self) -> bool:
+        # A passive declare counts ready messages only; unacked ones need rabbitmqctl.
+        process = await asyncio.create_subprocess_exec(
+            "rabbitmqctl", "list_queues", "-q", "name", "messages_ready",
+            "messages_unacknowledged", stdout=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        out, _ = await process.communicate()
+        for line in out.decode().splitlines():
+            name, *counts = line.split()
+            if name == self.queue:
+                return counts == ["0", "0"]
+        return False
+
+    async def cleanup(self) -> None:
+        import aio_pika
+
+        connection = await aio_pika.connect(services.AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            for name in (self.queue, self.queue + ".dead-letter"):
+                await channel.queue_delete(name)
+
+
+@pytest.fixture(params=["redis", "rabbitmq"])
+async def broker(request: pytest.FixtureRequest) -> AsyncIterator[Broker]:
+    services.require("redis")  # shared state and rate limit live there either way
+    run = uuid.uuid4().hex[:10]
+    made: RedisBroker | RabbitBroker
+    if request.param == "rabbitmq":
+        services.require("rabbitmq")
+        if shutil.which("rabbitmqctl") is None:
+            pytest.skip("rabbitmqctl is needed to count unacknowledged messages")
+        made = RabbitBroker(run)
+    else:
+        made = RedisBroker(run)
+    yield made
+    await made.cleanup()
     import redis.asyncio as aioredis
 
-    run = uuid.uuid4().hex[:10]
-    yield {"stream": f"scale-{run}", "prefix": f"scale-{run}:", "key": f"scale-{run}:rate"}
     client = aioredis.Redis.from_url(services.REDIS_URL)
     keys = [key async for key in client.scan_iter(f"scale-{run}*")]
     if keys:
@@ -45,18 +146,14 @@ async def names() -> AsyncIterator[dict[str, str]]:
 
 @pytest.mark.slow
 async def test_three_replicas_one_killed_deliver_everything_once_under_the_limit(
-    names: dict[str, str],
+    broker: Broker,
 ) -> None:
-    import redis.asyncio as aioredis
-
     lines = generate_events(1500, duplicate_share=0.2, invalid_rounds=5, seed=21)
     valid = set()
     for line in lines:
         with contextlib.suppress(InvalidEvent):
             valid.add(parse_event(line, default_event_id="-").order_ref)
-    stream = names["stream"]
-    source_url = f"{services.REDIS_URL}?stream={stream}&group=cdp-sync&claim_idle=3000"
-    publisher = open_publisher(source_url)
+    publisher = open_publisher(broker.source_url)
     await publisher.open()
     await publisher.publish(lines)
     await publisher.close()
@@ -71,10 +168,10 @@ async def test_three_replicas_one_killed_deliver_everything_once_under_the_limit
             CDP_BASE_URL=cdp.url,
             CDP_CLIENT_KEY=SECRET_KEY,
             CDP_API_TOKEN=SECRET_TOKEN,
-            WORKER_SOURCE=source_url,
-            WORKER_STATE=f"{services.REDIS_URL}?prefix={names['prefix']}",
+            WORKER_SOURCE=broker.source_url,
+            WORKER_STATE=f"{services.REDIS_URL}?prefix=scale-{broker.run}:",
             WORKER_RATE_LIMIT=str(RATE),
-            WORKER_RATE_LIMIT_BACKEND=f"{services.REDIS_URL}?key={names['key']}",
+            WORKER_RATE_LIMIT_BACKEND=f"{services.REDIS_URL}?key=scale-{broker.run}:rate",
             WORKER_CONCURRENCY="16",
             WORKER_REQUEST_TIMEOUT="1",
             WORKER_LEASE_SECONDS="4",
@@ -88,39 +185,36 @@ async def test_three_replicas_one_killed_deliver_everything_once_under_the_limit
             )
             for _ in range(3)
         ]  # fmt: skip
-        client = aioredis.Redis.from_url(services.REDIS_URL)
         try:
             while cdp.stats()["contacts"] < 300:
                 await asyncio.sleep(0.05)
-            replicas[0].kill()  # SIGKILL: its claims and pending entries are left behind
+            replicas[0].kill()  # SIGKILL: its claims and unacked messages are left behind
             await replicas[0].wait()
             deadline = time.monotonic() + 120
             while True:
-                letters = await client.xlen(stream + ".dead-letter")
-                pending = (await client.xpending(stream, "cdp-sync"))["pending"]
                 done = len(cdp.stats()["contacts_per_order"]) == len(valid)
-                if done and letters >= 20 and pending == 0:
+                if done and len(await broker.dead_letters()) >= 20 and await broker.settled():
                     break
-                assert time.monotonic() < deadline, (cdp.stats()["orders"], letters, pending)
-                await asyncio.sleep(0.2)
+                assert time.monotonic() < deadline, cdp.stats()["orders"]
+                await asyncio.sleep(0.3)
             for replica in replicas[1:]:
                 replica.send_signal(signal.SIGTERM)
             for replica in replicas[1:]:
                 _, stderr = await asyncio.wait_for(replica.communicate(), 30)
                 assert replica.returncode == 0, stderr.decode()
-            entries = await client.xrange(stream + ".dead-letter")
+            letters = await broker.dead_letters()
+            assert await broker.settled()  # nothing was left unacked by the survivors
         finally:
             for replica in replicas:
                 if replica.returncode is None:
                     replica.kill()
                     await replica.wait()
-            await client.aclose()
         stats = cdp.stats()
 
     per_order = stats["contacts_per_order"]
     assert set(per_order) == valid  # nothing lost
     assert set(per_order.values()) == {1}  # nothing doubled
-    reasons = Counter(orjson.loads(fields[b"letter"])["reason"] for _, fields in entries)
+    reasons = Counter(letter["reason"] for letter in letters)
     assert reasons == {"malformed_json": 5, "invalid_order_ref": 5, "invalid_event": 10}
     # The shared limit held across replicas.
     print("busiest second at the emulator:", stats["max_posts_in_any_second"])
