@@ -1,7 +1,9 @@
 """A broker restarted mid-run: the worker reconnects and finishes, nothing lost or doubled.
 
-The test runs a Redis of its own (append-only file on, so a restart keeps the stream and
-the state, as a production Redis would) instead of restarting the shared one.
+For Redis the test runs a server of its own (append-only file on, so a restart keeps the
+stream and the state, as a production Redis would) instead of restarting the shared one;
+RabbitMQ's application is stopped and started with rabbitmqctl (durable queue,
+persistent messages), with its state in the shared Redis.
 """
 
 from __future__ import annotations
@@ -130,5 +132,95 @@ async def test_the_worker_rides_out_a_redis_restart(
     assert set(per_order.values()) == {1}
     letters = [orjson.loads(fields[b"letter"]) for _, fields in entries]
     assert sorted(letter["reason"] for letter in letters) == [
+        "invalid_event", "invalid_event", "invalid_order_ref", "malformed_json",
+    ]  # fmt: skip
+
+
+def rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=60)
+
+
+async def rabbit_queue_counts(queue: str) -> tuple[int, int] | None:
+    process = await asyncio.create_subprocess_exec(
+        "rabbitmqctl", "list_queues", "-q", "name", "messages_ready", "messages_unacknowledged",
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await process.communicate()
+    for line in out.decode().splitlines():
+        name, *counts = line.split()
+        if name == queue:
+            return int(counts[0]), int(counts[1])
+    return None
+
+
+@pytest.mark.slow
+async def test_the_worker_rides_out_a_rabbitmq_restart(
+    emulator: Emulator, make_settings: Callable[..., Settings]
+) -> None:
+    services.require("rabbitmq")
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is needed to restart the broker")
+    lines = generate_events(600, duplicate_share=0.1, invalid_rounds=1, seed=9)
+    valid = set()
+    for line in lines:
+        with contextlib.suppress(InvalidEvent):
+            valid.add(parse_event(line, default_event_id="-").order_ref)
+    queue = f"restart-{time.monotonic_ns()}"
+    source_url = f"{services.AMQP_URL}?queue={queue}&prefetch=32"
+    publisher = open_publisher(source_url)
+    await publisher.open()
+    await publisher.publish(lines)
+    await publisher.close()
+    emulator.config.latency = 0.01
+    settings = make_settings(
+        source=source_url, dlq=None, rate_limit=300.0, concurrency=8,
+        request_timeout=1.0, lease_seconds=4.0,
+    )  # fmt: skip
+    worker = Worker(settings)
+    worker.backoff_base = 0.05
+    run = asyncio.create_task(worker.run())
+    try:
+        while emulator.stats()["contacts"] < 150:
+            await asyncio.sleep(0.02)
+        await asyncio.to_thread(rabbitmqctl, "stop_app")
+        try:
+            await asyncio.sleep(1.0)
+            assert worker.ready() == (False, "source disconnected")
+        finally:
+            await asyncio.to_thread(rabbitmqctl, "start_app")
+        deadline = time.monotonic() + 90
+        while True:
+            counts = await rabbit_queue_counts(queue)
+            letters = await rabbit_queue_counts(queue + ".dead-letter")
+            if (
+                len(emulator.stats()["contacts_per_order"]) == len(valid)
+                and counts == (0, 0)
+                and letters is not None
+                and letters[0] >= 4
+            ):
+                break
+            assert time.monotonic() < deadline, (emulator.stats()["orders"], counts, letters)
+            assert not run.done(), run
+            await asyncio.sleep(0.3)
+    finally:
+        worker.stop()
+        await asyncio.wait_for(run, 30)
+        await worker.close()
+        import aio_pika
+
+        connection = await aio_pika.connect(services.AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            dead = await channel.declare_queue(queue + ".dead-letter", passive=True)
+            letters_seen = []
+            while (message := await dead.get(no_ack=True, fail=False)) is not None:
+                letters_seen.append(orjson.loads(message.body)["reason"])
+            for name in (queue, queue + ".dead-letter"):
+                await channel.queue_delete(name)
+
+    per_order = emulator.stats()["contacts_per_order"]
+    assert set(per_order) == valid
+    assert set(per_order.values()) == {1}
+    assert sorted(letters_seen) == [
         "invalid_event", "invalid_event", "invalid_order_ref", "malformed_json",
     ]  # fmt: skip
