@@ -216,12 +216,13 @@ async def redis_replicas(
         await client.aclose()
     if stats["duplicate_orders"]:
         raise RuntimeError("an order got two contacts")
-    return len(lines) / stats["duration_seconds"]
+    rate: float = len(lines) / stats["duration_seconds"]
+    return rate
 
 
-async def scale_out(count: int, concurrency: int, folder: Path) -> None:
+async def scale_out(count: int, concurrency: int, latency: float, folder: Path) -> None:
     lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=3)
-    emulator = EmulatorProcess()
+    emulator = EmulatorProcess("--latency", str(latency))
     try:
         bodies = []
         for line in lines:
@@ -232,12 +233,13 @@ async def scale_out(count: int, concurrency: int, folder: Path) -> None:
         results = {}
         for replicas in (1, 3):
             await emulator.admin("POST", "/_emulator/reset")
-            results[replicas] = await redis_replicas(
-                emulator.url, lines, replicas, concurrency, folder
-            )
+            results[replicas] = await redis_replicas(emulator, lines, replicas, concurrency, folder)
     finally:
         emulator.close()
-    print(f"scale-out: {count} events on one Redis stream, Redis state, unthrottled")
+    print(
+        f"scale-out: {count} events on one Redis stream, Redis state, unthrottled, "
+        f"emulator answering after {latency * 1000:g} ms"
+    )
     print(f"  bare aiohttp loop   {bare:8.0f} requests/s")
     ratio = results[1] / bare
     print(f"  1 replica           {results[1]:8.0f} events/s    ratio {ratio:.2f} (target >= 0.80)")
@@ -275,7 +277,7 @@ def main() -> None:
         "--latency",
         type=float,
         action="append",
-        help="emulator latency in seconds for the throughput runs (repeatable; default 0 and 0.04)",
+        help="emulator latency (s) for throughput and scale-out runs (repeatable; default 0, 0.04)",
     )
     args = parser.parse_args()
     print(
@@ -290,7 +292,8 @@ def main() -> None:
         if "rate" in only:
             asyncio.run(rate_precision(args.rate_events, Path(scratch)))
         if "scale" in only:
-            asyncio.run(scale_out(args.scale_events, args.concurrency, Path(scratch)))
+            for latency in args.latency or [0.0, 0.04]:
+                asyncio.run(scale_out(args.scale_events, args.concurrency, latency, Path(scratch)))
 
 
 if __name__ == "__main__":
