@@ -33,7 +33,15 @@ class FakeClock:
 
 
 class StateStoreContract:
-    """Subclasses provide `store`: an opened StateStore, closed after the test."""
+    """Subclasses provide `store`: an opened StateStore, closed after the test.
+
+    Backends shared by processes also override `replica`: a second store opened on the
+    same data, standing in for another worker process.
+    """
+
+    @pytest.fixture
+    def replica(self, store: StateStore) -> StateStore:
+        return store  # an in-process backend: a second replica sees the same object
 
     @pytest.fixture
     def clock(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
@@ -263,3 +271,39 @@ class StateStoreContract:
         await store.close()
         with pytest.raises(StateError):
             await store.claim("ORD-1", "w1", LEASE)
+
+    # -- several replicas ----------------------------------------------------------------
+
+    async def test_two_replicas_racing_claim_each_order_once(
+        self, store: StateStore, replica: StateStore
+    ) -> None:
+        refs = [f"ORD-{i}" for i in range(50)]
+        contenders = [(store, "A1"), (replica, "B1"), (store, "A2"), (replica, "B2")]
+        claims = await asyncio.gather(
+            *(s.claim(ref, owner, LEASE) for ref in refs for s, owner in contenders)
+        )
+        for i, ref in enumerate(refs):
+            statuses = [c.status for c in claims[4 * i : 4 * i + 4]]
+            assert statuses.count(ClaimStatus.CLAIMED) == 1, ref
+            assert statuses.count(ClaimStatus.BUSY) == 3, ref
+            winner = contenders[statuses.index(ClaimStatus.CLAIMED)][1]
+            for s, owner in contenders:
+                assert await s.renew(ref, owner, LEASE) is (owner == winner)
+
+    async def test_two_replicas_racing_a_takeover_have_one_winner(
+        self, store: StateStore, replica: StateStore, clock: FakeClock
+    ) -> None:
+        refs = [f"ORD-{i}" for i in range(50)]
+        await asyncio.gather(*(store.claim(ref, "dead-replica", LEASE) for ref in refs))
+        clock.advance(LEASE + 1)
+        claims = await asyncio.gather(
+            *(
+                s.claim(ref, owner, LEASE)
+                for ref in refs
+                for s, owner in ((store, "A"), (replica, "B"))
+            )
+        )
+        for i in range(len(refs)):
+            pair = sorted(c.status for c in claims[2 * i : 2 * i + 2])
+            assert pair == sorted([ClaimStatus.IN_DOUBT, ClaimStatus.BUSY])
+            assert max(c.attempts for c in claims[2 * i : 2 * i + 2]) == 2

@@ -80,46 +80,14 @@ class TestRedisState(StateStoreContract):
         await store.open()
         return store
 
+    @pytest.fixture
+    async def replica(self, make_store: StoreFactory) -> StateStore:
+        other = make_store()  # its own connection pool: another process
+        await other.open()
+        return other
+
 
 # -- several replicas ------------------------------------------------------------------------
-
-
-async def test_two_replicas_racing_claim_each_order_once(make_store: StoreFactory) -> None:
-    a, b = make_store(), make_store()
-    await a.open()
-    await b.open()
-    refs = [f"ORD-{i}" for i in range(50)]
-    contenders = [(a, "A1"), (b, "B1"), (a, "A2"), (b, "B2")]
-    claims = await asyncio.gather(
-        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in contenders)
-    )
-    for i, ref in enumerate(refs):
-        statuses = [c.status for c in claims[4 * i : 4 * i + 4]]
-        assert statuses.count(ClaimStatus.CLAIMED) == 1, ref
-        assert statuses.count(ClaimStatus.BUSY) == 3, ref
-        winner = contenders[statuses.index(ClaimStatus.CLAIMED)]
-        for store, owner in contenders:
-            assert await store.renew(ref, owner, LEASE) is (owner == winner[1])
-
-
-async def test_two_replicas_racing_a_takeover_have_one_winner(
-    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr("worker.state.base.now", clock)
-    a, b = make_store(), make_store()
-    await a.open()
-    await b.open()
-    refs = [f"ORD-{i}" for i in range(50)]
-    await asyncio.gather(*(a.claim(ref, "dead-replica", LEASE) for ref in refs))
-    clock.advance(LEASE + 1)
-    claims = await asyncio.gather(
-        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in ((a, "A"), (b, "B")))
-    )
-    for i in range(len(refs)):
-        pair = sorted(c.status for c in claims[2 * i : 2 * i + 2])
-        assert pair == sorted([ClaimStatus.IN_DOUBT, ClaimStatus.BUSY])
-        assert max(c.attempts for c in claims[2 * i : 2 * i + 2]) == 2
 
 
 async def test_every_operation_is_one_round_trip(

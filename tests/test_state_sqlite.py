@@ -28,6 +28,13 @@ class TestSqliteState(StateStoreContract):
         yield store
         await store.close()
 
+    @pytest.fixture
+    async def replica(self, tmp_path: Path) -> AsyncIterator[StateStore]:
+        other = SqliteStateStore(tmp_path / "state.db")  # its own connection: a process
+        await other.open()
+        yield other
+        await other.close()
+
 
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
@@ -132,23 +139,6 @@ async def test_close_commits_everything_queued(tmp_path: Path) -> None:
     await reopened.open()
     assert await reopened.get_checkpoint("k99") == "99"
     await reopened.close()
-
-
-async def test_two_stores_on_one_file_claim_each_order_once(tmp_path: Path) -> None:
-    """Two stores with their own connections stand in for two worker processes."""
-    path = tmp_path / "state.db"
-    a, b = SqliteStateStore(path), SqliteStateStore(path)
-    await a.open()
-    await b.open()
-    refs = [f"ORD-{i}" for i in range(20)]
-    claims = await asyncio.gather(
-        *(store.claim(ref, owner, LEASE) for ref in refs for store, owner in ((a, "A"), (b, "B")))
-    )
-    for i in range(len(refs)):
-        pair = {claims[2 * i].status, claims[2 * i + 1].status}
-        assert pair == {ClaimStatus.CLAIMED, ClaimStatus.BUSY}
-    await a.close()
-    await b.close()
 
 
 async def test_waits_for_another_process_holding_the_write_lock(tmp_path: Path) -> None:
