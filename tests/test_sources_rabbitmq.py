@@ -374,7 +374,7 @@ def test_the_dead_letter_url_names_the_queue_beside() -> None:
         "amqps://app:s3cret@broker:5671/prod?queue=order-contacts.dead-letter&heartbeat=30"
     )
     assert safe_url(url) == (
-        "amqps://app@broker:5671/prod?queue=order-contacts&prefetch=16&heartbeat=30"
+        "amqps://broker:5671/prod?queue=order-contacts&prefetch=16&heartbeat=30"
     )
     source = open_source(url)
     assert "s3cret" not in source.name

@@ -6,8 +6,8 @@ redis-py is an extra: it is imported here only, and only when a redis:// URL is 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from ._urls import safe_url
 from .errors import MissingExtraError, SourceError
 
 if TYPE_CHECKING:
@@ -25,24 +25,6 @@ def redis_module() -> Any:
     except ImportError:  # pragma: no cover - exercised without the extra installed
         raise MissingExtraError("redis", "redis", "redis://") from None
     return module
-
-
-def split_url_params(url: str, own: set[str]) -> tuple[str, dict[str, str]]:
-    """(the URL for redis-py, our own query parameters); redis-py's own ones stay."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    ours = {k: v for k, v in query.items() if k in own}
-    rest = urlencode({k: v for k, v in query.items() if k not in own})
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, "")), ours
-
-
-def safe_url(url: str) -> str:
-    """The URL without user and password, for logs and messages."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
 
 
 def client(url: str) -> aioredis.Redis:

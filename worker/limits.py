@@ -25,7 +25,8 @@ from typing import Any
 
 from asyncio_throttle.throttler import Throttler
 
-from ._redis import client, redis_module, split_url_params
+from ._redis import client, redis_module
+from ._urls import split_url_params
 from .observability import get_logger
 
 log = get_logger("worker.limits")

@@ -33,10 +33,11 @@ import re
 import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import orjson
 
+from .._urls import dead_letters_beside, safe_url
 from ..errors import ConfigError, MissingExtraError, SourceError
 from ..observability import get_logger
 from .base import DeadLetterSink, Message, Publisher, Source, letter_key
@@ -130,21 +131,9 @@ def _number(params: dict[str, str], key: str, default: float, label: str) -> flo
     return value
 
 
-def safe_url(url: str) -> str:
-    """The URL without its user, password or token, for logs and messages."""
-    parts = urlsplit(url)
-    return urlunsplit((parts.scheme, _hosts(parts.netloc)[1], parts.path, parts.query, ""))
-
-
 def dead_letter_url(source_url: str) -> str:
     """The default dead-letter subject beside a source subject: `<subject>.dead-letter`."""
-    parts = urlsplit(source_url)
-    query = dict(parse_qsl(parts.query))
-    query = {
-        "stream": query.get("stream", ""),
-        "subject": query.get("subject", "") + DEAD_LETTER_SUFFIX,
-    }
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return dead_letters_beside(source_url, "subject", drop=("durable", "max_deliver", "ack_wait"))
 
 
 def _describe(exc: BaseException) -> str:

@@ -35,6 +35,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 
+from .._urls import dead_letters_beside, safe_url
 from ..errors import ConfigError, MissingExtraError, SourceError
 from .base import DeadLetterSink, Message, Publisher, Source, letter_key
 
@@ -90,24 +91,9 @@ def split_url(url: str, label: str) -> tuple[str, dict[str, str]]:
     return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, "")), ours
 
 
-def safe_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    netloc = parts.hostname or ""
-    if parts.port:
-        netloc += f":{parts.port}"
-    if parts.username:
-        netloc = f"{parts.username}@{netloc}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-
 def dead_letter_url(source_url: str) -> str:
     """The default dead-letter queue beside a source queue: `<queue>.dead-letter`."""
-    parts = urlsplit(source_url)
-    query = dict(parse_qsl(parts.query))
-    query["queue"] = query.get("queue", "") + ".dead-letter"
-    query.pop("prefetch", None)  # a consumer's setting
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return dead_letters_beside(source_url, "queue", drop=("prefetch",))
 
 
 class _AmqpClient:

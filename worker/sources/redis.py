@@ -17,12 +17,12 @@ import socket
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import orjson
 from redis.exceptions import RedisError, ResponseError  # imported only for redis:// URLs
 
-from .._redis import connect, redis_module, safe_url, split_url_params
+from .._redis import connect, redis_module
+from .._urls import dead_letters_beside, safe_url, split_url_params
 from ..errors import ConfigError, SourceError
 from .base import DeadLetterSink, Message, Publisher, Source, letter_key
 
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 EVENT_FIELD = b"event"
 LETTER_FIELD = b"letter"
 # Query parameters that are ours; the rest of the URL goes to redis-py untouched.
-_OWN_PARAMS = {"stream", "group", "consumer", "claim_idle", "block_ms"}
+_OWN_PARAMS = {"stream", "group", "consumer", "claim_idle"}
 # Entries pending this long on another consumer are taken over (ms). Longer than the
 # lease renewer's interval, which keeps our own long-running entries fresh via hold().
 DEFAULT_CLAIM_IDLE_MS = 60_000
@@ -55,10 +55,7 @@ def split_url(url: str, label: str) -> tuple[str, dict[str, str]]:
 
 def dead_letter_url(source_url: str) -> str:
     """The default dead-letter stream beside a source stream: `<stream>.dead-letter`."""
-    parts = urlsplit(source_url)
-    query = dict(parse_qsl(parts.query))
-    query = {"stream": query.get("stream", "") + ".dead-letter"}
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+    return dead_letters_beside(source_url, "stream", drop=("group", "consumer", "claim_idle"))
 
 
 class _RedisClient:

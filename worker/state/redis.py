@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from worker._redis import split_url_params
+from worker._urls import split_url_params
 from worker.errors import ConfigError, MissingExtraError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
