@@ -8,6 +8,7 @@ fixture, which replaces `worker.state.base.now`: leases expire without sleeping.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 
 import pytest
 
@@ -32,16 +33,26 @@ class FakeClock:
         self.t += seconds
 
 
+# `await open_again(retention_seconds)`: a new store opened on the same data.
+OpenAgain = Callable[[float | None], Awaitable[StateStore]]
+
+
 class StateStoreContract:
     """Subclasses provide `store`: an opened StateStore, closed after the test.
 
     Backends shared by processes also override `replica`: a second store opened on the
-    same data, standing in for another worker process.
+    same data, standing in for another worker process. Durable backends override
+    `open_again`: opens a new store on the same data (as after a restart), with the given
+    retention, and closes it after the test.
     """
 
     @pytest.fixture
     def replica(self, store: StateStore) -> StateStore:
         return store  # an in-process backend: a second replica sees the same object
+
+    @pytest.fixture
+    def open_again(self) -> OpenAgain | None:
+        return None  # not durable: nothing survives a restart
 
     @pytest.fixture
     def clock(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:
@@ -307,3 +318,41 @@ class StateStoreContract:
             pair = sorted(c.status for c in claims[2 * i : 2 * i + 2])
             assert pair == sorted([ClaimStatus.IN_DOUBT, ClaimStatus.BUSY])
             assert max(c.attempts for c in claims[2 * i : 2 * i + 2]) == 2
+
+    # -- durability ----------------------------------------------------------------------
+
+    async def test_records_and_checkpoints_survive_a_restart(
+        self, store: StateStore, open_again: OpenAgain | None
+    ) -> None:
+        if open_again is None:
+            pytest.skip("an in-memory store: nothing survives a restart")
+        for ref in ("done", "dead", "in-flight"):
+            await store.claim(ref, "w1", LEASE)
+        await store.complete("done", "w1", "contact-1", "href-1")
+        await store.fail("dead", "w1", "cdp_rejected")
+        await store.set_checkpoint("file:a.jsonl", "42")
+        await store.close()
+
+        second = await open_again(None)
+        done = await second.claim("done", "w2", LEASE)
+        assert (done.status, done.contact_ref, done.href) == (
+            ClaimStatus.DONE,
+            "contact-1",
+            "href-1",
+        )
+        dead = await second.claim("dead", "w2", LEASE)
+        assert dead == Claim(ClaimStatus.DEAD, reason="cdp_rejected")
+        assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+        assert await second.get_checkpoint("file:a.jsonl") == "42"
+
+    async def test_open_sweeps_with_the_configured_retention(
+        self, store: StateStore, open_again: OpenAgain | None, clock: FakeClock
+    ) -> None:
+        if open_again is None:
+            pytest.skip("an in-memory store: nothing survives a restart")
+        await store.claim("ORD-1", "w1", LEASE)
+        await store.complete("ORD-1", "w1", "c", "h")
+        await store.close()
+        clock.advance(6 * DAY)
+        second = await open_again(5 * DAY)
+        assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED

@@ -20,7 +20,7 @@ pytest.register_assert_rewrite("state_contract")
 
 import asyncpg  # noqa: E402
 from services import POSTGRES_URL, require  # noqa: E402
-from state_contract import DAY, LEASE, FakeClock, StateStoreContract  # noqa: E402
+from state_contract import LEASE, OpenAgain, StateStoreContract  # noqa: E402
 
 from worker.errors import ConfigError, MissingExtraError, StateError  # noqa: E402
 from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
@@ -80,6 +80,15 @@ class TestPostgresState(StateStoreContract):
         await other.open()
         return other
 
+    @pytest.fixture
+    def open_again(self, make_store: StoreFactory) -> OpenAgain:
+        async def reopen(retention_seconds: float | None) -> StateStore:
+            store = make_store(retention_seconds=retention_seconds)  # closed by make_store
+            await store.open()
+            return store
+
+        return reopen
+
 
 # -- several replicas ------------------------------------------------------------------------
 
@@ -131,44 +140,7 @@ async def test_every_operation_is_one_statement(
 # -- retention -------------------------------------------------------------------------------
 
 
-async def test_open_sweeps_with_the_configured_retention(
-    make_store: StoreFactory, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr("worker.state.base.now", clock)
-    first = make_store()
-    await first.open()
-    await first.claim("ORD-1", "w1", LEASE)
-    await first.complete("ORD-1", "w1", "c", "h")
-    await first.close()
-
-    clock.advance(6 * DAY)
-    second = make_store(retention_seconds=5 * DAY)
-    await second.open()
-    assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
-
-
 # -- durability ------------------------------------------------------------------------------
-
-
-async def test_records_and_checkpoints_survive_reopen(make_store: StoreFactory) -> None:
-    first = make_store()
-    await first.open()
-    for ref in ("done", "dead", "in-flight"):
-        await first.claim(ref, "w1", LEASE)
-    await first.complete("done", "w1", "contact-1", "href-1")
-    await first.fail("dead", "w1", "cdp_rejected")
-    await first.set_checkpoint("file:a.jsonl", "42")
-    await first.close()
-
-    second = make_store()
-    await second.open()
-    done = await second.claim("done", "w2", LEASE)
-    assert (done.status, done.contact_ref, done.href) == (ClaimStatus.DONE, "contact-1", "href-1")
-    dead = await second.claim("dead", "w2", LEASE)
-    assert (dead.status, dead.reason) == (ClaimStatus.DEAD, "cdp_rejected")
-    assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
-    assert await second.get_checkpoint("file:a.jsonl") == "42"
 
 
 async def test_the_tables_carry_the_prefix(pg_store: PostgresStateStore, table_prefix: str) -> None:

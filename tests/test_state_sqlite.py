@@ -14,7 +14,7 @@ import pytest
 
 pytest.register_assert_rewrite("state_contract")
 
-from state_contract import DAY, LEASE, FakeClock, StateStoreContract  # noqa: E402
+from state_contract import LEASE, OpenAgain, StateStoreContract  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
@@ -35,6 +35,20 @@ class TestSqliteState(StateStoreContract):
         yield other
         await other.close()
 
+    @pytest.fixture
+    async def open_again(self, tmp_path: Path) -> AsyncIterator[OpenAgain]:
+        opened: list[SqliteStateStore] = []
+
+        async def reopen(retention_seconds: float | None) -> StateStore:
+            store = SqliteStateStore(tmp_path / "state.db", retention_seconds=retention_seconds)
+            await store.open()
+            opened.append(store)
+            return store
+
+        yield reopen
+        for store in opened:
+            await store.close()
+
 
 @pytest.fixture
 async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
@@ -42,47 +56,6 @@ async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStateStore]:
     await store.open()
     yield store
     await store.close()
-
-
-async def test_records_and_checkpoints_survive_reopen(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    first = SqliteStateStore(path)
-    await first.open()
-    for ref in ("done", "dead", "in-flight"):
-        await first.claim(ref, "w1", LEASE)
-    await first.complete("done", "w1", "contact-1", "href-1")
-    await first.fail("dead", "w1", "cdp_rejected")
-    await first.set_checkpoint("file:a.jsonl", "42")
-    await first.close()
-
-    second = SqliteStateStore(path)
-    await second.open()
-    done = await second.claim("done", "w2", LEASE)
-    assert (done.status, done.contact_ref, done.href) == (ClaimStatus.DONE, "contact-1", "href-1")
-    dead = await second.claim("dead", "w2", LEASE)
-    assert (dead.status, dead.reason) == (ClaimStatus.DEAD, "cdp_rejected")
-    assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
-    assert await second.get_checkpoint("file:a.jsonl") == "42"
-    await second.close()
-
-
-async def test_open_sweeps_with_the_configured_retention(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    clock = FakeClock()
-    monkeypatch.setattr("worker.state.base.now", clock)
-    path = tmp_path / "state.db"
-    first = SqliteStateStore(path)
-    await first.open()
-    await first.claim("ORD-1", "w1", LEASE)
-    await first.complete("ORD-1", "w1", "c", "h")
-    await first.close()
-
-    clock.advance(6 * DAY)
-    second = SqliteStateStore(path, retention_seconds=5 * DAY)
-    await second.open()
-    assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
-    await second.close()
 
 
 async def test_the_file_is_in_wal_mode_with_full_sync(
