@@ -283,6 +283,22 @@ class StateStoreContract:
         with pytest.raises(StateError):
             await store.claim("ORD-1", "w1", LEASE)
 
+    # -- forget (dlq replay) --------------------------------------------------------------
+
+    async def test_forget_reopens_a_dead_order_only(self, store: StateStore) -> None:
+        for ref in ("dead", "done", "in-flight"):
+            await store.claim(ref, "w1", LEASE)
+        await store.fail("dead", "w1", "cdp_rejected")
+        await store.complete("done", "w1", "c", "h")
+        assert await store.forget("dead") is True
+        assert await store.forget("dead") is False  # gone already
+        assert await store.forget("done") is False
+        assert await store.forget("in-flight") is False
+        assert await store.forget("never-seen") is False
+        assert (await store.claim("dead", "w2", LEASE)).status is ClaimStatus.CLAIMED
+        assert (await store.claim("done", "w2", LEASE)).status is ClaimStatus.DONE
+        assert (await store.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+
     # -- several replicas ----------------------------------------------------------------
 
     async def test_two_replicas_racing_claim_each_order_once(

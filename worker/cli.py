@@ -16,12 +16,12 @@ from pathlib import Path
 
 import orjson
 
-from . import __version__
-from .config import OPTIONS, add_arguments, load_settings
+from . import __version__, dlq
+from .config import DEFAULT_STATE, OPTIONS, add_arguments, load_settings
 from .contact import API_VERSIONS, event_json_schema, parse_event
 from .demo import run_demo
 from .emulator import add_cli_arguments, run_from_args
-from .errors import ConfigError, InvalidEvent, SourceError
+from .errors import ConfigError, InvalidEvent, SourceError, StateError
 from .observability import configure_logging, get_logger
 from .pipeline import Worker
 from .sources import Publisher, open_publisher
@@ -87,6 +87,32 @@ def build_parser() -> argparse.ArgumentParser:
     publish.add_argument("file", help="JSONL file, or - for standard input")
     publish.add_argument("--batch", type=int, default=500, help="messages per round trip")
 
+    dlq = commands.add_parser("dlq", help="look at dead letters, and send them again")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_commands.add_parser(
+        "list",
+        help="dead letters by reason, newest first",
+        description="Counts the dead letters at URL by reason (newest first) and lists them "
+        "without personal data; --show-events prints each letter whole.",
+    )
+    dlq_list.add_argument("url", help="the dead-letter sink: file:PATH or redis://...?stream=S")
+    dlq_list.add_argument(
+        "--show-events", action="store_true", help="print whole letters (personal data!)"
+    )
+    dlq_replay = dlq_commands.add_parser(
+        "replay",
+        help="publish dead letters again after a fix",
+        description="Removes each letter's `dead` order from the state store, so it is worked "
+        "again, and publishes the letter's event to --to. Letters stay in the sink.",
+    )
+    dlq_replay.add_argument("url", help="the dead-letter sink: file:PATH or redis://...?stream=S")
+    dlq_replay.add_argument("--to", required=True, metavar="SOURCE", help="the source URL")
+    dlq_replay.add_argument(
+        "--state", default=None, help="state store URL (default $WORKER_STATE or the sqlite file)"
+    )
+    dlq_replay.add_argument("--reason", action="append", help="only letters with this reason")
+    dlq_replay.add_argument("--dry-run", action="store_true", help="say what would be done")
+
     schema = commands.add_parser("schema", help="print the event envelope's JSON Schema")
     schema.add_argument(
         "--api-version",
@@ -106,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "check": command_check,
         "validate": command_validate,
         "publish": command_publish,
+        "dlq": command_dlq,
         "schema": command_schema,
     }[args.command]
     sys.exit(handler(args))
@@ -232,6 +259,7 @@ async def _publish(publisher: Publisher, lines: list[bytes], batch: int) -> None
     finally:
         await publisher.close()
         progress.done()
+    print(f"published {progress.count} of {progress.total} messages")
 
 
 class Progress:
@@ -255,7 +283,45 @@ class Progress:
     def done(self) -> None:
         if self.enabled:
             sys.stderr.write("\n")
-        print(f"published {self.count} of {self.total} messages")
+            sys.stderr.flush()
+
+
+def command_dlq(args: argparse.Namespace) -> int:
+    try:
+        letters = asyncio.run(dlq.read_letters(args.url))
+        if args.dlq_command == "list":
+            return _dlq_list(letters, show_events=args.show_events)
+        if args.reason:
+            letters = [letter for letter in letters if letter.get("reason") in args.reason]
+        state = args.state or os.environ.get("WORKER_STATE") or DEFAULT_STATE
+        progress = Progress(len(letters), enabled=sys.stderr.isatty() and not args.dry_run)
+        published, reopened = asyncio.run(
+            dlq.replay(
+                letters, to=args.to, state_url=state, dry_run=args.dry_run,
+                progress=progress.advance,
+            )
+        )  # fmt: skip
+        progress.done()
+    except (ConfigError, SourceError, StateError) as exc:
+        print(f"worker dlq: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
+    if args.dry_run:
+        print(f"would publish {published} dead letters and reopen those of {reopened} orders")
+    else:
+        print(f"published {published} dead letters; {reopened} dead orders reopened")
+    return EXIT_OK
+
+
+def _dlq_list(letters: list[dict[str, object]], *, show_events: bool) -> int:
+    for reason, count, newest in dlq.summary(letters):
+        print(f"{reason:20} {count:8}  newest {newest}")
+    print(f"{len(letters)} dead letters")
+    for letter in reversed(letters):  # newest first
+        if show_events:
+            print(orjson.dumps(letter).decode())
+        else:
+            print(dlq.describe(letter))
+    return EXIT_OK
 
 
 def command_schema(args: argparse.Namespace) -> int:

@@ -112,6 +112,14 @@ class StateStore(ABC):
         """
 
     @abstractmethod
+    async def forget(self, order_ref: str) -> bool:
+        """Remove a `dead` record so the order is worked again (`worker dlq replay`).
+
+        True if a dead record went; False (and nothing changes) for a done, in-flight or
+        missing one: a contact that exists, or a delivery under way, is never reopened.
+        """
+
+    @abstractmethod
     async def get_checkpoint(self, key: str) -> str | None:
         """A source's saved position (e.g. the file source's acked byte offset), or None."""
 

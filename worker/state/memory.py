@@ -136,6 +136,15 @@ class MemoryStateStore(StateStore):
             else:
                 del self._orders[order_ref]
 
+    async def forget(self, order_ref: str) -> bool:
+        self._check_open()
+        async with self._lock:
+            rec = self._orders.get(order_ref)
+            if rec is None or rec.status != DEAD:
+                return False
+            del self._orders[order_ref]
+            return True
+
     async def get_checkpoint(self, key: str) -> str | None:
         self._check_open()
         return self._checkpoints.get(key)

@@ -123,6 +123,7 @@ _FAIL = (
 )
 _RELEASE_SENT = "UPDATE {orders} SET lease_until = 0, updated_at = $3 WHERE {owned}"
 _RELEASE_UNSENT = "DELETE FROM {orders} WHERE {owned}"
+_FORGET = "DELETE FROM {orders} WHERE order_ref = $1 AND status = 'dead'"
 _STATUS = "SELECT status FROM {orders} WHERE order_ref = $1"
 _GET_CHECKPOINT = "SELECT value FROM {checkpoints} WHERE key = $1"
 _SET_CHECKPOINT = (
@@ -149,6 +150,7 @@ class _Sql:
         self.fail = _FAIL.format_map(names)
         self.release_sent = _RELEASE_SENT.format_map(names)
         self.release_unsent = _RELEASE_UNSENT.format_map(names)
+        self.forget = _FORGET.format_map(names)
         self.status = _STATUS.format_map(names)
         self.get_checkpoint = _GET_CHECKPOINT.format_map(names)
         self.set_checkpoint = _SET_CHECKPOINT.format_map(names)
@@ -326,6 +328,9 @@ class PostgresStateStore(StateStore):
             await self._execute("release", self._sql.release_sent, order_ref, owner, base.now())
         else:
             await self._execute("release", self._sql.release_unsent, order_ref, owner)
+
+    async def forget(self, order_ref: str) -> bool:
+        return await self._execute("forget", self._sql.forget, order_ref) == 1
 
     async def get_checkpoint(self, key: str) -> str | None:
         value = await self._fetchval("get_checkpoint", self._sql.get_checkpoint, key)

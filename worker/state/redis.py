@@ -127,6 +127,15 @@ end
 return 1
 """
 
+# Forget a dead record: KEYS[1] = order hash, KEYS[2] = finished index; ARGV = orderRef.
+# Replies 1 if it was dead and is gone, 0 otherwise (done or in flight stay).
+_FORGET = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'dead' then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+return 1
+"""
+
 # Sweep one batch: KEYS[1] = finished index; ARGV = order key prefix, cutoff, batch size.
 # Each index entry older than the cutoff is checked against its hash before the hash goes:
 # the hash may have expired already, or the orderRef may be in flight again since.
@@ -265,6 +274,7 @@ class RedisStateStore(StateStore):
                 ("complete", _COMPLETE),
                 ("fail", _FAIL),
                 ("release", _RELEASE),
+                ("forget", _FORGET),
                 ("sweep", _SWEEP),
             )
         }
@@ -336,6 +346,10 @@ class RedisStateStore(StateStore):
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         args = [owner, base.now(), "1" if sent else "0"]
         await self._script("release", [self._key(order_ref)], args)
+
+    async def forget(self, order_ref: str) -> bool:
+        keys = [self._key(order_ref), self.finished_key]
+        return bool(await self._script("forget", keys, [order_ref]))
 
     async def get_checkpoint(self, key: str) -> str | None:
         client = self._live_client()

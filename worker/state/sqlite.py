@@ -345,6 +345,15 @@ class SqliteStateStore(StateStore):
 
         await self._submit(op)
 
+    async def forget(self, order_ref: str) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            cur = conn.execute(
+                "DELETE FROM orders WHERE order_ref = ? AND status = ?", (order_ref, DEAD)
+            )
+            return cur.rowcount == 1
+
+        return await self._submit(op)
+
     async def get_checkpoint(self, key: str) -> str | None:
         def op(conn: sqlite3.Connection) -> str | None:
             row = conn.execute("SELECT value FROM checkpoints WHERE key = ?", (key,)).fetchone()

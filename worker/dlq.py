@@ -1,0 +1,135 @@
+"""`worker dlq list` and `worker dlq replay`: look at dead letters, and send them again.
+
+Reading back is supported where the sink can be read without consuming it: a file and a
+Redis stream (RabbitMQ queues and NATS subjects: read them with the broker's own tools for
+now). Replay re-publishes each letter's event (or raw text) to a source and first removes
+the order's `dead` record from the state store, so the worker works it again instead of
+skipping it as a duplicate. Letters stay where they are: a second replay sends them
+again, and the state store turns what was delivered meanwhile into duplicates.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import orjson
+
+from ._urls import split_url_params
+from .errors import ConfigError, SourceError
+from .sources import open_publisher
+from .state import open_state_store
+
+Letter = dict[str, Any]
+
+
+async def read_letters(url: str) -> list[Letter]:
+    """Every dead letter at `url`, oldest first."""
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        return _read_file(url[len("file:") :])
+    if scheme in ("redis", "rediss"):
+        return await _read_stream(url)
+    raise ConfigError(
+        f"dead letters at {scheme}:// cannot be read back yet: use file: or redis:// "
+        "(for RabbitMQ and NATS, read the .dead-letter queue or subject with their tools)"
+    )
+
+
+def _read_file(path: str) -> list[Letter]:
+    try:
+        lines = Path(path).read_bytes().splitlines()
+    except OSError as exc:
+        raise SourceError(f"cannot read {path!r}: {exc.strerror}") from None
+    letters = []
+    for line in lines:
+        try:
+            letter = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            continue  # a line torn by a crash: its letter was stored again afterwards
+        if isinstance(letter, dict):
+            letters.append(letter)
+    return letters
+
+
+async def _read_stream(url: str) -> list[Letter]:
+    from ._redis import connect
+    from .sources.redis import LETTER_FIELD
+
+    plain, params = split_url_params(url, {"stream", "group", "consumer", "claim_idle"})
+    if not params.get("stream"):
+        raise ConfigError("a redis:// dead-letter URL needs ?stream=NAME")
+    client = await connect(plain, "dlq")
+    try:
+        entries: Any = await client.xrange(params["stream"])
+    finally:
+        await client.aclose()
+    letters = []
+    for _entry_id, fields in entries:
+        try:
+            letters.append(orjson.loads(fields.get(LETTER_FIELD, b"")))
+        except orjson.JSONDecodeError:
+            continue
+    return letters
+
+
+def summary(letters: Sequence[Letter]) -> list[tuple[str, int, str]]:
+    """(reason, count, newest deadAt), the reason with the newest letter first."""
+    counts: Counter[str] = Counter()
+    newest: dict[str, str] = {}
+    for letter in letters:
+        reason = str(letter.get("reason"))
+        counts[reason] += 1
+        newest[reason] = max(newest.get(reason, ""), str(letter.get("deadAt") or ""))
+    return sorted(((r, counts[r], newest[r]) for r in counts), key=lambda row: row[2], reverse=True)
+
+
+def describe(letter: Letter) -> str:
+    """One line about a letter, without personal data: no event, no raw text, no detail
+    (CDP's messages may quote the contact)."""
+    fields = ("deadAt", "reason", "status", "orderRef", "eventId", "attempts")
+    return "  ".join(f"{name}={letter.get(name)}" for name in fields)
+
+
+def body_of(letter: Letter) -> bytes:
+    """The message to publish again: the original event, or the raw text."""
+    if letter.get("event") is not None:
+        return orjson.dumps(letter["event"])
+    return str(letter.get("raw") or "").encode()
+
+
+async def replay(
+    letters: Sequence[Letter],
+    *,
+    to: str,
+    state_url: str,
+    dry_run: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[int, int]:
+    """Forget each letter's dead order, then publish its event to `to`.
+
+    Returns (published, orders reopened). A dry run only counts what it would do.
+    """
+    orders = sorted({str(letter["orderRef"]) for letter in letters if letter.get("orderRef")})
+    if dry_run:
+        return len(letters), len(orders)
+    store = open_state_store(state_url, retention_seconds=None)
+    await store.open()
+    try:
+        reopened = sum([await store.forget(order_ref) for order_ref in orders])
+    finally:
+        await store.close()
+    publisher = open_publisher(to)
+    await publisher.open()
+    try:
+        for start in range(0, len(letters), 500):
+            chunk = letters[start : start + 500]
+            await publisher.publish([body_of(letter) for letter in chunk])
+            if progress is not None:
+                progress(len(chunk))
+    finally:
+        await publisher.close()
+    return len(letters), reopened
