@@ -17,6 +17,7 @@ from worker.config import Settings
 from worker.demo import generate_events, write_events
 from worker.emulator import Emulator
 from worker.pipeline import Worker
+from worker.sources import open_dead_letter_sink
 
 
 async def run_worker(settings: Settings) -> Worker:
@@ -100,12 +101,52 @@ async def test_letters_are_read_back_from_a_redis_stream() -> None:
     assert [letter["n"] for letter in letters] == [0, 1, 2]
 
 
-@pytest.mark.parametrize("url", ["amqp://guest:guest@localhost/?queue=q", "nats://x?stream=s"])
-async def test_sinks_that_cannot_be_read_back_say_so(url: str) -> None:
+@pytest.mark.parametrize("broker", ["rabbitmq", "nats"])
+async def test_letters_are_read_back_from_a_queue_or_subject_and_stay(broker: str) -> None:
+    services.require(broker)
+    run = uuid.uuid4().hex[:10]
+    if broker == "rabbitmq":
+        url = f"{services.AMQP_URL}?queue=dlq-{run}.dead-letter"
+    else:
+        url = f"{services.NATS_URL}?stream=DLQ_{run}&subject=dlq-{run}.dead-letter"
+    sink = open_dead_letter_sink(url)
+    await sink.open()
+    try:
+        for n in range(3):
+            await sink.put({"reason": "invalid_event", "eventId": f"e{n}", "n": n})
+    finally:
+        await sink.close()
+    try:
+        first = await dlq.read_letters(url)
+        again = await dlq.read_letters(url)  # reading takes nothing away
+        assert [letter["n"] for letter in first] == [0, 1, 2]
+        assert again == first
+    finally:
+        await _remove(broker, url, run)
+
+
+async def _remove(broker: str, url: str, run: str) -> None:
+    if broker == "rabbitmq":
+        import aio_pika
+
+        connection = await aio_pika.connect(services.AMQP_URL)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(f"dlq-{run}.dead-letter")
+    else:
+        import nats
+
+        client = await nats.connect(services.NATS_URL)
+        await client.jetstream().delete_stream(f"DLQ_{run}")
+        await client.close()
+
+
+async def test_an_unknown_sink_is_a_config_error() -> None:
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "worker", "dlq", "list", url, stderr=asyncio.subprocess.PIPE
-    )
+        sys.executable, "-m", "worker", "dlq", "list", "kafka://user:pw@x/t",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
     _, err = await process.communicate()
     assert process.returncode == 2
-    assert "cannot be read back yet" in err.decode()
-    assert "guest:guest" not in err.decode()
+    assert "--dlq" in err.decode()
+    assert "user:pw" not in err.decode()

@@ -1,8 +1,8 @@
 """`worker dlq list` and `worker dlq replay`: look at dead letters, and send them again.
 
-Reading back is supported where the sink can be read without consuming it: a file and a
-Redis stream (RabbitMQ queues and NATS subjects: read them with the broker's own tools for
-now). Replay re-publishes each letter's event (or raw text) to a source and first removes
+Every sink can be read back without losing anything: a file, a Redis stream (XRANGE), a
+RabbitMQ queue (each letter fetched unacked, then requeued) and a NATS subject (read by
+sequence). Replay re-publishes each letter's event (or raw text) to a source and first removes
 the order's `dead` record from the state store, so the worker works it again instead of
 skipping it as a duplicate. Letters stay where they are: a second replay sends them
 again, and the state store turns what was delivered meanwhile into duplicates.
@@ -12,68 +12,24 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import orjson
 
-from ._urls import split_url_params
-from .errors import ConfigError, SourceError
-from .sources import open_publisher
+from .sources import open_dead_letter_sink, open_publisher
 from .state import open_state_store
 
 Letter = dict[str, Any]
 
 
 async def read_letters(url: str) -> list[Letter]:
-    """Every dead letter at `url`, oldest first."""
-    scheme = urlsplit(url).scheme
-    if scheme == "file":
-        return _read_file(url[len("file:") :])
-    if scheme in ("redis", "rediss"):
-        return await _read_stream(url)
-    raise ConfigError(
-        f"dead letters at {scheme}:// cannot be read back yet: use file: or redis:// "
-        "(for RabbitMQ and NATS, read the .dead-letter queue or subject with their tools)"
-    )
-
-
-def _read_file(path: str) -> list[Letter]:
+    """Every dead letter at `url` (any sink: file, stream, queue, subject), oldest first."""
+    sink = open_dead_letter_sink(url)
+    await sink.open()
     try:
-        lines = Path(path).read_bytes().splitlines()
-    except OSError as exc:
-        raise SourceError(f"cannot read {path!r}: {exc.strerror}") from None
-    letters = []
-    for line in lines:
-        try:
-            letter = orjson.loads(line)
-        except orjson.JSONDecodeError:
-            continue  # a line torn by a crash: its letter was stored again afterwards
-        if isinstance(letter, dict):
-            letters.append(letter)
-    return letters
-
-
-async def _read_stream(url: str) -> list[Letter]:
-    from ._redis import connect
-    from .sources.redis import LETTER_FIELD
-
-    plain, params = split_url_params(url, {"stream", "group", "consumer", "claim_idle"})
-    if not params.get("stream"):
-        raise ConfigError("a redis:// dead-letter URL needs ?stream=NAME")
-    client = await connect(plain, "dlq")
-    try:
-        entries: Any = await client.xrange(params["stream"])
+        return await sink.read_all()
     finally:
-        await client.aclose()
-    letters = []
-    for _entry_id, fields in entries:
-        try:
-            letters.append(orjson.loads(fields.get(LETTER_FIELD, b"")))
-        except orjson.JSONDecodeError:
-            continue
-    return letters
+        await sink.close()
 
 
 def summary(letters: Sequence[Letter]) -> list[tuple[str, int, str]]:

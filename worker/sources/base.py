@@ -115,6 +115,10 @@ class DeadLetterSink(ABC):
     async def put(self, letter: dict[str, Any]) -> None:
         """Store one dead letter. Durable on return: the message is acked right after."""
 
+    @abstractmethod
+    async def read_all(self) -> list[dict[str, Any]]:
+        """Every letter stored, oldest first, leaving them in place (`worker dlq`)."""
+
 
 class Publisher(ABC):
     """Puts events into a source (`worker publish`, tests, benchmarks, backfills)."""

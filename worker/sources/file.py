@@ -308,6 +308,24 @@ class FileDeadLetterSink(DeadLetterSink):
         self._file.flush()
         os.fsync(self._file.fileno())
 
+    async def read_all(self) -> list[dict[str, Any]]:
+        return await asyncio.to_thread(self._read_all)
+
+    def _read_all(self) -> list[dict[str, Any]]:
+        try:
+            lines = Path(self.path).read_bytes().splitlines()
+        except OSError as exc:
+            raise SourceError(f"cannot read {self.path!r}: {exc.strerror}") from None
+        letters = []
+        for line in lines:
+            try:
+                letter = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue  # a line torn by a crash: its letter was stored again afterwards
+            if isinstance(letter, dict):
+                letters.append(letter)
+        return letters
+
     async def put(self, letter: dict[str, Any]) -> None:
         if self._file is None:
             raise SourceError(f"dead-letter file {self.path!r} is not open")

@@ -74,3 +74,6 @@ class MemoryDeadLetterSink(DeadLetterSink):
 
     async def put(self, letter: dict[str, Any]) -> None:
         self.letters.append(letter)
+
+    async def read_all(self) -> list[dict[str, Any]]:
+        return list(self.letters)

@@ -476,6 +476,22 @@ class NatsDeadLetterSink(DeadLetterSink):
     async def close(self) -> None:
         await self._nats.aclose()
 
+    async def read_all(self) -> list[dict[str, Any]]:
+        """Every letter on the dead-letter subject, read by sequence (no consumer made)."""
+        js = self._nats.js
+        letters: list[dict[str, Any]] = []
+        seq = 1
+        while True:
+            try:
+                found = await js.get_msg(self.stream, seq=seq, subject=self.subject, next=True)
+            except nats.js.errors.NotFoundError:
+                return letters
+            except (nats.errors.Error, OSError) as exc:
+                raise SourceError(f"cannot read {self.subject!r}: {_describe(exc)}") from None
+            with contextlib.suppress(orjson.JSONDecodeError):
+                letters.append(orjson.loads(found.data or b""))
+            seq = int(found.seq or seq) + 1
+
     async def put(self, letter: dict[str, Any]) -> None:
         """Published and acked by the stream (stored, or a duplicate of a stored one)."""
         js = self._nats.js

@@ -456,6 +456,26 @@ class RabbitMQDeadLetterSink(DeadLetterSink):
     async def close(self) -> None:
         await self._producer.close()
 
+    async def read_all(self) -> list[dict[str, Any]]:
+        """Get every letter without acking it, then give them all back (requeue)."""
+        amqp = self._producer._amqp
+        if amqp.channel is None:
+            raise SourceError("the RabbitMQ dead-letter sink is not open")
+        held: list[Any] = []
+        letters: list[dict[str, Any]] = []
+        try:
+            async with asyncio.timeout(OPERATION_TIMEOUT):
+                queue = await amqp.declare(self.queue)
+                while (message := await queue.get(no_ack=False, fail=False)) is not None:
+                    held.append(message)
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        letters.append(orjson.loads(message.body))
+                for message in held:
+                    await message.nack(requeue=True)
+        except _FAILURES as exc:
+            raise amqp.failure(f"cannot read {self.queue!r}", exc) from None
+        return letters
+
     async def put(self, letter: dict[str, Any]) -> None:
         key = letter_key(letter)
         if key in self._stored:

@@ -290,6 +290,19 @@ class RedisDeadLetterSink(DeadLetterSink):
     async def close(self) -> None:
         await self._redis.aclose()
 
+    async def read_all(self) -> list[dict[str, Any]]:
+        client = self._redis.client
+        if client is None:
+            raise SourceError("the Redis dead-letter sink is not open")
+        entries: Any = await client.xrange(self.stream)
+        letters = []
+        for _entry_id, fields in entries:
+            try:
+                letters.append(orjson.loads(fields.get(LETTER_FIELD, b"")))
+            except orjson.JSONDecodeError:
+                continue
+        return letters
+
     async def put(self, letter: dict[str, Any]) -> None:
         if self._earlier and letter_key(letter) in self._earlier:
             return  # stored by the run a crash cut short
