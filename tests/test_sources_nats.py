@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -16,12 +15,8 @@ import services
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.config import Settings
-from worker.demo import generate_events
-from worker.emulator import Emulator
 from worker.errors import ConfigError, MissingExtraError, SourceError
-from worker.pipeline import Worker
 from worker.sources import Source, open_dead_letter_sink, open_publisher, open_source
-from worker.state import MemoryStateStore
 
 MakeNats = Callable[..., Awaitable[Source]]
 
@@ -41,13 +36,6 @@ async def jetstream() -> AsyncIterator[Any]:
 
 def _param(url: str, key: str) -> str:
     return url.split(f"{key}=")[1].split("&")[0]
-
-
-async def consumer_backlog(url: str) -> tuple[int, int]:
-    """(num_pending, num_ack_pending) of the URL's durable consumer."""
-    async with jetstream() as js:
-        info = await js.consumer_info(_param(url, "stream"), _param(url, "durable"))
-    return int(info.num_pending or 0), int(info.num_ack_pending or 0)
 
 
 async def letters_on(url: str) -> list[dict[str, Any]]:
@@ -283,43 +271,6 @@ def test_without_nats_py_the_error_names_the_extra(monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(module, "NatsClient", None)
     with pytest.raises(MissingExtraError, match=r"cdp-sync\[nats\]"):
         open_source("nats://127.0.0.1:4222?stream=S&subject=s")
-
-
-async def test_a_worker_on_jetstream_delivers_once_and_dead_letters_beside_it(
-    nats_url: str,
-    emulator: Emulator,
-    make_settings: Callable[..., Settings],
-    state: MemoryStateStore,
-) -> None:
-    lines = generate_events(200, duplicate_share=0.2, invalid_rounds=2, seed=4)
-    publisher = open_publisher(nats_url)
-    await publisher.open()
-    await publisher.publish(lines)
-    await publisher.close()
-    emulator.config.error_rate = 0.05
-    settings = make_settings(source=nats_url, dlq=None, concurrency=16)
-    worker = Worker(settings, state=state)
-    worker.backoff_base = 0.01
-    run = asyncio.create_task(worker.run())
-    while worker.summary["delivered"] + worker.summary["duplicate"] + worker.summary[
-        "dead_lettered"
-    ] < len(lines):
-        assert not run.done(), run
-        await asyncio.sleep(0.05)
-    worker.stop()
-    await run
-    await worker.close()
-
-    stats = emulator.stats()
-    assert stats["orders"] == 200
-    assert stats["duplicate_orders"] == 0
-    letters = await letters_on(nats_url)
-    assert Counter(letter["reason"] for letter in letters) == {
-        "malformed_json": 2,
-        "invalid_order_ref": 2,
-        "invalid_event": 4,
-    }
-    assert await consumer_backlog(nats_url) == (0, 0)  # every message acked
 
 
 async def test_the_publisher_keeps_the_order_and_a_closed_source_refuses_to_fetch(

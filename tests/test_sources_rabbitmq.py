@@ -11,7 +11,6 @@ import shutil
 import time
 import types
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -22,10 +21,7 @@ import services
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.config import Settings
-from worker.demo import generate_events
-from worker.emulator import Emulator
 from worker.errors import ConfigError, MissingExtraError, SourceError
-from worker.pipeline import Worker
 from worker.sources import (
     Source,
     letter_key,
@@ -33,7 +29,6 @@ from worker.sources import (
     open_publisher,
     open_source,
 )
-from worker.state import MemoryStateStore
 
 aio_pika = pytest.importorskip("aio_pika")
 
@@ -423,42 +418,3 @@ async def test_errors_never_echo_the_password() -> None:
         assert "cannot reach RabbitMQ" in str(failed.value)
         assert not source.connected
         await source.close()
-
-
-async def test_a_worker_on_a_queue_delivers_once_and_dead_letters_beside_it(
-    queue_url: str,
-    emulator: Emulator,
-    make_settings: Callable[..., Settings],
-    state: MemoryStateStore,
-) -> None:
-    lines = generate_events(200, duplicate_share=0.2, invalid_rounds=2, seed=8)
-    await publish_to(queue_url, lines)
-    emulator.config.error_rate = 0.05
-    settings = make_settings(source=queue_url, dlq=None, concurrency=16)
-    worker = Worker(settings, state=state)
-    worker.backoff_base = 0.01
-    run = asyncio.create_task(worker.run())
-    while worker.summary["delivered"] + worker.summary["duplicate"] + worker.summary[
-        "dead_lettered"
-    ] < len(lines):
-        assert not run.done(), run
-        await asyncio.sleep(0.05)
-    assert worker.ready() == (True, "consuming")
-    worker.stop()
-    await run
-    await worker.close()
-
-    stats = emulator.stats()
-    assert stats["orders"] == 200
-    assert stats["duplicate_orders"] == 0
-    assert worker.summary["duplicate"] == 40
-    letters = [
-        orjson.loads(m.body) for m in await drain_queue(queue_of(queue_url) + ".dead-letter")
-    ]
-    assert Counter(letter["reason"] for letter in letters) == {
-        "malformed_json": 2,
-        "invalid_order_ref": 2,
-        "invalid_event": 4,
-    }
-    # Everything was acked: anything left unacked would be back in the queue by now.
-    assert await ready_count(queue_of(queue_url)) == 0
