@@ -61,7 +61,9 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_SOURCE",
         str,
         None,
-        "where events come from: file:PATH (JSONL), file:- (stdin)",
+        "where events come from: file:PATH (JSONL), file:- (stdin), "
+        "redis://HOST:6379/0?stream=S&group=G, amqp://USER:PASS@HOST/VHOST?queue=Q, "
+        "nats://HOST:4222?stream=S&subject=SUBJ",
     ),
     Option(
         "state",
@@ -75,7 +77,8 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_DLQ",
         str,
         None,
-        "dead-letter sink URL (default: beside the source, e.g. file:./dead-letter.jsonl)",
+        "dead-letter sink URL (default: beside the source: file:./dead-letter.jsonl, or "
+        "the stream, queue or subject named <source's>.dead-letter)",
     ),
     Option("rate_limit", "WORKER_RATE_LIMIT", float, 50.0, "CDP requests per second, 0 = no limit"),
     Option(
@@ -83,7 +86,7 @@ OPTIONS: tuple[Option, ...] = (
         "WORKER_RATE_LIMIT_BACKEND",
         str,
         "local",
-        "local, or redis://... shared by replicas",
+        "local, or redis://HOST:6379/0 for one limit shared by all replicas",
     ),
     Option("concurrency", "WORKER_CONCURRENCY", int, 32, "most CDP requests in flight"),
     Option(
