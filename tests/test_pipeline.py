@@ -401,3 +401,26 @@ async def test_the_auth_pause_ends_only_when_a_probe_succeeds(
     emulator.config.error_rate = 0.0
     await asyncio.wait_for(run, 10)
     one_contact_each(emulator, batch)
+
+
+async def test_a_message_the_worker_keeps_failing_on_is_dead_lettered_not_looped(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    batch = events(2)
+    harness = make_worker(batch, max_attempts=3)
+    calls = 0
+
+    async def broken(order_ref: str, body: object) -> object:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug in the worker, not the event's fault")
+
+    harness.worker.client.create_contact = broken  # type: ignore[method-assign, assignment]
+    harness.worker.backoff_base = 0.01
+    await asyncio.wait_for(harness.run(), 30)
+    assert harness.reasons == ["retries_exhausted", "retries_exhausted"]
+    assert calls == 6  # three tries each, then the dead letter
+    letter = harness.dead.letters[0]
+    assert letter["event"]["orderRef"] in {event["orderRef"] for event in batch}
+    assert "RuntimeError" in letter["detail"]
+    assert len(harness.source.acked) == 2

@@ -20,6 +20,7 @@ from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
+import orjson
 import structlog
 
 from .cdp import CdpClient, Outcome, Verdict
@@ -119,6 +120,7 @@ class Worker:
         self._max_pending = max(settings.concurrency * PENDING_PER_REQUEST_SLOT, 64)
         self._tasks: set[asyncio.Task[None]] = set()
         self._working: dict[str, asyncio.Future[None]] = {}  # orderRef -> its delivery
+        self._bug_failures: dict[str, int] = {}  # message id -> unexpected failures so far
         # Claimed by us: leases renewed and messages held by _renew_leases.
         self._held: dict[str, Message] = {}
         self._lease_until: dict[str, float] = {}  # orderRef -> monotonic end of our lease
@@ -298,6 +300,7 @@ class Worker:
         structlog.contextvars.bind_contextvars(message_id=message.id)
         try:
             await self._handle_message(message)
+            self._bug_failures.pop(message.id, None)
         except (StateError, SourceError) as exc:
             # The state store, the sink or the broker is down: give the message back
             # untouched; it is worked again once the part is back. No traceback: this is
@@ -305,10 +308,44 @@ class Worker:
             log.error("event.failed", error=str(exc))  # noqa: TRY400 - one line, see above
             self.summary["failed"] += 1
             await self._give_back(message, delay=BUSY_RETRY_SECONDS)
-        except Exception:
+        except Exception as exc:
             log.exception("event.failed")  # a bug: the traceback is wanted
             self.summary["failed"] += 1
+            await self._after_bug(message, exc)
+
+    async def _after_bug(self, message: Message, exc: Exception) -> None:
+        """Give the message back, until the same message has failed max-attempts times:
+        then dead-letter it, so that a bug on one message cannot loop for ever."""
+        failures = self._bug_failures[message.id] = self._bug_failures.get(message.id, 0) + 1
+        if failures < self.settings.max_attempts:
             await self._give_back(message, delay=BUSY_RETRY_SECONDS)
+            return
+        del self._bug_failures[message.id]
+        try:
+            parsed = orjson.loads(message.body)
+        except orjson.JSONDecodeError:
+            parsed = None
+        event = parsed if isinstance(parsed, dict) else None
+        order_ref = event.get("orderRef") if event else None
+        letter = dead_letter(
+            "retries_exhausted",
+            f"the worker failed on this message {failures} times ({type(exc).__name__})",
+            order_ref=order_ref if isinstance(order_ref, str) else None,
+            event_id=message.id,
+            status=None,
+            attempts=failures,
+            event=event,
+            raw=message.body,
+        )
+        try:
+            await self.dead_letters.put(letter)
+            await self.source.ack(message)
+        except Exception:
+            log.exception("event.dead_letter_failed")
+            await self._give_back(message, delay=BUSY_RETRY_SECONDS)
+            return
+        self.summary["dead:retries_exhausted"] += 1
+        self.finish("dead_lettered", reason="retries_exhausted", status=None)
 
     async def _handle_message(self, message: Message) -> None:
         try:
