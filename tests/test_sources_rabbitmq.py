@@ -5,7 +5,6 @@ quorum queues' delivery counts, and the pipeline end to end on a queue."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import shutil
 import time
@@ -13,11 +12,12 @@ import types
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
 import services
+from harness import TcpProxy
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.config import Settings
@@ -222,7 +222,7 @@ class TestRabbitMQSource(SourceContract):
     async def test_the_robust_connection_comes_back_after_a_network_drop(
         self, queue_url: str, publish: Publish, opened: _Opened
     ) -> None:
-        async with _Proxy(services.AMQP_URL) as proxy:
+        async with TcpProxy(services.AMQP_URL) as proxy:
             url = proxy.url(queue_url) + "&reconnect_interval=0.1"
             await self._survives(proxy, proxy.drop, url, publish, opened)
 
@@ -243,13 +243,13 @@ class TestRabbitMQSource(SourceContract):
             assert len(pids) == 1, listing
             await _rabbitmqctl("close_connection", pids[0], "test")
 
-        async with _Proxy(services.AMQP_URL) as proxy:
+        async with TcpProxy(services.AMQP_URL) as proxy:
             url = proxy.url(queue_url) + f"&reconnect_interval=0.1&name={name}"
             await self._survives(proxy, close_it, url, publish, opened)
 
     @staticmethod
     async def _survives(
-        proxy: _Proxy,
+        proxy: TcpProxy,
         drop: Callable[[], Awaitable[None]],
         url: str,
         publish: Publish,
@@ -282,62 +282,6 @@ class TestRabbitMQSource(SourceContract):
             await source.ack(message)
         assert await nothing_more(source)
         assert await source.lag() == 0
-
-
-class _Proxy:
-    """A TCP proxy to the broker whose connections can be cut, as a network failure does."""
-
-    def __init__(self, target_url: str) -> None:
-        target = urlsplit(target_url)
-        self.target = (target.hostname or "127.0.0.1", target.port or 5672)
-        self.port = 0
-        self._server: asyncio.Server | None = None
-        self._writers: list[asyncio.StreamWriter] = []
-        self._pipes: set[asyncio.Task[None]] = set()
-        self.refusing = False  # new connections are cut at once, as if the broker were down
-
-    def url(self, url: str) -> str:
-        parts = urlsplit(url)
-        netloc = f"{parts.username}:{parts.password}@127.0.0.1:{self.port}"
-        return urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
-
-    async def __aenter__(self) -> _Proxy:
-        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        await self._server.wait_closed()
-        await self.drop()
-
-    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.refusing:
-            writer.transport.abort()
-            return
-        upstream_reader, upstream_writer = await asyncio.open_connection(*self.target)
-        self._writers += [writer, upstream_writer]
-        for source, sink in ((reader, upstream_writer), (upstream_reader, writer)):
-            pipe = asyncio.create_task(self._pipe(source, sink))
-            self._pipes.add(pipe)
-            pipe.add_done_callback(self._pipes.discard)
-
-    @staticmethod
-    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(ConnectionError):
-            while data := await reader.read(65536):
-                writer.write(data)
-                await writer.drain()
-        writer.close()
-
-    async def drop(self) -> None:
-        writers, self._writers = self._writers, []
-        for writer in writers:
-            writer.transport.abort()
-        for pipe in list(self._pipes):
-            pipe.cancel()
-        await asyncio.gather(*self._pipes, return_exceptions=True)
 
 
 async def _rabbitmqctl(*args: str) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from harness import TcpProxy
 
 pytest.importorskip("asyncpg")
 pytest.register_assert_rewrite("state_contract")
@@ -199,44 +200,8 @@ async def test_connections_the_server_dropped_are_replaced(pg_store: PostgresSta
     assert await pg_store.renew("ORD-1", "w1", LEASE) is True
 
 
-class _Relay:
-    """A TCP relay to PostgreSQL that can be cut: the server going away under the store."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parts = urlsplit(POSTGRES_URL)
-        up_reader, up_writer = await asyncio.open_connection(parts.hostname, parts.port or 5432)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except OSError:
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await self.server.wait_closed()
-
-
 async def test_losing_the_server_is_a_state_error(make_store: StoreFactory) -> None:
-    relay = _Relay()
+    relay = TcpProxy(POSTGRES_URL)
     port = await relay.start()
     parts = urlsplit(POSTGRES_URL)
     netloc = f"{parts.username or 'postgres'}:s3cret@127.0.0.1:{port}"

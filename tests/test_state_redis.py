@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
+from harness import TcpProxy
 
 pytest.importorskip("redis.asyncio")
 pytest.register_assert_rewrite("state_contract")
@@ -231,42 +232,6 @@ def _test_server(userinfo: str = "", port: int | None = None) -> str:
     return f"redis://{at}{parts.hostname}:{port or parts.port or 6379}{parts.path}"
 
 
-class _Proxy:
-    """A TCP relay to Redis that can be cut: Redis going away under an open store."""
-
-    def __init__(self) -> None:
-        self.server: asyncio.Server | None = None
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        return int(self.server.sockets[0].getsockname()[1])
-
-    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        parts = urlsplit(REDIS_URL)
-        up_reader, up_writer = await asyncio.open_connection(parts.hostname, parts.port or 6379)
-        self.writers += [writer, up_writer]
-
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            try:
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                dst.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-    async def cut(self) -> None:
-        assert self.server is not None
-        self.server.close()
-        for writer in self.writers:
-            writer.close()
-        await self.server.wait_closed()
-
-
 @pytest.mark.parametrize(
     "url",
     [
@@ -299,7 +264,7 @@ async def test_a_wrong_password_is_a_state_error_without_the_password() -> None:
 
 
 async def test_losing_the_server_is_a_state_error(make_store: StoreFactory) -> None:
-    proxy = _Proxy()
+    proxy = TcpProxy(REDIS_URL)
     port = await proxy.start()
     store = make_store(_test_server(port=port))
     await store.open()
