@@ -13,7 +13,7 @@ import orjson
 import pytest
 import structlog
 from aioresponses import aioresponses
-from harness import Harness
+from harness import Harness, OpenedSources
 from yarl import URL
 
 from worker.config import Settings
@@ -123,3 +123,11 @@ def events() -> Callable[[int], list[dict[str, Any]]]:
         return [contact_event(rng, number) for number in range(1, count + 1)]
 
     return make
+
+
+@pytest.fixture
+async def opened() -> AsyncIterator[OpenedSources]:
+    """Sources a test opens, closed at its end."""
+    tracker = OpenedSources()
+    yield tracker
+    await tracker.close_all()

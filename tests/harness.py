@@ -7,8 +7,10 @@ import contextlib
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
+from worker.contact import parse_event
+from worker.errors import InvalidEvent
 from worker.pipeline import Worker
-from worker.sources import MemoryDeadLetterSink, MemorySource
+from worker.sources import MemoryDeadLetterSink, MemorySource, Source, open_source
 from worker.state import MemoryStateStore
 
 
@@ -114,3 +116,30 @@ class TcpProxy:
             await self._server.wait_closed()
             self._server = None
         await self.drop()
+
+
+def valid_order_refs(lines: list[bytes]) -> set[str]:
+    """The orderRefs of the lines the worker should deliver (the invalid ones left out)."""
+    refs = set()
+    for line in lines:
+        with contextlib.suppress(InvalidEvent):
+            refs.add(parse_event(line, default_event_id="-").order_ref)
+    return refs
+
+
+class OpenedSources:
+    """Sources a test opened; the `opened` fixture closes them at its end."""
+
+    def __init__(self) -> None:
+        self.sources: list[Source] = []
+
+    async def source(self, url: str) -> Source:
+        """Open the source at `url`; it is closed at the end of the test."""
+        source = open_source(url)
+        await source.open()
+        self.sources.append(source)
+        return source
+
+    async def close_all(self) -> None:
+        for source in self.sources:
+            await source.close()

@@ -9,7 +9,6 @@ persistent messages), with its state in the shared Redis.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shutil
 import socket
 import subprocess
@@ -20,13 +19,11 @@ from pathlib import Path
 import orjson
 import pytest
 import services
-from harness import free_port
+from harness import free_port, valid_order_refs
 
 from worker.config import Settings
-from worker.contact import parse_event
 from worker.demo import generate_events
 from worker.emulator import Emulator
-from worker.errors import InvalidEvent
 from worker.pipeline import Worker
 from worker.sources import open_publisher
 
@@ -82,10 +79,7 @@ async def test_the_worker_rides_out_a_redis_restart(
     private_redis: PrivateRedis, emulator: Emulator, make_settings: Callable[..., Settings]
 ) -> None:
     lines = generate_events(600, duplicate_share=0.1, invalid_rounds=1, seed=8)
-    valid = set()
-    for line in lines:
-        with contextlib.suppress(InvalidEvent):
-            valid.add(parse_event(line, default_event_id="-").order_ref)
+    valid = valid_order_refs(lines)
     source_url = f"{private_redis.url}?stream=orders&group=cdp-sync"
     publisher = open_publisher(source_url)
     await publisher.open()
@@ -161,10 +155,7 @@ async def test_the_worker_rides_out_a_rabbitmq_restart(
     if shutil.which("rabbitmqctl") is None:
         pytest.skip("rabbitmqctl is needed to restart the broker")
     lines = generate_events(600, duplicate_share=0.1, invalid_rounds=1, seed=9)
-    valid = set()
-    for line in lines:
-        with contextlib.suppress(InvalidEvent):
-            valid.add(parse_event(line, default_event_id="-").order_ref)
+    valid = valid_order_refs(lines)
     queue = f"restart-{time.monotonic_ns()}"
     source_url = f"{services.AMQP_URL}?queue={queue}&prefetch=32"
     publisher = open_publisher(source_url)

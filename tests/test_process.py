@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import os
 import signal
 import sys
@@ -23,12 +22,10 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SECRET_KEY, SECRET_TOKEN
-from harness import free_port
+from harness import free_port, valid_order_refs
 
-from worker.contact import parse_event
 from worker.demo import generate_events, write_events
 from worker.emulator import Emulator, EmulatorConfig
-from worker.errors import InvalidEvent
 
 Run = Callable[..., "asyncio.Future[tuple[int, list[bytes], bytes]]"]
 
@@ -218,10 +215,7 @@ async def test_sigkill_mid_run_then_rerun_loses_and_doubles_nothing(
 ) -> None:
     lines = generate_events(600, duplicate_share=0.2, invalid_rounds=3, seed=99)
     write_events(tmp_path / "events.jsonl", lines)
-    valid_orders = set()
-    for line in lines:
-        with contextlib.suppress(InvalidEvent):
-            valid_orders.add(parse_event(line, default_event_id="-").order_ref)
+    valid_orders = valid_order_refs(lines)
     cdp.config.latency = 0.01
     cdp.config.timeout_after_create_rate = 0.02
     cdp.config.reset_after_create_rate = 0.02

@@ -6,7 +6,6 @@ dead-lettered once, and the emulator never sees more than the limit in any secon
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -21,11 +20,10 @@ import orjson
 import pytest
 import services
 from conftest import SECRET_KEY, SECRET_TOKEN
+from harness import valid_order_refs
 
-from worker.contact import parse_event
 from worker.demo import generate_events
 from worker.emulator import Emulator, EmulatorConfig
-from worker.errors import InvalidEvent
 from worker.sources import open_publisher
 
 RATE = 150.0  # requests/s for all replicas together
@@ -149,10 +147,7 @@ async def test_three_replicas_one_killed_deliver_everything_once_under_the_limit
     broker: Broker,
 ) -> None:
     lines = generate_events(1500, duplicate_share=0.2, invalid_rounds=5, seed=21)
-    valid = set()
-    for line in lines:
-        with contextlib.suppress(InvalidEvent):
-            valid.add(parse_event(line, default_event_id="-").order_ref)
+    valid = valid_order_refs(lines)
     publisher = open_publisher(broker.source_url)
     await publisher.open()
     await publisher.publish(lines)

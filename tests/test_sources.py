@@ -10,28 +10,11 @@ from pathlib import Path
 import orjson
 import pytest
 import services
+from harness import OpenedSources
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect
 
 from worker.sources import Source, open_dead_letter_sink, open_publisher, open_source
 from worker.state import SqliteStateStore
-
-
-class _Opened:
-    """Opens sources for a test and closes whatever is still open at its end."""
-
-    def __init__(self) -> None:
-        self.sources: list[Source] = []
-
-    async def close_all(self) -> None:
-        for source in self.sources:
-            await source.close()
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[_Opened]:
-    tracker = _Opened()
-    yield tracker
-    await tracker.close_all()
 
 
 class TestFileSource(SourceContract):
@@ -53,7 +36,9 @@ class TestFileSource(SourceContract):
         return publish
 
     @pytest.fixture
-    def make_source(self, tmp_path: Path, state: SqliteStateStore, opened: _Opened) -> MakeSource:
+    def make_source(
+        self, tmp_path: Path, state: SqliteStateStore, opened: OpenedSources
+    ) -> MakeSource:
         async def make() -> Source:
             source = open_source(f"file:{tmp_path / 'events.jsonl'}", state=state)
             await source.open()
@@ -86,7 +71,7 @@ class TestRedisStreamSource(SourceContract):
         return publish
 
     @pytest.fixture
-    def make_source(self, stream_url: str, opened: _Opened) -> MakeSource:
+    def make_source(self, stream_url: str, opened: OpenedSources) -> MakeSource:
         names = itertools.count(1)
 
         async def make() -> Source:
@@ -99,7 +84,7 @@ class TestRedisStreamSource(SourceContract):
         return make
 
     async def test_an_entry_of_a_dead_consumer_is_taken_over_with_its_count(
-        self, stream_url: str, publish: Publish, opened: _Opened
+        self, stream_url: str, publish: Publish, opened: OpenedSources
     ) -> None:
         await publish(bodies(1))
         dead = open_source(f"{stream_url}&consumer=dead&claim_idle=100")

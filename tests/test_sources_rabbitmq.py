@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import orjson
 import pytest
 import services
-from harness import TcpProxy
+from harness import OpenedSources, TcpProxy
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.config import Settings
@@ -31,30 +31,6 @@ from worker.sources import (
 )
 
 aio_pika = pytest.importorskip("aio_pika")
-
-
-class _Opened:
-    """Opens sources for a test and closes whatever is still open at its end."""
-
-    def __init__(self) -> None:
-        self.sources: list[Source] = []
-
-    async def source(self, url: str) -> Source:
-        source = open_source(url)
-        await source.open()
-        self.sources.append(source)
-        return source
-
-    async def close_all(self) -> None:
-        for source in self.sources:
-            await source.close()
-
-
-@pytest.fixture
-async def opened() -> AsyncIterator[_Opened]:
-    tracker = _Opened()
-    yield tracker
-    await tracker.close_all()
 
 
 def queue_of(url: str) -> str:
@@ -123,7 +99,7 @@ class TestRabbitMQSource(SourceContract):
         return publish
 
     @pytest.fixture
-    def make_source(self, queue_url: str, opened: _Opened) -> MakeSource:
+    def make_source(self, queue_url: str, opened: OpenedSources) -> MakeSource:
         async def make() -> Source:
             # The contract holds up to 200 messages unacked in one consumer, which the
             # default prefetch (64) would not hand out: prefetch bounds exactly that.
@@ -152,7 +128,7 @@ class TestRabbitMQSource(SourceContract):
         assert await nothing_more(successor)
 
     async def test_prefetch_bounds_what_one_consumer_holds_unacked(
-        self, queue_url: str, publish: Publish, opened: _Opened
+        self, queue_url: str, publish: Publish, opened: OpenedSources
     ) -> None:
         await publish(bodies(10))
         source = await opened.source(f"{queue_url}&prefetch=3")
@@ -220,14 +196,14 @@ class TestRabbitMQSource(SourceContract):
         assert counts == [1, 2, 3]  # beyond the classic queues' "redelivered" (2)
 
     async def test_the_robust_connection_comes_back_after_a_network_drop(
-        self, queue_url: str, publish: Publish, opened: _Opened
+        self, queue_url: str, publish: Publish, opened: OpenedSources
     ) -> None:
         async with TcpProxy(services.AMQP_URL) as proxy:
             url = proxy.url(queue_url) + "&reconnect_interval=0.1"
             await self._survives(proxy, proxy.drop, url, publish, opened)
 
     async def test_the_robust_connection_comes_back_after_the_broker_closes_it(
-        self, queue_url: str, publish: Publish, opened: _Opened
+        self, queue_url: str, publish: Publish, opened: OpenedSources
     ) -> None:
         if shutil.which("rabbitmqctl") is None:
             pytest.skip("rabbitmqctl is not installed (the network-drop test still runs)")
@@ -253,7 +229,7 @@ class TestRabbitMQSource(SourceContract):
         drop: Callable[[], Awaitable[None]],
         url: str,
         publish: Publish,
-        opened: _Opened,
+        opened: OpenedSources,
     ) -> None:
         """Messages held across a connection loss come again; acks of the old ones fail;
         `connected` is off until the connection is back. The proxy keeps the broker out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 
 def safe_url(url: str) -> str:
@@ -32,3 +32,11 @@ def dead_letters_beside(source_url: str, name: str, *, drop: tuple[str, ...] = (
     query = {k: v for k, v in parse_qsl(parts.query) if k not in drop}
     query[name] = query.get(name, "") + ".dead-letter"
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def scrub_password(text: str, password: str | None) -> str:
+    """`text` without the password, as written in the URL or percent-decoded."""
+    if password:
+        for form in (password, unquote(password)):
+            text = text.replace(form, "***")
+    return text

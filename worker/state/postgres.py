@@ -19,8 +19,9 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
+from worker._urls import scrub_password
 from worker.errors import ConfigError, MissingExtraError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
@@ -169,17 +170,9 @@ def _check_url(url: str) -> tuple[str, str | None]:
         port = parts.port or 5432
     except ValueError as exc:
         raise ConfigError(
-            f"{OPTION}: invalid postgresql URL: {_scrub(str(exc), parts.password)}"
+            f"{OPTION}: invalid postgresql URL: {scrub_password(str(exc), parts.password)}"
         ) from None
     return f"{parts.hostname or 'localhost'}:{port}{parts.path or '/'}", parts.password
-
-
-def _scrub(text: str, password: str | None) -> str:
-    """`text` without the password, as written in the URL or percent-decoded."""
-    if password:
-        for form in (password, unquote(password)):
-            text = text.replace(form, "***")
-    return text
 
 
 def _rowcount(status: str) -> int:
@@ -261,7 +254,7 @@ class PostgresStateStore(StateStore):
     # -- plumbing ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        return _scrub(str(exc) or type(exc).__name__, self._password)
+        return scrub_password(str(exc) or type(exc).__name__, self._password)
 
     def _live_pool(self) -> _Pool:
         if self._pool is None:

@@ -31,9 +31,9 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from urllib.parse import urlsplit
 
-from worker._urls import split_url_params
+from worker._urls import scrub_password, split_url_params
 from worker.errors import ConfigError, MissingExtraError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
@@ -174,21 +174,13 @@ def _check_url(url: str) -> tuple[str, str | None]:
         parse_url(url)
     except ValueError as exc:
         raise ConfigError(
-            f"{OPTION}: invalid redis URL: {_scrub(str(exc), parts.password)}"
+            f"{OPTION}: invalid redis URL: {scrub_password(str(exc), parts.password)}"
         ) from None
     db = parts.path.strip("/") or "0"
     if not db.isdigit():
         # redis-py would silently use DB 0 for `redis://host/name`: say so instead.
         raise ConfigError(f"{OPTION}: the redis URL's path is a database number, e.g. /0")
     return f"{parts.hostname or 'localhost'}:{port}/{db}", parts.password
-
-
-def _scrub(text: str, password: str | None) -> str:
-    """`text` without the password, as written in the URL or percent-decoded."""
-    if password:
-        for form in (password, unquote(password)):
-            text = text.replace(form, "***")
-    return text
 
 
 def _ttl_ms(retention_seconds: float | None) -> int:
@@ -289,7 +281,7 @@ class RedisStateStore(StateStore):
     # -- plumbing ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        return _scrub(str(exc) or type(exc).__name__, self._password)
+        return scrub_password(str(exc) or type(exc).__name__, self._password)
 
     def _live_client(self) -> aioredis.Redis:
         if self._client is None:
