@@ -19,6 +19,7 @@ from yarl import URL
 from worker.config import Settings
 from worker.demo import contact_event
 from worker.emulator import Emulator, EmulatorConfig
+from worker.limits import BACKOFF_BASE
 from worker.observability import configure_logging
 from worker.pipeline import Worker
 from worker.sources import MemoryDeadLetterSink, MemorySource
@@ -102,13 +103,21 @@ def make_worker(
         events: Iterable[bytes | str | dict[str, Any]],
         *,
         state: MemoryStateStore | None = None,
+        backoff_base: float = BACKOFF_BASE,
         **overrides: Any,
     ) -> Harness:
+        """A worker on `events`; `backoff_base` shrinks its backoff, `overrides` its settings."""
         bodies = [orjson.dumps(e) if isinstance(e, dict) else e for e in events]
         source = MemorySource(bodies)
         state = state or shared
         dead = MemoryDeadLetterSink()
-        worker = Worker(make_settings(**overrides), source=source, state=state, dead_letters=dead)
+        worker = Worker(
+            make_settings(**overrides),
+            source=source,
+            state=state,
+            dead_letters=dead,
+            backoff_base=backoff_base,
+        )
         return Harness(worker, source, state, dead)
 
     return make

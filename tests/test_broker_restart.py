@@ -90,8 +90,7 @@ async def test_the_worker_rides_out_a_redis_restart(
         source=source_url, state=private_redis.url, dlq=None, rate_limit=300.0,
         concurrency=8, request_timeout=1.0, lease_seconds=4.0,
     )  # fmt: skip
-    worker = Worker(settings)
-    worker.backoff_base = 0.05
+    worker = Worker(settings, backoff_base=0.05)
     run = asyncio.create_task(worker.run())
     while emulator.stats()["contacts"] < 150:
         await asyncio.sleep(0.02)
@@ -167,8 +166,7 @@ async def test_the_worker_rides_out_a_rabbitmq_restart(
         source=source_url, dlq=None, rate_limit=300.0, concurrency=8,
         request_timeout=1.0, lease_seconds=4.0,
     )  # fmt: skip
-    worker = Worker(settings)
-    worker.backoff_base = 0.05
+    worker = Worker(settings, backoff_base=0.05)
     run = asyncio.create_task(worker.run())
     try:
         while emulator.stats()["contacts"] < 150:

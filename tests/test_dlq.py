@@ -21,8 +21,7 @@ from worker.sources import open_dead_letter_sink
 
 
 async def run_worker(settings: Settings) -> Worker:
-    worker = Worker(settings)
-    worker.backoff_base = 0.01
+    worker = Worker(settings, backoff_base=0.01)
     try:
         await worker.run()
     finally:

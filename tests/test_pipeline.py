@@ -27,9 +27,8 @@ Events = Callable[[int], list[dict[str, Any]]]
 MakeWorker = Callable[..., Harness]
 
 
-def fast(harness: Harness) -> Harness:
-    harness.worker.backoff_base = 0.01
-    return harness
+# A backoff step short enough that retries cost the tests little time.
+FAST = 0.01
 
 
 def one_contact_each(emulator: Emulator, events: list[dict[str, Any]]) -> None:
@@ -135,7 +134,7 @@ async def test_server_errors_are_retried_until_delivered(
 ) -> None:
     emulator.config.error_rate = 0.5
     batch = events(30)
-    harness = fast(make_worker(batch, max_attempts=30))
+    harness = make_worker(batch, max_attempts=30, backoff_base=FAST)
     await harness.run()
     one_contact_each(emulator, batch)
     assert harness.worker.summary["delivered"] == 30
@@ -147,7 +146,7 @@ async def test_retries_are_capped_then_dead_lettered(
     make_worker: MakeWorker, emulator: Emulator, events: Events
 ) -> None:
     emulator.config.error_rate = 1.0
-    harness = fast(make_worker(events(2), max_attempts=3))
+    harness = make_worker(events(2), max_attempts=3, backoff_base=FAST)
     await harness.run()
     assert harness.reasons == ["retries_exhausted", "retries_exhausted"]
     assert all(letter["attempts"] == 3 for letter in harness.dead.letters)
@@ -161,7 +160,7 @@ async def test_a_post_of_unknown_fate_is_reconciled_not_repeated(
     setattr(emulator.config, fault, 1.0)
     emulator.config.hang_seconds = 2.0
     batch = events(5)
-    harness = fast(make_worker(batch, request_timeout=0.3, lease_seconds=5.0))
+    harness = make_worker(batch, request_timeout=0.3, lease_seconds=5.0, backoff_base=FAST)
     await harness.run()
     one_contact_each(emulator, batch)
     assert harness.worker.summary["reconciled"] == 5
@@ -187,7 +186,7 @@ async def test_429_slows_the_whole_worker_and_is_retried(
 ) -> None:
     emulator.config.rate_limit = 20
     batch = events(40)
-    harness = fast(make_worker(batch, concurrency=16, max_attempts=20))
+    harness = make_worker(batch, concurrency=16, max_attempts=20, backoff_base=FAST)
     await harness.run()
     one_contact_each(emulator, batch)
     assert emulator.stats()["responses"].get("429", 0) > 0
@@ -200,7 +199,7 @@ async def test_not_found_is_retried_within_the_grace_period(
 ) -> None:
     emulator.config.not_found_for = 0.3
     batch = events(3)
-    harness = fast(make_worker(batch, not_found_grace=10.0))
+    harness = make_worker(batch, not_found_grace=10.0, backoff_base=FAST)
     await harness.run()
     one_contact_each(emulator, batch)
     assert emulator.stats()["responses"]["404"] >= 3
@@ -210,7 +209,7 @@ async def test_not_found_past_the_grace_period_is_dead_lettered(
     make_worker: MakeWorker, emulator: Emulator, events: Events
 ) -> None:
     emulator.config.not_found_for = 60.0
-    harness = fast(make_worker(events(2), not_found_grace=0.2))
+    harness = make_worker(events(2), not_found_grace=0.2, backoff_base=FAST)
     await harness.run()
     assert harness.reasons == ["order_not_found", "order_not_found"]
     assert emulator.stats()["contacts"] == 0
@@ -221,7 +220,7 @@ async def test_bad_credentials_pause_the_worker_until_they_work(
 ) -> None:
     emulator.config.auth_failure = True
     batch = events(10)
-    harness = fast(make_worker(batch))
+    harness = make_worker(batch, backoff_base=FAST)
     run = asyncio.create_task(harness.run())
     while not harness.worker.metrics.auth_paused._value.get():
         await asyncio.sleep(0.01)
@@ -232,6 +231,26 @@ async def test_bad_credentials_pause_the_worker_until_they_work(
     assert harness.reasons == []  # nothing is dead-lettered for bad credentials
     one_contact_each(emulator, batch)
     assert harness.worker.metrics.auth_paused._value.get() == 0
+
+
+async def test_an_auth_pause_stops_the_requests_already_fetched_too(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    # Requests the worker had fetched and was retrying must wait at the gate as well:
+    # refused POSTs stay within about one per request slot, whatever the backlog.
+    emulator.config.auth_failure = True
+    batch = events(200)
+    harness = make_worker(batch, concurrency=16, backoff_base=FAST)
+    run = asyncio.create_task(harness.run())
+    while not harness.worker.metrics.auth_paused._value.get():
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.5)  # probes keep failing; the fetched events wait
+    refused_posts = emulator.stats()["requests"].get("POST", 0)
+    assert refused_posts <= 16
+    emulator.config.auth_failure = False
+    await asyncio.wait_for(run, 20)
+    one_contact_each(emulator, batch)
+    assert emulator.stats()["requests"]["POST"] == refused_posts + 200
 
 
 async def test_stop_gives_unfinished_messages_and_claims_back(
@@ -302,7 +321,7 @@ async def test_cdp_error_text_quoting_the_contact_stays_out_of_the_logs(
     error = {"status": 400, "code": 400, "message": f"bad email {email}", "developerMessage": ""}
     mocked.post(re.compile(r".*/contacts$"), status=503, payload={"message": f"busy {email}"})
     mocked.post(re.compile(r".*/contacts$"), status=400, payload=error)
-    harness = fast(make_worker([event]))
+    harness = make_worker([event], backoff_base=FAST)
     await harness.run()
     assert harness.reasons == ["cdp_rejected"]
     assert email in harness.dead.letters[0]["detail"]  # the dead letter keeps CDP's words
@@ -339,8 +358,7 @@ async def test_a_contact_created_but_not_recorded_is_reconciled_not_posted_again
     state = FlakyState(complete_failures=1)
     await state.open()
     event = events(1)[0]
-    harness = make_worker([event], state=state)
-    harness.worker.backoff_base = 0.01
+    harness = make_worker([event], state=state, backoff_base=FAST)
     await asyncio.wait_for(harness.run(), 20)
     await state.close()
     one_contact_each(emulator, [event])
@@ -390,7 +408,7 @@ async def test_the_auth_pause_ends_only_when_a_probe_succeeds(
 ) -> None:
     emulator.config.auth_failure = True
     batch = events(3)
-    harness = fast(make_worker(batch))
+    harness = make_worker(batch, backoff_base=FAST)
     run = asyncio.create_task(harness.run())
     while not harness.worker.metrics.auth_paused._value.get():
         await asyncio.sleep(0.01)
@@ -407,7 +425,7 @@ async def test_a_message_the_worker_keeps_failing_on_is_dead_lettered_not_looped
     make_worker: MakeWorker, emulator: Emulator, events: Events
 ) -> None:
     batch = events(2)
-    harness = make_worker(batch, max_attempts=3)
+    harness = make_worker(batch, max_attempts=3, backoff_base=FAST)
     calls = 0
 
     async def broken(order_ref: str, body: object) -> object:
@@ -416,7 +434,6 @@ async def test_a_message_the_worker_keeps_failing_on_is_dead_lettered_not_looped
         raise RuntimeError("a bug in the worker, not the event's fault")
 
     harness.worker.client.create_contact = broken  # type: ignore[method-assign, assignment]
-    harness.worker.backoff_base = 0.01
     await asyncio.wait_for(harness.run(), 30)
     assert harness.reasons == ["retries_exhausted", "retries_exhausted"]
     assert calls == 6  # three tries each, then the dead letter

@@ -70,8 +70,8 @@ async def test_a_worker_on_a_broker_delivers_once_and_dead_letters_beside_it(
     await publisher.publish(lines)
     await publisher.close()
     emulator.config.error_rate = 0.05
-    worker = Worker(make_settings(source=broker_url, dlq=None, concurrency=16), state=state)
-    worker.backoff_base = 0.01
+    settings = make_settings(source=broker_url, dlq=None, concurrency=16)
+    worker = Worker(settings, state=state, backoff_base=0.01)
     run = asyncio.create_task(worker.run())
     finished = ("delivered", "duplicate", "dead_lettered")
     while sum(worker.summary[outcome] for outcome in finished) < len(lines):

@@ -15,7 +15,7 @@ import services
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.config import Settings
-from worker.errors import ConfigError, MissingExtraError, SourceError
+from worker.errors import ConfigError, SourceError
 from worker.sources import Source, open_dead_letter_sink, open_publisher, open_source
 
 MakeNats = Callable[..., Awaitable[Source]]
@@ -263,14 +263,6 @@ async def test_an_unreachable_server_fails_at_open_without_the_password() -> Non
     assert "127.0.0.1:1" in str(caught.value)
     assert "hunter2" not in str(caught.value)
     await source.close()
-
-
-def test_without_nats_py_the_error_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.sources.nats as module
-
-    monkeypatch.setattr(module, "NatsClient", None)
-    with pytest.raises(MissingExtraError, match=r"cdp-sync\[nats\]"):
-        open_source("nats://127.0.0.1:4222?stream=S&subject=s")
 
 
 async def test_the_publisher_keeps_the_order_and_a_closed_source_refuses_to_fetch(

@@ -21,7 +21,7 @@ from harness import OpenedSources, TcpProxy
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.config import Settings
-from worker.errors import ConfigError, MissingExtraError, SourceError
+from worker.errors import ConfigError, SourceError
 from worker.sources import (
     Source,
     letter_key,
@@ -294,14 +294,6 @@ def test_the_dead_letter_url_names_the_queue_beside() -> None:
     source = open_source(url)
     assert "s3cret" not in source.name
     assert source.name.endswith("queue=order-contacts")
-
-
-def test_a_missing_aio_pika_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    import worker.sources.rabbitmq as rabbitmq
-
-    monkeypatch.setattr(rabbitmq, "aio_pika", None)
-    with pytest.raises(MissingExtraError, match=r"pip install 'cdp-sync\[rabbitmq\]'"):
-        open_source("amqp://guest:guest@127.0.0.1/?queue=q")
 
 
 def test_message_ids_and_delivery_counts() -> None:

@@ -7,7 +7,6 @@ afterwards, so runs can share one server.
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -23,7 +22,7 @@ import asyncpg  # noqa: E402
 from services import POSTGRES_URL, require  # noqa: E402
 from state_contract import LEASE, OpenAgain, StateStoreContract  # noqa: E402
 
-from worker.errors import ConfigError, MissingExtraError, StateError  # noqa: E402
+from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
 from worker.state.postgres import PostgresStateStore  # noqa: E402
 
@@ -256,14 +255,3 @@ def test_the_class_is_importable_from_the_package() -> None:
     from worker.state import PostgresStateStore as exported
 
     assert exported is PostgresStateStore
-
-
-def test_a_missing_asyncpg_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "asyncpg", None)  # `import asyncpg` now fails
-    monkeypatch.delitem(sys.modules, "worker.state.postgres")
-    with pytest.raises(MissingExtraError) as info:
-        open_state_store("postgresql://u:s3cret@db/x")
-    message = str(info.value)
-    assert "pip install 'cdp-sync[postgres]'" in message
-    assert "--state / WORKER_STATE" in message
-    assert "s3cret" not in message

@@ -7,7 +7,6 @@ its keys afterwards, so runs can share one Redis.
 from __future__ import annotations
 
 import asyncio
-import sys
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -23,7 +22,7 @@ import redis.asyncio as aioredis  # noqa: E402
 from services import REDIS_URL, require  # noqa: E402
 from state_contract import DAY, LEASE, FakeClock, OpenAgain, StateStoreContract  # noqa: E402
 
-from worker.errors import ConfigError, MissingExtraError, StateError  # noqa: E402
+from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
 from worker.state.redis import RedisStateStore  # noqa: E402
 
@@ -307,14 +306,3 @@ def test_the_class_is_importable_from_the_package() -> None:
     from worker.state import RedisStateStore as exported
 
     assert exported is RedisStateStore
-
-
-def test_a_missing_redis_package_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "redis", None)  # `import redis` now fails
-    monkeypatch.delitem(sys.modules, "worker.state.redis")
-    with pytest.raises(MissingExtraError) as info:
-        open_state_store("redis://:s3cret@127.0.0.1:6379/0")
-    message = str(info.value)
-    assert "pip install 'cdp-sync[redis]'" in message
-    assert "--state / WORKER_STATE" in message
-    assert "s3cret" not in message

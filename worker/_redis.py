@@ -1,36 +1,24 @@
 """Redis plumbing shared by the Redis source, state store and shared rate limit.
 
-redis-py is an extra: it is imported here only, and only when a redis:// URL is used.
+redis-py is an extra: this module is imported only after `_extras.require(REDIS, ...)`,
+when a redis:// URL is used.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import redis.asyncio as aioredis
 
 from ._urls import safe_url
-from .errors import MissingExtraError, SourceError
-
-if TYPE_CHECKING:
-    import redis.asyncio as aioredis
+from .errors import SourceError
 
 # Seconds to wait for a connection; the health check pings idle connections this often.
 CONNECT_TIMEOUT = 5.0
 HEALTH_CHECK_INTERVAL = 15
 
 
-def redis_module() -> Any:
-    """`redis.asyncio`, or a MissingExtraError naming the extra to install."""
-    try:
-        import redis.asyncio as module
-    except ImportError:  # pragma: no cover - exercised without the extra installed
-        raise MissingExtraError("redis", "redis", "redis://") from None
-    return module
-
-
 def client(url: str) -> aioredis.Redis:
     """A client that connects on first use (and reconnects after a drop)."""
-    redis: Any = redis_module()
-    made: aioredis.Redis = redis.Redis.from_url(
+    made: aioredis.Redis = aioredis.Redis.from_url(
         url, socket_connect_timeout=CONNECT_TIMEOUT, health_check_interval=HEALTH_CHECK_INTERVAL
     )
     return made

@@ -25,7 +25,7 @@ from typing import Any
 
 import orjson
 
-from .errors import InvalidEvent
+from .errors import FieldRejected, InvalidEvent
 
 API_VERSIONS: tuple[str, ...] = ("v2", "v2.1")
 
@@ -64,10 +64,6 @@ _INSTANT_RE = re.compile(_INSTANT_PATTERN, re.ASCII)
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _DATE_MESSAGE = "expected YYYY-MM-DD or ISO 8601 date-time"
-
-
-class _Reject(Exception):
-    """A contact or envelope rule failed; `parse_event` adds the event's context."""
 
 
 @dataclass(frozen=True, slots=True, repr=False)
@@ -156,7 +152,7 @@ def _format_instant(moment: datetime) -> str:
 
 def _string(path: str, value: object) -> str:
     if not isinstance(value, str):
-        raise _Reject(f"{path}: expected a string, got {_json_type(value)}")
+        raise FieldRejected(f"{path}: expected a string, got {_json_type(value)}")
     return value.strip()
 
 
@@ -167,7 +163,7 @@ def _optional_string(path: str, value: object) -> str | None:
 def _required_string(path: str, value: object) -> str:
     text = _string(path, value)
     if not text:
-        raise _Reject(f"{path}: must not be empty")
+        raise FieldRejected(f"{path}: must not be empty")
     return text
 
 
@@ -177,21 +173,21 @@ def _title(path: str, value: object) -> str | None:
         return None
     title = _TITLE_BY_KEY.get(text.removesuffix(".").lower())
     if title is None:
-        raise _Reject(f"{path}: expected one of {_TITLE_LIST}")
+        raise FieldRejected(f"{path}: expected one of {_TITLE_LIST}")
     return title
 
 
 def _gender(path: str, value: object) -> str | None:
     text = _string(path, value).lower()
     if text and text not in GENDERS:
-        raise _Reject(f"{path}: expected male, female or unknown")
+        raise FieldRejected(f"{path}: expected male, female or unknown")
     return text or None
 
 
 def _country(path: str, value: object) -> str | None:
     text = _string(path, value)
     if text and not _COUNTRY_RE.fullmatch(text):
-        raise _Reject(f"{path}: expected an ISO 3166-1 alpha-2 code (2 letters)")
+        raise FieldRejected(f"{path}: expected an ISO 3166-1 alpha-2 code (2 letters)")
     return text.upper() or None
 
 
@@ -202,7 +198,7 @@ def _date(path: str, value: object) -> str | None:
     try:
         return _format_instant(_parse_instant(text))
     except (ValueError, OverflowError):
-        raise _Reject(f"{path}: {_DATE_MESSAGE}") from None
+        raise FieldRejected(f"{path}: {_DATE_MESSAGE}") from None
 
 
 def _guest_ref(path: str, value: object) -> str | None:
@@ -211,13 +207,13 @@ def _guest_ref(path: str, value: object) -> str | None:
         return None
     ref = _canonical_uuid(text)
     if ref is None:
-        raise _Reject(f"{path}: expected a UUID")
+        raise FieldRejected(f"{path}: expected a UUID")
     return ref
 
 
 def _string_list(path: str, value: object) -> list[str] | None:
     if not isinstance(value, list):
-        raise _Reject(f"{path}: expected an array of strings, got {_json_type(value)}")
+        raise FieldRejected(f"{path}: expected an array of strings, got {_json_type(value)}")
     items = [_string(f"{path}[{index}]", item) for index, item in enumerate(value)]
     return [item for item in items if item] or None
 
@@ -227,14 +223,14 @@ _IDENTIFIER_KEYS = frozenset(("provider", "id", "expiryDate"))
 
 def _identifier(path: str, value: object) -> dict[str, str]:
     if not isinstance(value, dict):
-        raise _Reject(f"{path}: expected an object, got {_json_type(value)}")
+        raise FieldRejected(f"{path}: expected an object, got {_json_type(value)}")
     for key in value:
         if key not in _IDENTIFIER_KEYS:
-            raise _Reject(f"{_child_path(path, key)}: unknown field")
+            raise FieldRejected(f"{_child_path(path, key)}: unknown field")
     result: dict[str, str] = {}
     for key in ("provider", "id"):
         if value.get(key) is None:
-            raise _Reject(f"{path}.{key}: required")
+            raise FieldRejected(f"{path}.{key}: required")
         result[key] = _required_string(f"{path}.{key}", value[key])
     expiry = value.get("expiryDate")
     if expiry is not None and (date := _date(f"{path}.expiryDate", expiry)) is not None:
@@ -244,7 +240,7 @@ def _identifier(path: str, value: object) -> dict[str, str]:
 
 def _identifiers(path: str, value: object) -> list[dict[str, str]] | None:
     if not isinstance(value, list):
-        raise _Reject(f"{path}: expected an array of objects, got {_json_type(value)}")
+        raise FieldRejected(f"{path}: expected an array of objects, got {_json_type(value)}")
     return [_identifier(f"{path}[{index}]", item) for index, item in enumerate(value)] or None
 
 
@@ -289,24 +285,25 @@ def _child_path(path: str, key: str) -> str:
 def _contact(value: object, api_version: str) -> tuple[dict[str, Any], str | None]:
     """Validate and normalise `contact`; returns CDP fields and the guest ref apart."""
     if value is None:
-        raise _Reject("contact: required")
+        raise FieldRejected("contact: required")
     if not isinstance(value, dict):
-        raise _Reject(f"contact: expected an object, got {_json_type(value)}")
+        raise FieldRejected(f"contact: expected an object, got {_json_type(value)}")
     fields = _FIELDS_BY_VERSION[api_version]
     contact: dict[str, Any] = {}
     for key, item in value.items():
         normalise = fields.get(key)
         if normalise is None:
             if key not in _V21_FIELDS:
-                raise _Reject(f"{_child_path('contact', key)}: unknown field{_HINTS.get(key, '')}")
+                hint = _HINTS.get(key, "")
+                raise FieldRejected(f"{_child_path('contact', key)}: unknown field{hint}")
             if item is not None:  # null is absent, and absent is fine under v2
-                raise _Reject(f"contact.{key}: needs CDP_API_VERSION=v2.1")
+                raise FieldRejected(f"contact.{key}: needs CDP_API_VERSION=v2.1")
             continue
         if item is not None and (result := normalise(f"contact.{key}", item)) is not None:
             contact[key] = result
     for key in _REQUIRED:
         if key not in contact:
-            raise _Reject(f"contact.{key}: required")
+            raise FieldRejected(f"contact.{key}: required")
     return contact, contact.pop("guestRef", None)
 
 
@@ -353,12 +350,12 @@ def _event_id(value: object, default: str) -> tuple[str, str | None]:
 
 def _order_ref(value: object) -> str:
     if value is None:
-        raise _Reject("orderRef: required")
+        raise FieldRejected("orderRef: required")
     if not isinstance(value, str):
-        raise _Reject(f"orderRef: expected a string, got {_json_type(value)}")
+        raise FieldRejected(f"orderRef: expected a string, got {_json_type(value)}")
     ref = _canonical_uuid(value)
     if ref is None:
-        raise _Reject("orderRef: expected a UUID (8-4-4-4-12 hex digits)")
+        raise FieldRejected("orderRef: expected a UUID (8-4-4-4-12 hex digits)")
     return ref
 
 
@@ -366,11 +363,11 @@ def _occurred_at(value: object) -> datetime | None:
     if value is None:
         return None
     if not isinstance(value, str):
-        raise _Reject(f"occurredAt: expected a string, got {_json_type(value)}")
+        raise FieldRejected(f"occurredAt: expected a string, got {_json_type(value)}")
     try:
         return _parse_instant(value)
     except (ValueError, OverflowError):
-        raise _Reject(f"occurredAt: {_DATE_MESSAGE}") from None
+        raise FieldRejected(f"occurredAt: {_DATE_MESSAGE}") from None
 
 
 def parse_event(raw: bytes | str, *, default_event_id: str, api_version: str = "v2") -> Event:
@@ -384,7 +381,7 @@ def parse_event(raw: bytes | str, *, default_event_id: str, api_version: str = "
     event_id, event_id_problem = _event_id(obj.get("eventId"), default_event_id)
     try:
         order_ref = _order_ref(obj.get("orderRef"))
-    except _Reject as exc:
+    except FieldRejected as exc:
         raise InvalidEvent(INVALID_ORDER_REF, str(exc), event=obj, event_id=event_id) from None
     if event_id_problem:
         raise InvalidEvent(
@@ -393,7 +390,7 @@ def parse_event(raw: bytes | str, *, default_event_id: str, api_version: str = "
     try:
         occurred_at = _occurred_at(obj.get("occurredAt"))
         contact, guest_ref = _contact(obj.get("contact"), api_version)
-    except _Reject as exc:
+    except FieldRejected as exc:
         raise InvalidEvent(
             INVALID_EVENT, str(exc), event=obj, order_ref=order_ref, event_id=event_id
         ) from None

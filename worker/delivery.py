@@ -1,66 +1,99 @@
 """One event's way through DESIGN section 3, from its claim to a recorded outcome.
 
 The pipeline claims the orderRef and hands the event to `Delivery.run`, which POSTs,
-classifies, retries, reconciles and finally records `done` or `dead` and acks. When it
-cannot finish (the worker stops), it raises and the pipeline gives the message and the
-claim back; `sent_in_doubt` then tells whether a POST of ours may have reached CDP.
+classifies, retries, reconciles and finally has the outcome recorded (`done` or `dead`,
+then the ack). When it cannot finish (the worker stops, the lease is lost) the gate
+raises and the pipeline gives the message and the claim back; `sent_in_doubt` then tells
+whether a POST of ours may have reached CDP.
+
+A delivery knows its collaborators only by the small Protocols below, so its retry and
+reconciliation logic is tested with plain fakes (tests/test_delivery.py): the request
+gate (`gate.RequestGate`), the outcome recorder (`outcomes.Recorder`), the CDP client
+(`cdp.CdpClient`) and a `Policy` of numbers from the settings.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
-from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 import structlog
 
 from .cdp import Outcome, Verdict
+from .config import Settings
 from .contact import Event, build_body
-from .limits import backoff_delay
+from .limits import BACKOFF_BASE, backoff_delay
 from .observability import get_logger
 from .sources import Message
-
-if TYPE_CHECKING:
-    from .pipeline import Worker
 
 log = get_logger("worker.delivery")
 
 
-class Draining(Exception):
-    """Raised inside a delivery that must give its message back because the worker stops."""
+class Gate(Protocol):
+    """The request gate, as a delivery uses it."""
+
+    async def request(self, order_ref: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        """Send `call` through slots, pacing, pauses and the lease check."""
+
+    async def retry_in(self, seconds: float, reason: str) -> None:
+        """Count a retry for `reason` and sleep; Draining if the worker stops meanwhile."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Sleep; Draining if the worker stops meanwhile."""
+
+    def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
+        """CDP refused the credentials: pause every request until `probe` succeeds."""
 
 
-class LeaseLost(Exception):
-    """Raised before a request when our claim on the order may have passed to another worker."""
+class Recorder(Protocol):
+    """The outcome recorder, as a delivery uses it: record, ack, count."""
+
+    async def done(
+        self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
+    ) -> None: ...
+
+    async def dead(
+        self,
+        message: Message,
+        event: Event,
+        reason: str,
+        detail: str | None,
+        *,
+        status: int | None,
+        attempts: int,
+    ) -> None: ...
 
 
-def dead_letter(
-    reason: str,
-    detail: str | None,
-    *,
-    order_ref: str | None,
-    event_id: str | None,
-    status: int | None,
-    attempts: int,
-    event: dict[str, Any] | None,
-    raw: bytes | None = None,
-) -> dict[str, Any]:
-    """A dead letter as DESIGN section 5 shapes it: the event, or the raw text if not JSON."""
-    letter: dict[str, Any] = {
-        "reason": reason,
-        "detail": detail,
-        "orderRef": order_ref,
-        "eventId": event_id,
-        "status": status,
-        "attempts": attempts,
-        "deadAt": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-    }
-    if event is not None:
-        letter["event"] = event
-    else:
-        letter["raw"] = (raw or b"").decode("utf-8", "replace")
-    return letter
+class Client(Protocol):
+    """The CDP calls a delivery makes."""
+
+    async def create_contact(self, order_ref: str, body: Mapping[str, Any]) -> Outcome: ...
+
+    async def list_contacts(self, order_ref: str) -> Outcome: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """The numbers a delivery follows (DESIGN sections 3 and 6)."""
+
+    max_attempts: int
+    not_found_grace: float
+    base_url: str
+    api_version: str
+    # First backoff step in seconds (DESIGN: 0.5); tests shrink it to run quickly.
+    backoff_base: float = BACKOFF_BASE
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, backoff_base: float = BACKOFF_BASE) -> Policy:
+        return cls(
+            max_attempts=settings.max_attempts,
+            not_found_grace=settings.not_found_grace,
+            base_url=settings.cdp_base_url,
+            api_version=settings.cdp_api_version,
+            backoff_base=backoff_base,
+        )
 
 
 def _retry_reason(outcome: Outcome) -> str:
@@ -76,11 +109,23 @@ class Delivery:
     """Delivers one claimed event. `run()` returns once the outcome is recorded and acked."""
 
     def __init__(
-        self, worker: Worker, message: Message, event: Event, *, in_doubt: bool, claims: int
+        self,
+        message: Message,
+        event: Event,
+        *,
+        gate: Gate,
+        recorder: Recorder,
+        client: Client,
+        policy: Policy,
+        in_doubt: bool,
+        claims: int,
     ) -> None:
-        self.worker = worker
         self.message = message
         self.event = event
+        self.gate = gate
+        self.recorder = recorder
+        self.client = client
+        self.policy = policy
         self.claims = claims
         # Reconcile before the first POST if an earlier owner may have sent one.
         self.reconcile = in_doubt
@@ -92,16 +137,14 @@ class Delivery:
         self._not_found_tries = 0
 
     async def run(self) -> None:
-        worker, settings = self.worker, self.worker.settings
-        body = build_body(
-            self.event, base_url=settings.cdp_base_url, api_version=settings.cdp_api_version
-        )
+        policy, order_ref = self.policy, self.event.order_ref
+        body = build_body(self.event, base_url=policy.base_url, api_version=policy.api_version)
         while True:
             if self.reconcile and await self._reconcile():
                 return
             if self.reconcile:
                 continue  # the listing failed; it was counted and backed off
-            if self.attempts >= settings.max_attempts or self.claims > settings.max_attempts:
+            if self.attempts >= policy.max_attempts or self.claims > policy.max_attempts:
                 await self._dead("retries_exhausted", "gave up after the last attempt", None)
                 return
             self.attempts += 1
@@ -110,9 +153,9 @@ class Delivery:
             def post() -> Awaitable[Outcome]:
                 # In doubt from the moment the POST leaves, not while it waits its turn.
                 self.sent_in_doubt = True
-                return worker.client.create_contact(self.event.order_ref, body)
+                return self.client.create_contact(order_ref, body)
 
-            outcome = await worker.request(self.event.order_ref, post)
+            outcome = await self.gate.request(order_ref, post)
             if await self._act_on(outcome):
                 return
 
@@ -133,7 +176,7 @@ class Delivery:
             return await self._not_found(outcome)
         if verdict is Verdict.AUTH:
             self.attempts -= 1  # the credentials' fault, not the event's
-            await self.worker.auth_failed(self.event.order_ref)
+            self._auth_failed()
             return False
         if verdict in (Verdict.CONFLICT, Verdict.IN_DOUBT):
             self.reconcile = True
@@ -143,6 +186,12 @@ class Delivery:
         await self._backoff(self.attempts, outcome)
         return False
 
+    def _auth_failed(self) -> None:
+        """Pause at the gate; the next request of this delivery waits there until a probe
+        (a listing of this order) gets through."""
+        order_ref = self.event.order_ref
+        self.gate.auth_failed(lambda: self.client.list_contacts(order_ref))
+
     async def _not_found(self, outcome: Outcome) -> bool:
         """404: the order may not exist yet. Retry for the grace period, not counted."""
         self.attempts -= 1
@@ -150,22 +199,21 @@ class Delivery:
         if self._not_found_since is None:
             self._not_found_since = now
         waited = now - self._not_found_since
-        if waited >= self.worker.settings.not_found_grace:
+        grace = self.policy.not_found_grace
+        if waited >= grace:
             await self._dead("order_not_found", outcome.message, outcome.status)
             return True
         self._not_found_tries += 1
-        left = self.worker.settings.not_found_grace - waited
-        delay = min(backoff_delay(self._not_found_tries, base=self.worker.backoff_base), left)
-        self.worker.metrics.retries.labels("404").inc()
+        delay = backoff_delay(self._not_found_tries, base=self.policy.backoff_base)
+        delay = min(delay, grace - waited)
         log.info("event.order_not_found_yet", retry_in=round(delay, 3))
-        await self.worker.sleep(delay)
+        await self.gate.retry_in(delay, "404")
         return False
 
     async def _reconcile(self) -> bool:
         """List the order's contacts: record one that exists (True), or clear the doubt."""
-        worker = self.worker
         order_ref = self.event.order_ref
-        listing = await worker.request(order_ref, lambda: worker.client.list_contacts(order_ref))
+        listing = await self.gate.request(order_ref, lambda: self.client.list_contacts(order_ref))
         if listing.verdict is Verdict.CREATED:
             self.reconcile = False
             if listing.contacts:
@@ -177,10 +225,10 @@ class Delivery:
             self.sent_in_doubt = False  # CDP has no contact: nothing of ours arrived
             return False
         if listing.verdict is Verdict.AUTH:
-            await worker.auth_failed(self.event.order_ref)
+            self._auth_failed()
             return False
         self.attempts += 1
-        if self.attempts >= worker.settings.max_attempts:
+        if self.attempts >= self.policy.max_attempts:
             await self._dead(
                 "retries_exhausted", "could not list the order's contacts", listing.status
             )
@@ -189,30 +237,15 @@ class Delivery:
         return False
 
     async def _backoff(self, attempt: int, outcome: Outcome) -> None:
-        self.worker.metrics.retries.labels(_retry_reason(outcome)).inc()
-        base = self.worker.backoff_base
-        await self.worker.sleep(backoff_delay(attempt, retry_after=outcome.retry_after, base=base))
+        delay = backoff_delay(
+            attempt, retry_after=outcome.retry_after, base=self.policy.backoff_base
+        )
+        await self.gate.retry_in(delay, _retry_reason(outcome))
 
     async def _done(self, contact_ref: str, href: str, outcome: str) -> None:
-        worker = self.worker
-        await worker.state.complete(self.event.order_ref, worker.owner, contact_ref, href)
-        await worker.source.ack(self.message)
-        worker.metrics.mark_success()
-        worker.finish(outcome, contact_ref=contact_ref)
+        await self.recorder.done(self.message, self.event, contact_ref, href, outcome)
 
     async def _dead(self, reason: str, detail: str | None, status: int | None) -> None:
-        worker = self.worker
-        letter = dead_letter(
-            reason,
-            detail,
-            order_ref=self.event.order_ref,
-            event_id=self.event.event_id,
-            status=status,
-            attempts=self.attempts,
-            event=self.event.raw,
+        await self.recorder.dead(
+            self.message, self.event, reason, detail, status=status, attempts=self.attempts
         )
-        await worker.dead_letters.put(letter)
-        await worker.state.fail(self.event.order_ref, worker.owner, reason)
-        await worker.source.ack(self.message)
-        worker.summary[f"dead:{reason}"] += 1
-        worker.finish("dead_lettered", reason=reason, status=status)  # detail: see above

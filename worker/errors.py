@@ -15,12 +15,19 @@ class ConfigError(WorkerError):
 
 
 class MissingExtraError(ConfigError):
-    """A URL needs a broker client that is not installed."""
+    """A URL needs a broker or database client that is not installed.
 
-    def __init__(self, package: str, extra: str, url_kind: str) -> None:
+    Raised by `worker._extras.require` for every URL position (source, state, dead
+    letters, rate-limit backend, publish, dlq), always with the option's label.
+    """
+
+    def __init__(self, label: str, package: str, extra: str, url_kind: str) -> None:
         super().__init__(
-            f"{url_kind} URLs need the {package!r} package: pip install 'cdp-sync[{extra}]'"
+            f"{label}: {url_kind} URLs need the {package!r} package: "
+            f"pip install 'cdp-sync[{extra}]'"
         )
+        self.package = package
+        self.extra = extra
 
 
 class InvalidEvent(WorkerError):
@@ -48,9 +55,22 @@ class InvalidEvent(WorkerError):
         self.event_id = event_id
 
 
+class FieldRejected(WorkerError):
+    """One rule of the envelope failed (`contact.py`); `parse_event` turns it into an
+    `InvalidEvent` with the event's context. The message names the field, never its value."""
+
+
 class StateError(WorkerError):
     """The state store failed or was misused (e.g. completing a claim one does not own)."""
 
 
 class SourceError(WorkerError):
     """A source or dead-letter sink failed in a way a retry will not mend."""
+
+
+class Draining(WorkerError):
+    """Raised inside a delivery that must give its message back because the worker stops."""
+
+
+class LeaseLost(WorkerError):
+    """Raised before a request when our claim on the order may have passed to another worker."""

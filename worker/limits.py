@@ -25,7 +25,7 @@ from typing import Any
 
 from asyncio_throttle.throttler import Throttler
 
-from ._redis import client, redis_module
+from . import _extras
 from ._urls import split_url_params
 from .observability import get_logger
 
@@ -187,7 +187,8 @@ class SharedRateLimit:
     """
 
     def __init__(self, url: str) -> None:
-        redis_module()  # a missing extra is a configuration error, found at start
+        # A missing extra is a configuration error, found at start.
+        _extras.require(_extras.REDIS, "--rate-limit-backend / WORKER_RATE_LIMIT_BACKEND")
         self.url, params = split_url_params(url, {"key"})
         self.key = params.get("key") or "cdp-sync:rate-limit"
         self.available = True
@@ -195,6 +196,8 @@ class SharedRateLimit:
         self._script: Any = None
 
     async def open(self) -> None:
+        from ._redis import client  # redis-py: only now that the extra is known to be there
+
         # No PING: an unreachable Redis pauses sending (see acquire), it does not stop start-up.
         self._client = client(self.url)
         self._script = self._client.register_script(_GCRA)

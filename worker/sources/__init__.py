@@ -1,21 +1,24 @@
 """Sources of events, dead-letter sinks and publishers, chosen by URL (DESIGN section 5).
 
-Broker clients are extras: a broker's module is imported only when its URL is used.
+Files (and, for tests, memory) are built in; each broker is a module ending with its
+typed `Broker`, imported only when its URL is used and its client (an extra) is there.
 """
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from collections.abc import Callable
+from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from .. import _extras
 from ..errors import ConfigError
 from ..state.base import StateStore
-from .base import DeadLetterSink, Message, Publisher, Source, letter_key
+from .base import Broker, DeadLetterSink, Message, Publisher, Source, dead_letter, letter_key
 from .file import FileDeadLetterSink, FilePublisher, FileSource
 from .memory import MemoryDeadLetterSink, MemorySource
 
 __all__ = [
+    "Broker",
     "DeadLetterSink",
     "FileDeadLetterSink",
     "FilePublisher",
@@ -25,6 +28,7 @@ __all__ = [
     "Message",
     "Publisher",
     "Source",
+    "dead_letter",
     "default_dead_letter_url",
     "letter_key",
     "open_dead_letter_sink",
@@ -32,35 +36,63 @@ __all__ = [
     "open_source",
 ]
 
-# URL scheme -> (module, source class, dead-letter sink class, publisher class). Each
-# module also has `dead_letter_url(source_url)`: where dead letters go by default.
-_BROKERS: dict[str, tuple[str, str, str, str]] = {
-    "redis": ("redis", "RedisStreamSource", "RedisDeadLetterSink", "RedisPublisher"),
-    "amqp": ("rabbitmq", "RabbitMQSource", "RabbitMQDeadLetterSink", "RabbitMQPublisher"),
-    "nats": ("nats", "NatsSource", "NatsDeadLetterSink", "NatsPublisher"),
+SOURCE_OPTION = "--source / WORKER_SOURCE"
+DLQ_OPTION = "--dlq / WORKER_DLQ"
+DEFAULT_DEAD_LETTERS = "file:./dead-letter.jsonl"
+
+
+def _redis() -> Broker:
+    from .redis import BROKER
+
+    return BROKER
+
+
+def _rabbitmq() -> Broker:
+    from .rabbitmq import BROKER
+
+    return BROKER
+
+
+def _nats() -> Broker:
+    from .nats import BROKER
+
+    return BROKER
+
+
+@dataclass(frozen=True, slots=True)
+class _Registered:
+    """A broker's client library (an extra) and how to load its module."""
+
+    extra: _extras.Extra
+    load: Callable[[], Broker]
+
+
+_REDIS = _Registered(_extras.REDIS, _redis)
+_RABBITMQ = _Registered(_extras.RABBITMQ, _rabbitmq)
+_NATS = _Registered(_extras.NATS, _nats)
+# URL scheme -> broker; the TLS schemes share their broker's module.
+_BROKERS: dict[str, _Registered] = {
+    "redis": _REDIS,
+    "rediss": _REDIS,
+    "amqp": _RABBITMQ,
+    "amqps": _RABBITMQ,
+    "nats": _NATS,
+    "tls": _NATS,
 }
-_BROKERS["rediss"] = _BROKERS["redis"]
-_BROKERS["amqps"] = _BROKERS["amqp"]
-_BROKERS["tls"] = _BROKERS["nats"]
-_SOURCE, _SINK, _PUBLISHER = 1, 2, 3
 _ACCEPTED = (
     "file:PATH, file:-, redis://HOST:6379/0?stream=NAME&group=NAME, "
     "amqp://USER:PASS@HOST:5672/VHOST?queue=NAME or nats://HOST:4222?stream=NAME&subject=NAME"
 )
 
 
-def _broker(scheme: str, label: str) -> Any:
-    """The module of the broker behind `scheme`, or a ConfigError naming the option."""
-    if scheme not in _BROKERS:
+def _broker(scheme: str, label: str) -> Broker:
+    """The broker behind `scheme`, or a ConfigError naming the option."""
+    registered = _BROKERS.get(scheme)
+    if registered is None:
         # The URL itself is not echoed: it may carry a password.
         raise ConfigError(f"{label}: unsupported URL scheme {scheme!r}; expected {_ACCEPTED}")
-    return importlib.import_module(f".{_BROKERS[scheme][0]}", __name__)
-
-
-def _build(url: str, label: str, role: int) -> Any:
-    scheme = urlsplit(url).scheme
-    module = _broker(scheme, label)
-    return getattr(module, _BROKERS[scheme][role])(url)
+    _extras.require(registered.extra, label)
+    return registered.load()
 
 
 def _file_path(url: str, label: str) -> str:
@@ -74,11 +106,10 @@ def _file_path(url: str, label: str) -> str:
 
 def open_source(url: str, *, state: StateStore | None = None, follow: bool = False) -> Source:
     """The source for `url`. Raises ConfigError (naming --source) for a bad URL."""
-    label = "--source / WORKER_SOURCE"
-    if urlsplit(url).scheme == "file":
-        return FileSource(_file_path(url, label), state=state, follow=follow)
-    source: Source = _build(url, label, _SOURCE)
-    return source
+    scheme = urlsplit(url).scheme
+    if scheme == "file":
+        return FileSource(_file_path(url, SOURCE_OPTION), state=state, follow=follow)
+    return _broker(scheme, SOURCE_OPTION).source(url)
 
 
 def default_dead_letter_url(source_url: str) -> str:
@@ -87,16 +118,12 @@ def default_dead_letter_url(source_url: str) -> str:
     if scheme == "memory":
         return "memory:"
     if scheme in _BROKERS:
-        dead_letter_url: str = _broker(scheme, "--source / WORKER_SOURCE").dead_letter_url(
-            source_url
-        )
-        return dead_letter_url
-    return "file:./dead-letter.jsonl"
+        return _broker(scheme, SOURCE_OPTION).dead_letter_url(source_url)
+    return DEFAULT_DEAD_LETTERS
 
 
-def open_dead_letter_sink(url: str) -> DeadLetterSink:
-    """The dead-letter sink for `url`. Raises ConfigError (naming --dlq) for a bad URL."""
-    label = "--dlq / WORKER_DLQ"
+def open_dead_letter_sink(url: str, *, label: str = DLQ_OPTION) -> DeadLetterSink:
+    """The dead-letter sink for `url`. Raises ConfigError (naming `label`) for a bad URL."""
     scheme = urlsplit(url).scheme
     if scheme == "file":
         path = _file_path(url, label)
@@ -105,17 +132,14 @@ def open_dead_letter_sink(url: str) -> DeadLetterSink:
         return FileDeadLetterSink(path)
     if scheme == "memory":
         return MemoryDeadLetterSink()
-    sink: DeadLetterSink = _build(url, label, _SINK)
-    return sink
+    return _broker(scheme, label).dead_letters(url)
 
 
-def open_publisher(url: str) -> Publisher:
+def open_publisher(url: str, *, label: str = "--to") -> Publisher:
     """Where `worker publish --to URL` puts events."""
-    label = "--to"
     if urlsplit(url).scheme == "file":
         path = _file_path(url, label)
         if path == "-":
             raise ConfigError(f"{label}: publish to a file, not stdout")
         return FilePublisher(path)
-    publisher: Publisher = _build(url, label, _PUBLISHER)
-    return publisher
+    return _broker(urlsplit(url).scheme, label).publisher(url)

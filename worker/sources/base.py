@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -97,6 +98,34 @@ def letter_key(letter: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+def dead_letter(
+    reason: str,
+    detail: str | None,
+    *,
+    order_ref: str | None,
+    event_id: str | None,
+    status: int | None,
+    attempts: int,
+    event: dict[str, Any] | None,
+    raw: bytes | None = None,
+) -> dict[str, Any]:
+    """A dead letter as DESIGN section 5 shapes it: the event, or the raw text if not JSON."""
+    letter: dict[str, Any] = {
+        "reason": reason,
+        "detail": detail,
+        "orderRef": order_ref,
+        "eventId": event_id,
+        "status": status,
+        "attempts": attempts,
+        "deadAt": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+    }
+    if event is not None:
+        letter["event"] = event
+    else:
+        letter["raw"] = (raw or b"").decode("utf-8", "replace")
+    return letter
+
+
 class DeadLetterSink(ABC):
     """Where undeliverable events go, one JSON object each (DESIGN section 5).
 
@@ -132,3 +161,18 @@ class Publisher(ABC):
     @abstractmethod
     async def publish(self, bodies: Sequence[bytes]) -> None:
         """Enqueue each body as one message, in order. Done when this returns."""
+
+
+@dataclass(frozen=True, slots=True)
+class Broker:
+    """One broker's parts, each built from a URL: what `sources/__init__.py` registers.
+
+    Each broker module (redis, rabbitmq, nats) ends with its `BROKER`; the registry
+    imports the module only once its client library is known to be installed.
+    """
+
+    source: Callable[[str], Source]
+    dead_letters: Callable[[str], DeadLetterSink]
+    publisher: Callable[[str], Publisher]
+    #: Where dead letters go by default, beside the source URL (DESIGN section 5).
+    dead_letter_url: Callable[[str], str]

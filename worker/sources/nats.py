@@ -35,22 +35,18 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
+import nats.errors
+import nats.js.errors
 import orjson
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from .._urls import dead_letters_beside, safe_url
-from ..errors import ConfigError, MissingExtraError, SourceError
+from ..errors import ConfigError, SourceError
 from ..observability import get_logger
-from .base import DeadLetterSink, Message, Publisher, Source, letter_key
-
-try:
-    import nats.errors
-    import nats.js.errors
-    from nats.aio.client import Client as NatsClient
-    from nats.aio.msg import Msg
-    from nats.js import JetStreamContext
-    from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
-except ImportError:  # pragma: no cover - exercised without the extra installed
-    NatsClient = None  # type: ignore[assignment,misc]
+from .base import Broker, DeadLetterSink, Message, Publisher, Source, letter_key
 
 log = get_logger("worker.sources.nats")
 
@@ -80,11 +76,6 @@ CONNECT_TIMEOUT = 5
 
 _NAME = re.compile(r"[^\s.*>/\\]+")  # stream and consumer names
 _TOKEN = re.compile(r"[^\s.*>]+")  # one token of a literal subject
-
-
-def _require_nats() -> None:
-    if NatsClient is None:
-        raise MissingExtraError("nats-py", "nats", "nats://")
 
 
 def _hosts(netloc: str) -> tuple[str, str]:
@@ -157,7 +148,6 @@ class _NatsConnection:
     """One connection per part, created at open() and closed at close()."""
 
     def __init__(self, url: str, label: str) -> None:
-        _require_nats()
         self.servers, self.params = split_url(url, label)
         self.url = url
         self.label = label
@@ -536,3 +526,11 @@ class NatsPublisher(Publisher):
             raise SourceError(
                 f"--to: publishing to {self.subject!r} failed: {_describe(exc)}"
             ) from None
+
+
+BROKER = Broker(
+    source=NatsSource,
+    dead_letters=NatsDeadLetterSink,
+    publisher=NatsPublisher,
+    dead_letter_url=dead_letter_url,
+)

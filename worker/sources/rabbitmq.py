@@ -33,24 +33,20 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+import aio_pika
+import aiormq.abc
 import orjson
+from aio_pika.abc import (
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 
 from .._urls import dead_letters_beside, safe_url
-from ..errors import ConfigError, MissingExtraError, SourceError
-from .base import DeadLetterSink, Message, Publisher, Source, letter_key
-
-try:
-    import aio_pika
-    import aiormq.abc
-    from aio_pika.abc import (
-        AbstractIncomingMessage,
-        AbstractRobustChannel,
-        AbstractRobustConnection,
-        AbstractRobustQueue,
-    )
-    from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
-except ImportError:  # pragma: no cover - exercised without the extra installed
-    aio_pika = None  # type: ignore[assignment]
+from ..errors import ConfigError, SourceError
+from .base import Broker, DeadLetterSink, Message, Publisher, Source, letter_key
 
 # Query parameters that are ours; the rest of the URL goes to aio-pika untouched.
 _OWN_PARAMS = {"queue", "prefetch"}
@@ -68,13 +64,11 @@ PUBLISH_BATCH = 500
 RECENT_LETTERS = 1000
 # What the broker and the client raise when a connection or channel fails.
 _FAILURES: tuple[type[BaseException], ...] = (
-    (AMQPError, ChannelInvalidStateError, OSError, TimeoutError) if aio_pika else ()
+    AMQPError,
+    ChannelInvalidStateError,
+    OSError,
+    TimeoutError,
 )
-
-
-def _require_aio_pika() -> None:
-    if aio_pika is None:
-        raise MissingExtraError("aio-pika", "rabbitmq", "amqp://")
 
 
 def split_url(url: str, label: str) -> tuple[str, dict[str, str]]:
@@ -100,7 +94,6 @@ class _AmqpClient:
     """One robust connection and channel per part, made at open() and closed at close()."""
 
     def __init__(self, url: str, label: str, role: str) -> None:
-        _require_aio_pika()
         self.url, self.params = split_url(url, label)
         self.label = label
         self.role = role
@@ -519,3 +512,11 @@ class RabbitMQPublisher(Publisher):
                 for body in bodies[start : start + PUBLISH_BATCH]
             ]
             await self._producer.send(messages, "publisher")
+
+
+BROKER = Broker(
+    source=RabbitMQSource,
+    dead_letters=RabbitMQDeadLetterSink,
+    publisher=RabbitMQPublisher,
+    dead_letter_url=dead_letter_url,
+)

@@ -19,12 +19,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import orjson
-from redis.exceptions import RedisError, ResponseError  # imported only for redis:// URLs
+from redis.exceptions import RedisError, ResponseError
 
-from .._redis import connect, redis_module
+from .._redis import connect
 from .._urls import dead_letters_beside, safe_url, split_url_params
 from ..errors import ConfigError, SourceError
-from .base import DeadLetterSink, Message, Publisher, Source, letter_key
+from .base import Broker, DeadLetterSink, Message, Publisher, Source, letter_key
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -62,7 +62,6 @@ class _RedisClient:
     """One client per part, created at open() and closed at close()."""
 
     def __init__(self, url: str, label: str) -> None:
-        redis_module()  # a missing extra is a configuration error, found before open()
         self.url, self.params = split_url(url, label)
         self.label = label
         self.client: aioredis.Redis | None = None
@@ -336,3 +335,11 @@ class RedisPublisher(Publisher):
             for body in bodies:
                 pipe.xadd(self.stream, {EVENT_FIELD: body})
             await pipe.execute()
+
+
+BROKER = Broker(
+    source=RedisStreamSource,
+    dead_letters=RedisDeadLetterSink,
+    publisher=RedisPublisher,
+    dead_letter_url=dead_letter_url,
+)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from worker.errors import ConfigError, MissingExtraError
+from worker import _extras
+from worker.errors import ConfigError
 from worker.state.base import Claim, ClaimStatus, StateStore
 from worker.state.memory import MemoryStateStore
 from worker.state.sqlite import SqliteStateStore
@@ -67,18 +68,16 @@ def open_state_store(
         return MemoryStateStore(retention_seconds=retention_seconds)
     if scheme == "sqlite":
         return SqliteStateStore.from_url(url, retention_seconds=retention_seconds)
-    try:
-        if scheme in _REDIS_SCHEMES:
-            from worker.state.redis import RedisStateStore
+    if scheme in _REDIS_SCHEMES:
+        _extras.require(_extras.REDIS, _OPTION)
+        from worker.state.redis import RedisStateStore
 
-            return RedisStateStore.from_url(url, retention_seconds=retention_seconds)
-        if scheme in _POSTGRES_SCHEMES:
-            from worker.state.postgres import PostgresStateStore
+        return RedisStateStore.from_url(url, retention_seconds=retention_seconds)
+    if scheme in _POSTGRES_SCHEMES:
+        _extras.require(_extras.POSTGRES, _OPTION)
+        from worker.state.postgres import PostgresStateStore
 
-            return PostgresStateStore.from_url(url, retention_seconds=retention_seconds)
-    except MissingExtraError as exc:
-        exc.args = (f"{_OPTION}: {exc}",)  # same type for callers, and the option named
-        raise
+        return PostgresStateStore.from_url(url, retention_seconds=retention_seconds)
     shown = f"{scheme}:" if scheme and scheme != url else "this value"
     raise ConfigError(
         f"{_OPTION}: {shown} is not a state store URL; accepted: {_ACCEPTED} "

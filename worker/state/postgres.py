@@ -21,17 +21,12 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
+import asyncpg
+
 from worker._urls import scrub_password
-from worker.errors import ConfigError, MissingExtraError, StateError
+from worker.errors import ConfigError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
-
-try:
-    import asyncpg
-except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
-    if exc.name != "asyncpg":
-        raise
-    raise MissingExtraError("asyncpg", "postgres", "postgresql://") from None
 
 OPTION = "--state / WORKER_STATE"
 DEFAULT_TABLE_PREFIX = "cdp_sync_"

@@ -33,23 +33,18 @@ from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import redis.asyncio as aioredis
+from redis.asyncio.connection import parse_url
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.commands.core import AsyncScript
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
 from worker._urls import scrub_password, split_url_params
-from worker.errors import ConfigError, MissingExtraError, StateError
+from worker.errors import ConfigError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
-
-try:
-    import redis.asyncio as aioredis
-    from redis.asyncio.connection import parse_url
-    from redis.asyncio.retry import Retry
-    from redis.backoff import ExponentialWithJitterBackoff
-    from redis.commands.core import AsyncScript
-    from redis.exceptions import ConnectionError as RedisConnectionError
-    from redis.exceptions import RedisError
-except ModuleNotFoundError as exc:  # pragma: no cover - exercised without the extra
-    if exc.name not in ("redis", "redis.asyncio"):
-        raise
-    raise MissingExtraError("redis", "redis", "redis://") from None
 
 T = TypeVar("T")
 

@@ -1,0 +1,262 @@
+"""`Delivery`'s retry and reconciliation logic alone: plain fakes for its four Protocols.
+
+No emulator, no worker, no event loop tricks: a scripted client answers each request with
+the next `Outcome`, the gate sends at once and writes down its retries and sleeps, and the
+recorder writes down how the event ended. Each test is one path of DESIGN section 3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import pytest
+
+from worker.cdp import Outcome, Verdict
+from worker.contact import Event, parse_event
+from worker.delivery import Delivery, Policy
+from worker.demo import contact_event
+from worker.errors import Draining
+from worker.sources import Message
+
+CREATED = Outcome(Verdict.CREATED, "201", 201, contact_ref="c-1", href="https://cdp/c-1")
+LISTED_NONE = Outcome(Verdict.CREATED, "200", 200)
+LISTED_ONE = Outcome(Verdict.CREATED, "200", 200, contacts=(("c-9", "https://cdp/c-9"),))
+UNAVAILABLE = Outcome(Verdict.RETRY, "503", 503)
+TIMEOUT = Outcome(Verdict.IN_DOUBT, "timeout")
+CONFLICT = Outcome(Verdict.CONFLICT, "409", 409)
+REJECTED = Outcome(Verdict.REJECTED, "400", 400, message="firstName too long")
+NOT_FOUND = Outcome(Verdict.NOT_FOUND, "404", 404, message="no such order")
+REFUSED = Outcome(Verdict.AUTH, "401", 401)
+
+
+class ScriptedClient:
+    """Answers each call with the next outcome of its script; records what was asked."""
+
+    def __init__(self, script: Iterable[Outcome]) -> None:
+        self.script = list(script)
+        self.calls: list[str] = []
+
+    def _next(self, kind: str) -> Outcome:
+        self.calls.append(kind)
+        assert self.script, f"an unexpected {kind} after the script ended"
+        return self.script.pop(0)
+
+    async def create_contact(self, order_ref: str, body: Mapping[str, Any]) -> Outcome:
+        assert body["firstName"]
+        return self._next("post")
+
+    async def list_contacts(self, order_ref: str) -> Outcome:
+        return self._next("list")
+
+
+@dataclass
+class FakeGate:
+    """Sends at once; writes down retries (reason, delay), sleeps and auth pauses.
+
+    `stop_after_retries`: the worker stops at that retry (its sleep raises Draining).
+    """
+
+    stop_after_retries: int | None = None
+    retries: list[tuple[str, float]] = field(default_factory=list)
+    auth_pauses: int = 0
+    probe: Callable[[], Awaitable[Outcome]] | None = None
+
+    async def request(self, order_ref: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
+        return await call()
+
+    async def retry_in(self, seconds: float, reason: str) -> None:
+        self.retries.append((reason, seconds))
+        if self.stop_after_retries is not None and len(self.retries) >= self.stop_after_retries:
+            raise Draining
+
+    async def sleep(self, seconds: float) -> None:
+        raise AssertionError("a delivery sleeps only through retry_in")
+
+    def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
+        self.auth_pauses += 1
+        self.probe = probe
+
+
+@dataclass
+class FakeRecorder:
+    ended: list[tuple[Any, ...]] = field(default_factory=list)
+
+    async def done(
+        self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
+    ) -> None:
+        self.ended.append(("done", outcome, contact_ref, href))
+
+    async def dead(
+        self,
+        message: Message,
+        event: Event,
+        reason: str,
+        detail: str | None,
+        *,
+        status: int | None,
+        attempts: int,
+    ) -> None:
+        self.ended.append(("dead", reason, detail, status, attempts))
+
+
+@dataclass
+class Run:
+    delivery: Delivery
+    client: ScriptedClient
+    gate: FakeGate
+    recorder: FakeRecorder
+
+    @property
+    def ended(self) -> list[tuple[Any, ...]]:
+        return self.recorder.ended
+
+
+def event() -> Event:
+    raw = contact_event(random.Random(3), 1)
+    return parse_event(orjson.dumps(raw), default_event_id="m-1")
+
+
+async def deliver(
+    script: Iterable[Outcome],
+    *,
+    in_doubt: bool = False,
+    claims: int = 1,
+    max_attempts: int = 4,
+    not_found_grace: float = 300.0,
+    gate: FakeGate | None = None,
+) -> Run:
+    client, recorder = ScriptedClient(script), FakeRecorder()
+    gate = gate or FakeGate()
+    policy = Policy(
+        max_attempts=max_attempts,
+        not_found_grace=not_found_grace,
+        base_url="https://cdp.example",
+        api_version="v2",
+        backoff_base=0.5,
+    )
+    delivery = Delivery(
+        Message(id="m-1", body=b"{}"),
+        event(),
+        gate=gate,
+        recorder=recorder,
+        client=client,
+        policy=policy,
+        in_doubt=in_doubt,
+        claims=claims,
+    )
+    run = Run(delivery, client, gate, recorder)
+    with contextlib.suppress(Draining):  # the worker stopped: the message goes back
+        await delivery.run()
+    assert not client.script, "the delivery stopped before the script ended"
+    return run
+
+
+async def test_a_201_is_recorded_as_delivered() -> None:
+    run = await deliver([CREATED])
+    assert run.ended == [("done", "delivered", "c-1", "https://cdp/c-1")]
+    assert run.client.calls == ["post"]
+    assert run.gate.retries == []
+
+
+async def test_server_errors_are_retried_with_growing_jittered_backoff() -> None:
+    run = await deliver([UNAVAILABLE, UNAVAILABLE, UNAVAILABLE, CREATED])
+    assert run.ended[0][:2] == ("done", "delivered")
+    assert [reason for reason, _ in run.gate.retries] == ["5xx", "5xx", "5xx"]
+    for attempt, (_, delay) in enumerate(run.gate.retries, start=1):
+        assert 0 <= delay <= 0.5 * 2 ** (attempt - 1)  # full jitter under the ceiling
+
+
+async def test_retry_after_is_a_floor_for_the_backoff() -> None:
+    throttled = Outcome(Verdict.RETRY, "429", 429, retry_after=7.0)
+    run = await deliver([throttled, CREATED])
+    assert run.gate.retries == [("429", 7.0)]
+
+
+async def test_attempts_are_capped_then_the_event_is_dead_lettered() -> None:
+    run = await deliver([UNAVAILABLE] * 4, max_attempts=4)
+    assert run.ended == [("dead", "retries_exhausted", "gave up after the last attempt", None, 4)]
+    assert run.client.calls == ["post"] * 4
+
+
+async def test_a_message_redelivered_past_max_attempts_is_dead_lettered_unsent() -> None:
+    run = await deliver([], claims=5, max_attempts=4)
+    assert run.ended == [("dead", "retries_exhausted", "gave up after the last attempt", None, 0)]
+    assert run.client.calls == []
+
+
+async def test_a_rejection_is_dead_lettered_with_cdps_message() -> None:
+    run = await deliver([REJECTED])
+    assert run.ended == [("dead", "cdp_rejected", "firstName too long", 400, 1)]
+
+
+@pytest.mark.parametrize("unknown", [TIMEOUT, CONFLICT], ids=["timeout", "409"])
+async def test_an_unknown_fate_is_reconciled_and_an_existing_contact_adopted(
+    unknown: Outcome,
+) -> None:
+    run = await deliver([unknown, LISTED_ONE])
+    assert run.client.calls == ["post", "list"]
+    assert run.ended == [("done", "reconciled", "c-9", "https://cdp/c-9")]
+
+
+async def test_a_timeout_with_nothing_at_cdp_is_posted_again() -> None:
+    run = await deliver([TIMEOUT, LISTED_NONE, CREATED])
+    assert run.client.calls == ["post", "list", "post"]
+    assert run.ended[0][:2] == ("done", "delivered")
+
+
+async def test_an_in_doubt_claim_lists_before_any_post() -> None:
+    run = await deliver([LISTED_ONE], in_doubt=True)
+    assert run.client.calls == ["list"]
+    assert run.ended[0][:2] == ("done", "reconciled")
+
+
+async def test_failed_listings_count_as_attempts() -> None:
+    run = await deliver([UNAVAILABLE] * 3, in_doubt=True, max_attempts=3)
+    assert run.client.calls == ["list"] * 3
+    assert run.ended == [
+        ("dead", "retries_exhausted", "could not list the order's contacts", 503, 3)
+    ]
+
+
+async def test_a_401_pauses_at_the_gate_without_counting_an_attempt() -> None:
+    run = await deliver([REFUSED, REFUSED, CREATED], max_attempts=1)
+    assert run.gate.auth_pauses == 2
+    assert run.gate.retries == []  # no backoff of its own: the gate's pause is the wait
+    assert run.ended[0][:2] == ("done", "delivered")
+    assert run.gate.probe is not None  # the probe lists this order's contacts
+    run.client.script.append(LISTED_NONE)
+    assert (await run.gate.probe()).verdict is Verdict.CREATED
+    assert run.client.calls[-1] == "list"
+
+
+async def test_a_404_is_retried_uncounted_within_the_grace_period() -> None:
+    run = await deliver([NOT_FOUND, NOT_FOUND, CREATED], max_attempts=1, not_found_grace=60)
+    assert [reason for reason, _ in run.gate.retries] == ["404", "404"]
+    assert run.ended[0][:2] == ("done", "delivered")
+
+
+async def test_a_404_past_the_grace_period_is_dead_lettered_order_not_found() -> None:
+    run = await deliver([NOT_FOUND], not_found_grace=0)
+    assert run.ended == [("dead", "order_not_found", "no such order", 404, 0)]
+
+
+async def test_a_stop_mid_backoff_leaves_the_send_in_doubt_only_if_it_may_have_arrived() -> None:
+    after_5xx = await deliver([UNAVAILABLE], gate=FakeGate(stop_after_retries=1))
+    assert after_5xx.ended == []
+    assert after_5xx.delivery.sent_in_doubt is False  # CDP said nothing was created
+    after_timeout = await deliver([TIMEOUT], gate=FakeGate(stop_after_retries=1))
+    assert after_timeout.ended == []
+    assert after_timeout.delivery.sent_in_doubt is True  # the POST may have arrived
+
+
+async def test_an_empty_listing_clears_the_doubt_of_an_in_doubt_claim() -> None:
+    run = await deliver(
+        [LISTED_NONE, UNAVAILABLE], in_doubt=True, gate=FakeGate(stop_after_retries=1)
+    )
+    assert run.client.calls == ["list", "post"]
+    assert run.delivery.sent_in_doubt is False

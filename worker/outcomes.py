@@ -1,0 +1,150 @@
+"""The outcome recorder: every way a message ends, each one path.
+
+Each path records the outcome durably first (the state store, the dead-letter sink),
+then acks the message, then counts it (metrics, the run's summary, one log line), so a
+crash anywhere in between leaves a message that comes again rather than one that is
+lost (DESIGN section 3: nothing is acked before its outcome is durably recorded). A
+failure to record or to ack raises: the caller gives the message back.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from .contact import Event
+from .errors import InvalidEvent
+from .observability import Metrics, get_logger
+from .sources import DeadLetterSink, Message, Source, dead_letter
+from .state import StateStore
+
+log = get_logger("worker.outcomes")
+
+RETRIES_EXHAUSTED = "retries_exhausted"
+
+
+class Recorder:
+    """Records, acks and counts. `summary` counts outcomes (and `dead:<reason>`) for the
+    run's last line and the demo."""
+
+    def __init__(
+        self,
+        *,
+        state: StateStore,
+        source: Source,
+        dead_letters: DeadLetterSink,
+        metrics: Metrics,
+        owner: str,
+    ) -> None:
+        self._state = state
+        self._source = source
+        self._dead_letters = dead_letters
+        self._metrics = metrics
+        self._owner = owner
+        self.summary: Counter[str] = Counter()
+
+    async def done(
+        self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
+    ) -> None:
+        """CDP holds the order's contact: record `done`, ack, count `outcome`."""
+        await self._state.complete(event.order_ref, self._owner, contact_ref, href)
+        await self._source.ack(message)
+        self._metrics.mark_success()
+        self.count(outcome, contact_ref=contact_ref)
+
+    async def duplicate(self, message: Message, status: str) -> None:
+        """The order was finished before (done or dead): nothing to record, ack."""
+        await self._source.ack(message)
+        self.count("duplicate", status=status)
+
+    async def dead(
+        self,
+        message: Message,
+        event: Event,
+        reason: str,
+        detail: str | None,
+        *,
+        status: int | None,
+        attempts: int,
+    ) -> None:
+        """A claimed event that can never be delivered: its letter, then `dead`, then ack."""
+        letter = dead_letter(
+            reason,
+            detail,
+            order_ref=event.order_ref,
+            event_id=event.event_id,
+            status=status,
+            attempts=attempts,
+            event=event.raw,
+        )
+        await self._dead_letters.put(letter)
+        await self._state.fail(event.order_ref, self._owner, reason)
+        # CDP's error text (detail) stays out of the log: it may quote the contact.
+        await self._acked_dead(message, reason, status=status)
+
+    async def reject(self, message: Message, invalid: InvalidEvent) -> None:
+        """A message that is not a valid event: dead-lettered without a claim or request."""
+        event_id = invalid.event_id or message.id
+        letter = dead_letter(
+            invalid.reason,
+            invalid.message,
+            order_ref=invalid.order_ref,
+            event_id=event_id,
+            status=None,
+            attempts=0,
+            event=invalid.event,
+            raw=message.body if invalid.event is None else None,
+        )
+        await self._dead_letters.put(letter)
+        # The parser's messages name fields, never values: they may be logged.
+        await self._acked_dead(
+            message,
+            invalid.reason,
+            detail=invalid.message,
+            order_ref=invalid.order_ref,
+            event_id=event_id,
+        )
+
+    async def give_up(
+        self,
+        message: Message,
+        event: dict[str, Any] | None,
+        failures: int,
+        error: BaseException,
+    ) -> None:
+        """A message the worker itself keeps failing on (a bug, not the event's fault).
+
+        Its claim, if any, was given back; the letter keeps the event (or the raw text).
+        """
+        order_ref = event.get("orderRef") if event else None
+        letter = dead_letter(
+            RETRIES_EXHAUSTED,
+            f"the worker failed on this message {failures} times ({type(error).__name__})",
+            order_ref=order_ref if isinstance(order_ref, str) else None,
+            event_id=message.id,
+            status=None,
+            attempts=failures,
+            event=event,
+            raw=message.body,
+        )
+        await self._dead_letters.put(letter)
+        await self._acked_dead(message, RETRIES_EXHAUSTED, status=None)
+
+    async def give_back(self, message: Message, *, delay: float = 0.0) -> None:
+        """No outcome: the transport delivers the message again, not before `delay` s."""
+        try:
+            await self._source.nack(message, delay=delay)
+        except Exception:
+            log.exception("source.nack_failed")
+
+    async def _acked_dead(self, message: Message, reason: str, **fields: Any) -> None:
+        await self._source.ack(message)
+        self.summary[f"dead:{reason}"] += 1
+        self.count("dead_lettered", reason=reason, **fields)
+
+    def count(self, outcome: str, **fields: Any) -> None:
+        """Count a finished event, and say so in one log line."""
+        self._metrics.events.labels(outcome).inc()
+        self.summary[outcome] += 1
+        level = log.warning if outcome == "dead_lettered" else log.info
+        level(f"event.{outcome}", **fields)
