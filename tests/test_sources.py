@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
 from collections.abc import AsyncIterator
@@ -13,7 +14,8 @@ import services
 from harness import OpenedSources
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect
 
-from worker.sources import Source, open_dead_letter_sink, open_publisher, open_source
+from worker.sources import Message, Source, open_dead_letter_sink, open_publisher, open_source
+from worker.sources.base import Redeliveries
 from worker.state import SqliteStateStore
 
 
@@ -155,3 +157,39 @@ class TestRedisStreamSource(SourceContract):
             "e1",
             "e2",
         ]
+
+
+async def test_redeliveries_come_back_after_their_delay_and_can_be_taken_in_parts() -> None:
+    redeliveries = Redeliveries()
+    messages = [Message(id=str(n), body=b"{}") for n in range(5)]
+    for message in messages[:3]:
+        redeliveries.later(message, 0.0)
+    redeliveries.later(messages[3], 0.2)
+    assert redeliveries.waiting == 4
+    await asyncio.sleep(0.05)
+    assert redeliveries.take(2) == messages[:2]
+    redeliveries.later(messages[4], 0.0)  # due after a take replaced the list of due ones
+    await asyncio.sleep(0.05)
+    assert redeliveries.take(10) == [messages[2], messages[4]]
+    assert redeliveries.pending  # the one still waiting
+    await asyncio.sleep(0.25)
+    assert redeliveries.take(10) == [messages[3]]
+    assert not redeliveries.pending
+
+
+async def test_a_waiting_redelivery_is_kept_alive_and_cancelled_at_close() -> None:
+    kept: list[str] = []
+
+    async def keep(message: Message) -> None:
+        kept.append(message.id)
+
+    delivered: list[Message] = []
+    redeliveries = Redeliveries(delivered.append, keep=keep, keep_every=0.05)
+    redeliveries.later(Message(id="a", body=b""), 0.18)
+    redeliveries.later(Message(id="b", body=b""), 10.0)
+    await asyncio.sleep(0.25)
+    assert [m.id for m in delivered] == ["a"]
+    assert kept.count("a") == 3  # at 0.05, 0.10 and 0.15 s
+    await redeliveries.cancel()
+    assert redeliveries.waiting == 0
+    assert not redeliveries.pending

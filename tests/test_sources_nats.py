@@ -241,7 +241,8 @@ def test_a_bad_url_is_a_config_error_naming_the_option(url: str, complaint: str)
 
 
 def test_urls_for_logs_and_dead_letters() -> None:
-    from worker.sources.nats import NatsSource, dead_letter_url, safe_url
+    from worker._urls import safe_url
+    from worker.sources.nats import NatsSource, dead_letter_url
 
     url = "nats://cdp:hunter2@n1:4222,n2:4222?stream=S&subject=order-contacts&max_deliver=9"
     assert safe_url(url) == "nats://n1:4222,n2:4222?stream=S&subject=order-contacts&max_deliver=9"

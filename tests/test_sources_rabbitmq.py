@@ -282,7 +282,8 @@ def test_the_url_needs_a_queue_and_a_sound_prefetch() -> None:
 
 
 def test_the_dead_letter_url_names_the_queue_beside() -> None:
-    from worker.sources.rabbitmq import dead_letter_url, safe_url
+    from worker._urls import safe_url
+    from worker.sources.rabbitmq import dead_letter_url
 
     url = "amqps://app:s3cret@broker:5671/prod?queue=order-contacts&prefetch=16&heartbeat=30"
     assert dead_letter_url(url) == (

@@ -1,8 +1,117 @@
-"""URL helpers shared by the brokers, state stores and the shared rate limit."""
+"""URL helpers shared by the brokers, state stores and the shared rate limit.
+
+Every URL of a broker or a store is split here, once (`ParsedUrl.split`): our own query
+parameters taken out, the rest left for the client library, and the URL's secret kept
+so that any message quoting a client's error can be scrubbed of it, in the form written
+in the URL and percent-decoded.
+"""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedUrl:
+    """A URL split once; `params` are ours, `rest` the client's (still encoded)."""
+
+    scheme: str
+    userinfo: str  # "user:password@" or ""
+    hosts: str  # what follows the last "@": host[:port], or a list (nats://h1,h2)
+    path: str
+    rest: str
+    params: dict[str, str] = field(default_factory=dict)
+    secret: str | None = field(default=None, repr=False)
+
+    @classmethod
+    def split(
+        cls,
+        url: str,
+        label: str,
+        own: Collection[str] = (),
+        *,
+        strict: bool = False,
+        user_is_secret: bool = False,
+    ) -> ParsedUrl:
+        """Split `url` for the option `label`; ConfigError (never echoing it) if it cannot be.
+
+        `strict`: a query parameter that is not one of `own` is refused (a typo) instead of
+        passed on. `user_is_secret`: a user without a password is a token (nats://TOKEN@h).
+        """
+        try:
+            parts = urlsplit(url)
+            password = parts.password
+            username = parts.username
+        except ValueError:
+            raise ConfigError(f"{label}: not a valid URL") from None
+        query = dict(parse_qsl(parts.query))
+        unknown = sorted(set(query) - set(own))
+        if strict and unknown:
+            raise ConfigError(
+                f"{label}: unknown {parts.scheme}:// URL parameter(s) {', '.join(unknown)}; "
+                f"expected {', '.join(sorted(own))}"
+            )
+        userinfo, at, hosts = parts.netloc.rpartition("@")
+        secret = password or (username if user_is_secret else None)
+        return cls(
+            scheme=parts.scheme,
+            userinfo=userinfo + at,
+            hosts=hosts,
+            path=parts.path,
+            rest=urlencode({k: v for k, v in query.items() if k not in own}),
+            params={k: v for k, v in query.items() if k in own},
+            secret=secret,
+        )
+
+    @property
+    def client_url(self) -> str:
+        """The URL for the client library: ours taken out, credentials kept."""
+        netloc = self.userinfo + self.hosts
+        return urlunsplit((self.scheme, netloc, self.path, self.rest, ""))
+
+    @property
+    def safe(self) -> str:
+        """The client's URL without user info, for logs and messages."""
+        return urlunsplit((self.scheme, self.hosts, self.path, self.rest, ""))
+
+    def scrub(self, text: str) -> str:
+        return scrub_password(text, self.secret)
+
+    def quote(self, exc: BaseException) -> str:
+        """An exception's text (its type, if blank) for a message, scrubbed."""
+        return quote_error(exc, self.secret)
+
+    def describe(self, exc: BaseException) -> str:
+        """Like `quote`, with the type always named (for clients whose texts are terse)."""
+        text = str(exc)
+        return self.scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def check_server_url(
+    url: str, label: str, *, kind: str, schemes: Collection[str], usage: str
+) -> SplitResult:
+    """`url` split, if it is `scheme://...` with one of `schemes` and a valid port.
+
+    ConfigError naming `label` otherwise: `usage` (what such a URL looks like), or that
+    the `kind` of URL is invalid; never the URL itself.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(f"{label}: not a valid URL; {usage}") from None
+    if parts.scheme.lower() not in schemes or not url[len(parts.scheme) :].startswith("://"):
+        raise ConfigError(f"{label}: {usage}")
+    try:
+        parts.port  # noqa: B018 - raises for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(
+            f"{label}: invalid {kind} URL: {scrub_password(str(exc), parts.password)}"
+        ) from None
+    return parts
 
 
 def safe_url(url: str) -> str:
@@ -16,15 +125,6 @@ def safe_url(url: str) -> str:
     return urlunsplit((parts.scheme, hosts, parts.path, parts.query, ""))
 
 
-def split_url_params(url: str, own: set[str]) -> tuple[str, dict[str, str]]:
-    """(the URL without our own query parameters, our parameters); the client's stay."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    ours = {k: v for k, v in query.items() if k in own}
-    rest = urlencode({k: v for k, v in query.items() if k not in own})
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, "")), ours
-
-
 def dead_letters_beside(source_url: str, name: str, *, drop: tuple[str, ...] = ()) -> str:
     """The source URL with `?name=<its value>.dead-letter`, less the consumer's `drop`
     parameters; connection parameters (TLS files, heartbeats, timeouts) stay."""
@@ -32,6 +132,11 @@ def dead_letters_beside(source_url: str, name: str, *, drop: tuple[str, ...] = (
     query = {k: v for k, v in parse_qsl(parts.query) if k not in drop}
     query[name] = query.get(name, "") + ".dead-letter"
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
+
+
+def quote_error(exc: BaseException, password: str | None) -> str:
+    """An exception's text (its type, if blank) without the password."""
+    return scrub_password(str(exc) or type(exc).__name__, password)
 
 
 def scrub_password(text: str, password: str | None) -> str:

@@ -26,7 +26,7 @@ from typing import Any
 from asyncio_throttle.throttler import Throttler
 
 from . import _extras
-from ._urls import split_url_params
+from ._urls import ParsedUrl
 from .observability import get_logger
 
 log = get_logger("worker.limits")
@@ -188,9 +188,11 @@ class SharedRateLimit:
 
     def __init__(self, url: str) -> None:
         # A missing extra is a configuration error, found at start.
-        _extras.require(_extras.REDIS, "--rate-limit-backend / WORKER_RATE_LIMIT_BACKEND")
-        self.url, params = split_url_params(url, {"key"})
-        self.key = params.get("key") or "cdp-sync:rate-limit"
+        label = "--rate-limit-backend / WORKER_RATE_LIMIT_BACKEND"
+        _extras.require(_extras.REDIS, label)
+        parsed = ParsedUrl.split(url, label, {"key"})
+        self.url = parsed.client_url
+        self.key = parsed.params.get("key") or "cdp-sync:rate-limit"
         self.available = True
         self._client: Any = None
         self._script: Any = None

@@ -8,9 +8,12 @@ its orderRef), `hold` to keep a message from being redelivered during long retri
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import math
+import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -86,6 +89,85 @@ class Source(ABC):
     def name(self) -> str:
         """The URL without credentials, for logs."""
         return type(self).__name__
+
+
+# A timer may fire this much before its deadline (the loop's clock resolution): due.
+_EARLY = 0.001
+
+
+class Redeliveries:
+    """Messages given back to a source (`nack`), delivered again once their delay is over.
+
+    Every source has them: a nack is local (the message stays with this consumer), so
+    the source keeps it until it is due. Due messages go to `deliver`, or, without one,
+    wait in a list that `take` hands out. `keep(message)`, if given, is awaited every
+    `keep_every` seconds while a message waits (NATS `in_progress`, so that the server
+    does not redeliver it elsewhere meanwhile).
+    """
+
+    def __init__(
+        self,
+        deliver: Callable[[Message], None] | None = None,
+        *,
+        keep: Callable[[Message], Coroutine[Any, Any, None]] | None = None,
+        keep_every: float = math.inf,
+    ) -> None:
+        self._due: list[Message] = []
+        self._deliver = deliver or self._keep_due
+        self._keep = keep
+        self._keep_every = keep_every
+        self._timers: dict[Message, asyncio.TimerHandle] = {}
+        self._keeping: set[asyncio.Task[None]] = set()
+
+    @property
+    def waiting(self) -> int:
+        """Messages whose delay is not over yet."""
+        return len(self._timers)
+
+    @property
+    def pending(self) -> bool:
+        """Any message waiting, or due and not taken yet: a finite source is not over."""
+        return bool(self._timers or self._due)
+
+    def later(self, message: Message, delay: float) -> None:
+        """Deliver `message` again in `delay` seconds (at the next loop iteration for 0)."""
+        until = time.monotonic() + delay
+        self._arm(message, until, min(delay, self._keep_every))
+
+    def take(self, limit: int) -> list[Message]:
+        """Up to `limit` due messages (only without a `deliver` callback)."""
+        batch, self._due = self._due[:limit], self._due[limit:]
+        return batch
+
+    def _keep_due(self, message: Message) -> None:
+        self._due.append(message)  # looked up now: take() replaces the list
+
+    def _arm(self, message: Message, until: float, step: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timers[message] = loop.call_later(max(step, 0.0), self._tick, message, until)
+
+    def _tick(self, message: Message, until: float) -> None:
+        left = until - time.monotonic()
+        if left <= _EARLY:
+            del self._timers[message]
+            self._deliver(message)
+            return
+        if self._keep is not None:
+            task = asyncio.create_task(self._keep(message), name="keep-redelivery")
+            self._keeping.add(task)
+            task.add_done_callback(self._keeping.discard)
+        self._arm(message, until, min(left, self._keep_every))
+
+    async def cancel(self) -> None:
+        """Forget every message not handed out (at close: the transport has them back)."""
+        for timer in self._timers.values():
+            timer.cancel()
+        self._timers.clear()
+        self._due.clear()
+        for task in list(self._keeping):
+            task.cancel()
+        if self._keeping:
+            await asyncio.wait(list(self._keeping))
 
 
 def letter_key(letter: dict[str, Any]) -> str:

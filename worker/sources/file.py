@@ -19,9 +19,10 @@ from typing import IO, Any
 
 import orjson
 
+from .._batching import Batcher
 from ..errors import SourceError
 from ..state.base import StateStore
-from .base import DeadLetterSink, Message, Publisher, Source, letter_key
+from .base import DeadLetterSink, Message, Publisher, Redeliveries, Source, letter_key
 
 # How much of an existing dead-letter file is indexed at start: the letters a killed run
 # may have stored without recording it are among its last ones.
@@ -98,8 +99,7 @@ class FileSource(Source):
         self._next_line = 1
         self._offset = 0
         self._done = _Checkpoint()
-        self._redeliver: list[Message] = []
-        self._pending_redeliveries = 0
+        self._redeliveries = Redeliveries()
         self._version = 0  # bumped by every ack; the checkpoint writer saves the newest
         self._saved_version = 0
         self._save_lock = asyncio.Lock()
@@ -184,14 +184,14 @@ class FileSource(Source):
         return out
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
-        batch, self._redeliver = self._redeliver[:max_messages], self._redeliver[max_messages:]
+        batch = self._redeliveries.take(max_messages)
         if batch:
             return batch
         if self._next_line - self._done.line > MAX_AHEAD:
             await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))  # wait for the gap to close
             return []
         if self._eof:
-            if self._pending_redeliveries:
+            if self._redeliveries.pending:
                 await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
                 return []
             return None
@@ -208,7 +208,7 @@ class FileSource(Source):
                 self._done.finish(line)  # blank lines are nothing to deliver
                 continue
             batch.append(Message(id=f"{self._label}:{line}", body=body, token=line))
-        if not batch and self._eof and not self._pending_redeliveries and not self._redeliver:
+        if not batch and self._eof and not self._redeliveries.pending:
             return None  # the end, reached by this read: say so now, not on the next call
         return batch
 
@@ -229,13 +229,7 @@ class FileSource(Source):
             self._saved_version = newest
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
-        self._pending_redeliveries += 1
-
-        def redeliver() -> None:
-            self._pending_redeliveries -= 1
-            self._redeliver.append(message)
-
-        asyncio.get_running_loop().call_later(delay, redeliver)
+        self._redeliveries.later(message, delay)
 
 
 class FilePublisher(Publisher):
@@ -271,9 +265,8 @@ class FilePublisher(Publisher):
 class FileDeadLetterSink(DeadLetterSink):
     """Appends dead letters to a JSONL file; each `put` returns once fsynced.
 
-    Letters that arrive while a write is under way share the next write and fsync. The
-    writing runs in a task of its own: a cancelled `put` must not abandon the letters of
-    other callers that ride on the same write (they would wait for it forever).
+    Letters that arrive while a write is under way share the next write and fsync (a
+    `Batcher`, whose flusher task also finishes the write of a `put` that was cancelled).
 
     On open, the letters in the file's last `RECENT_BYTES` are indexed: a letter an earlier
     run stored just before it was killed is not stored again. A line torn by a crash in
@@ -283,8 +276,7 @@ class FileDeadLetterSink(DeadLetterSink):
     def __init__(self, path: str) -> None:
         self.path = path
         self._file: IO[bytes] | None = None
-        self._pending: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._writer: asyncio.Task[None] | None = None
+        self._writes: Batcher[bytes, None] = Batcher(self._write_all, name="dead-letter-writer")
         self._earlier: set[str] = set()
 
     async def open(self) -> None:
@@ -295,9 +287,7 @@ class FileDeadLetterSink(DeadLetterSink):
             raise SourceError(f"--dlq: cannot open {self.path!r}: {exc.strerror}") from None
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await asyncio.wait([self._writer])  # letters already accepted are written first
-            self._writer = None
+        await self._writes.wait_idle()  # letters already accepted are written first
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -331,29 +321,16 @@ class FileDeadLetterSink(DeadLetterSink):
             raise SourceError(f"dead-letter file {self.path!r} is not open")
         if self._earlier and letter_key(letter) in self._earlier:
             return  # stored by the run a crash cut short
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((orjson.dumps(letter) + b"\n", future))
-        if self._writer is None or self._writer.done():
-            self._writer = asyncio.create_task(self._write_pending(), name="dead-letter-writer")
-        await future
+        await self._writes.submit(orjson.dumps(letter) + b"\n")
 
-    async def _write_pending(self) -> None:
-        """Write everything queued, one write and fsync per round, until nothing is left."""
-        while self._pending:
-            batch, self._pending = self._pending, []
-            try:
-                await asyncio.to_thread(self._write, b"".join(data for data, _ in batch))
-            except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
-                reason = getattr(exc, "strerror", None) or exc
-                for _, waiting in batch:
-                    if not waiting.done():  # a cancelled put no longer waits
-                        waiting.set_exception(
-                            SourceError(f"dead-letter file {self.path!r}: {reason}")
-                        )
-            else:
-                for _, waiting in batch:
-                    if not waiting.done():
-                        waiting.set_result(None)
+    async def _write_all(self, lines: list[bytes]) -> list[None]:
+        """The letters queued meanwhile, in one write and one fsync."""
+        try:
+            await asyncio.to_thread(self._write, b"".join(lines))
+        except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
+            reason = getattr(exc, "strerror", None) or exc
+            raise SourceError(f"dead-letter file {self.path!r}: {reason}") from None
+        return [None] * len(lines)
 
 
 def _recent_letters(file: IO[bytes]) -> set[str]:

@@ -6,7 +6,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from .base import DeadLetterSink, Message, Source
+from .base import DeadLetterSink, Message, Redeliveries, Source
 
 
 class MemorySource(Source):
@@ -18,7 +18,7 @@ class MemorySource(Source):
     def __init__(self, bodies: Iterable[bytes | str] = (), *, finite: bool = True) -> None:
         self.finite = finite
         self._queue: asyncio.Queue[Message] = asyncio.Queue()
-        self._pending_redeliveries = 0
+        self._redeliveries = Redeliveries(self._queue.put_nowait)
         self.acked: list[Message] = []
         self.nacked: list[Message] = []
         self._counter = 0
@@ -37,7 +37,7 @@ class MemorySource(Source):
         pass
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
-        if self.finite and self._queue.empty() and self._pending_redeliveries == 0:
+        if self.finite and self._queue.empty() and not self._redeliveries.pending:
             return None
         batch: list[Message] = []
         try:
@@ -53,13 +53,7 @@ class MemorySource(Source):
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
         self.nacked.append(message)
-        self._pending_redeliveries += 1
-
-        def redeliver() -> None:
-            self._pending_redeliveries -= 1
-            self._queue.put_nowait(message)
-
-        asyncio.get_running_loop().call_later(delay, redeliver)
+        self._redeliveries.later(message, delay)
 
 
 class MemoryDeadLetterSink(DeadLetterSink):

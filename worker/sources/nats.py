@@ -30,10 +30,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import time
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import nats.errors
 import nats.js.errors
@@ -43,10 +41,18 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
-from .._urls import dead_letters_beside, safe_url
+from .._urls import ParsedUrl, dead_letters_beside
 from ..errors import ConfigError, SourceError
 from ..observability import get_logger
-from .base import Broker, DeadLetterSink, Message, Publisher, Source, letter_key
+from .base import (
+    Broker,
+    DeadLetterSink,
+    Message,
+    Publisher,
+    Redeliveries,
+    Source,
+    letter_key,
+)
 
 log = get_logger("worker.sources.nats")
 
@@ -78,24 +84,11 @@ _NAME = re.compile(r"[^\s.*>/\\]+")  # stream and consumer names
 _TOKEN = re.compile(r"[^\s.*>]+")  # one token of a literal subject
 
 
-def _hosts(netloc: str) -> tuple[str, str]:
-    """(user info with its '@' or '', the comma-separated host:port list)."""
-    userinfo, at, hosts = netloc.rpartition("@")
-    return (userinfo + at, hosts)
-
-
-def split_url(url: str, label: str) -> tuple[list[str], dict[str, str]]:
-    """(the server URLs for nats-py, our own parameters). Never echoes a password in errors."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    unknown = sorted(set(query) - _OWN_PARAMS)
-    if unknown:
-        raise ConfigError(
-            f"{label}: unknown nats:// URL parameter(s) {', '.join(unknown)}; "
-            f"expected {', '.join(sorted(_OWN_PARAMS))}"
-        )
-    userinfo, hosts = _hosts(parts.netloc)
-    if not hosts:
+def split_url(url: str, label: str) -> tuple[list[str], ParsedUrl]:
+    """(the server URLs for nats-py, the URL split). Never echoes a password in errors."""
+    parsed = ParsedUrl.split(url, label, _OWN_PARAMS, strict=True, user_is_secret=True)
+    query = parsed.params
+    if not parsed.hosts:
         raise ConfigError(f"{label}: a nats:// URL needs a host, e.g. nats://127.0.0.1:4222")
     for key in ("stream", "subject"):
         if not query.get(key):
@@ -105,8 +98,8 @@ def split_url(url: str, label: str) -> tuple[list[str], dict[str, str]]:
             raise ConfigError(f"{label}: {key}={query[key]!r} is not a valid JetStream name")
     if not all(_TOKEN.fullmatch(token) for token in query["subject"].split(".")):
         raise ConfigError(f"{label}: subject={query['subject']!r} must be a literal subject")
-    servers = [f"{parts.scheme}://{userinfo}{host}" for host in hosts.split(",") if host]
-    return servers, query
+    hosts = [host for host in parsed.hosts.split(",") if host]
+    return [f"{parsed.scheme}://{parsed.userinfo}{host}" for host in hosts], parsed
 
 
 def _number(params: dict[str, str], key: str, default: float, label: str) -> float:
@@ -127,12 +120,6 @@ def dead_letter_url(source_url: str) -> str:
     return dead_letters_beside(source_url, "subject", drop=("durable", "max_deliver", "ack_wait"))
 
 
-def _describe(exc: BaseException) -> str:
-    """An exception for a message: nats-py's are often blank (TimeoutError())."""
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _covers(pattern: str, subject: str) -> bool:
     """Whether a stream subject (maybe with `*` / `>` wildcards) captures `subject`."""
     parts, wanted = pattern.split("."), subject.split(".")
@@ -148,8 +135,8 @@ class _NatsConnection:
     """One connection per part, created at open() and closed at close()."""
 
     def __init__(self, url: str, label: str) -> None:
-        self.servers, self.params = split_url(url, label)
-        self.url = url
+        self.servers, self.parsed = split_url(url, label)
+        self.params = self.parsed.params
         self.label = label
         self.stream = self.params["stream"]
         self.subject = self.params["subject"]
@@ -163,6 +150,10 @@ class _NatsConnection:
         if self._js is None:
             raise SourceError(f"{self.label}: the NATS connection is not open")
         return self._js
+
+    def describe(self, exc: BaseException) -> str:
+        """An exception for a message: nats-py's are often blank (TimeoutError())."""
+        return self.parsed.describe(exc)
 
     async def connect(self) -> JetStreamContext:
         client = NatsClient()
@@ -185,7 +176,7 @@ class _NatsConnection:
             await client.close()
             cause = self._last_error if isinstance(exc, nats.errors.NoServersError) else exc
             raise SourceError(
-                f"{self.label}: cannot reach {safe_url(self.url)}: {_describe(cause or exc)}"
+                f"{self.label}: cannot reach {self.parsed.safe}: {self.describe(cause or exc)}"
             ) from None
         # ...and once connected, a long-running worker reconnects for as long as it takes
         # (nats-py reads these options at each reconnection).
@@ -198,7 +189,7 @@ class _NatsConnection:
 
     async def _on_error(self, exc: Exception) -> None:
         self._last_error = exc
-        log.warning("source.nats_error", error=_describe(exc))
+        log.warning("source.nats_error", error=self.describe(exc))
 
     async def _on_disconnected(self) -> None:
         self.connected = False
@@ -214,7 +205,7 @@ class _NatsConnection:
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(
                 f"{self.label}: cannot set up stream {self.stream!r} "
-                f"for subjects {', '.join(subjects)}: {_describe(exc)}"
+                f"for subjects {', '.join(subjects)}: {self.describe(exc)}"
             ) from None
 
     async def _ensure_stream(self, js: JetStreamContext, subjects: list[str]) -> None:
@@ -265,13 +256,16 @@ class NatsSource(Source):
         # The pull under way: a fetch cancelled by a stop leaves it running, and what it
         # brings lands in _ready (handed out next, or given back at close), never lost.
         self._pulling: asyncio.Task[None] | None = None
-        self._requeues: set[asyncio.Task[None]] = set()
+        # Nacked messages wait here, kept from redelivery by in_progress every ack_wait/3.
+        self._redeliveries = Redeliveries(
+            self._due_again, keep=self._keep, keep_every=self.ack_wait / 3
+        )
         self._unacked: dict[int, Message] = {}  # stream seq -> handed out, not acked
 
     @property
     def name(self) -> str:
         return (
-            safe_url(self._nats.url).split("?")[0]
+            self._nats.parsed.safe.split("?")[0]
             + f" stream={self.stream} subject={self.subject} durable={self.durable}"
         )
 
@@ -301,7 +295,7 @@ class NatsSource(Source):
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(
                 f"--source: cannot create the consumer {self.durable!r} on {self.stream!r}: "
-                f"{_describe(exc)}"
+                f"{self._nats.describe(exc)}"
             ) from None
 
     async def _unbind(self) -> None:
@@ -311,10 +305,7 @@ class NatsSource(Source):
                 await sub.unsubscribe()
 
     async def close(self) -> None:
-        for task in list(self._requeues):
-            task.cancel()
-        if self._requeues:
-            await asyncio.wait(list(self._requeues))
+        await self._redeliveries.cancel()
         if self._pulling is not None:
             # Ends within its fetch timeout; what it brings is given back below.
             _, late = await asyncio.wait([self._pulling], timeout=ACK_TIMEOUT)
@@ -323,7 +314,7 @@ class NatsSource(Source):
                 await asyncio.wait([task])
             failed = None if self._pulling.cancelled() else self._pulling.exception()
             if failed is not None:  # retrieved here rather than reported as never retrieved
-                log.warning("source.pull_failed", error=_describe(failed))
+                log.warning("source.pull_failed", error=self._nats.describe(failed))
             self._pulling = None
         client = self._nats.client
         try:
@@ -379,7 +370,7 @@ class NatsSource(Source):
         except (nats.errors.Error, OSError, SourceError) as exc:
             if isinstance(exc, nats.js.errors.APIError | SourceError):
                 await self._unbind()  # the consumer or stream went away: set up again next time
-            log.warning("source.fetch_failed", error=_describe(exc))
+            log.warning("source.fetch_failed", error=self._nats.describe(exc))
             await asyncio.sleep(min(timeout, RECONNECT_PAUSE))
             return
         for msg in msgs:
@@ -404,7 +395,9 @@ class NatsSource(Source):
         except nats.errors.MsgAlreadyAckdError:
             pass
         except (nats.errors.Error, OSError) as exc:
-            raise SourceError(f"ack of message {message.id} failed: {_describe(exc)}") from None
+            raise SourceError(
+                f"ack of message {message.id} failed: {self._nats.describe(exc)}"
+            ) from None
         seq = int(message.id)
         if self._unacked.get(seq) is message:
             del self._unacked[seq]
@@ -413,17 +406,10 @@ class NatsSource(Source):
         """Deliver again here after `delay`; `in_progress` meanwhile keeps the server from
         redelivering it (a nack is not a failed delivery: num_delivered stays)."""
         await self._keep(message)
-        task = asyncio.create_task(self._requeue(message, delay), name="nats-requeue")
-        self._requeues.add(task)
-        task.add_done_callback(self._requeues.discard)
+        self._redeliveries.later(message, delay)
 
-    async def _requeue(self, message: Message, delay: float) -> None:
-        until = time.monotonic() + delay
-        while (left := until - time.monotonic()) > 0:
-            await asyncio.sleep(min(left, self.ack_wait / 3))
-            if until - time.monotonic() > 0:
-                await self._keep(message)
-        self._ready.append(message)
+    def _due_again(self, message: Message) -> None:
+        self._ready.append(message)  # looked up now: fetch() replaces the list
 
     async def _keep(self, message: Message) -> None:
         msg: Msg = message.token
@@ -437,7 +423,7 @@ class NatsSource(Source):
             await msg.in_progress()
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(
-                f"in_progress of message {message.id} failed: {_describe(exc)}"
+                f"in_progress of message {message.id} failed: {self._nats.describe(exc)}"
             ) from None
 
     async def lag(self) -> int | None:
@@ -477,7 +463,9 @@ class NatsDeadLetterSink(DeadLetterSink):
             except nats.js.errors.NotFoundError:
                 return letters
             except (nats.errors.Error, OSError) as exc:
-                raise SourceError(f"cannot read {self.subject!r}: {_describe(exc)}") from None
+                raise SourceError(
+                    f"cannot read {self.subject!r}: {self._nats.describe(exc)}"
+                ) from None
             with contextlib.suppress(orjson.JSONDecodeError):
                 letters.append(orjson.loads(found.data or b""))
             seq = int(found.seq or seq) + 1
@@ -493,7 +481,9 @@ class NatsDeadLetterSink(DeadLetterSink):
                 headers={"Nats-Msg-Id": letter_key(letter)},
             )
         except (nats.errors.Error, OSError) as exc:
-            raise SourceError(f"dead-letter subject {self.subject!r}: {_describe(exc)}") from None
+            raise SourceError(
+                f"dead-letter subject {self.subject!r}: {self._nats.describe(exc)}"
+            ) from None
 
 
 class NatsPublisher(Publisher):
@@ -524,7 +514,7 @@ class NatsPublisher(Publisher):
                 await asyncio.wait_for(asyncio.gather(*acks), PUBLISH_TIMEOUT)
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(
-                f"--to: publishing to {self.subject!r} failed: {_describe(exc)}"
+                f"--to: publishing to {self.subject!r} failed: {self._nats.describe(exc)}"
             ) from None
 
 

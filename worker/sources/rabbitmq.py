@@ -31,7 +31,7 @@ import uuid
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl
 
 import aio_pika
 import aiormq.abc
@@ -44,9 +44,18 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import AMQPError, ChannelInvalidStateError, ChannelPreconditionFailed
 
-from .._urls import dead_letters_beside, safe_url
+from .._batching import Batcher
+from .._urls import ParsedUrl, dead_letters_beside
 from ..errors import ConfigError, SourceError
-from .base import Broker, DeadLetterSink, Message, Publisher, Source, letter_key
+from .base import (
+    Broker,
+    DeadLetterSink,
+    Message,
+    Publisher,
+    Redeliveries,
+    Source,
+    letter_key,
+)
 
 # Query parameters that are ours; the rest of the URL goes to aio-pika untouched.
 _OWN_PARAMS = {"queue", "prefetch"}
@@ -71,18 +80,15 @@ _FAILURES: tuple[type[BaseException], ...] = (
 )
 
 
-def split_url(url: str, label: str) -> tuple[str, dict[str, str]]:
-    """(the URL for aio-pika, our own parameters). Never echoes a password in errors."""
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query))
-    ours = {k: v for k, v in query.items() if k in _OWN_PARAMS}
-    rest = urlencode({k: v for k, v in query.items() if k not in _OWN_PARAMS})
-    if not ours.get("queue"):
+def split_url(url: str, label: str) -> ParsedUrl:
+    """The URL split: ours (`queue`, `prefetch`) apart, the rest for aio-pika."""
+    parsed = ParsedUrl.split(url, label, _OWN_PARAMS)
+    if not parsed.params.get("queue"):
         raise ConfigError(f"{label}: an amqp:// URL needs ?queue=NAME")
-    prefetch = ours.get("prefetch")
+    prefetch = parsed.params.get("prefetch")
     if prefetch is not None and not (prefetch.isdigit() and int(prefetch) <= 65535):
         raise ConfigError(f"{label}: prefetch must be a whole number from 0 to 65535")
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, rest, "")), ours
+    return parsed
 
 
 def dead_letter_url(source_url: str) -> str:
@@ -94,7 +100,9 @@ class _AmqpClient:
     """One robust connection and channel per part, made at open() and closed at close()."""
 
     def __init__(self, url: str, label: str, role: str) -> None:
-        self.url, self.params = split_url(url, label)
+        self.parsed = split_url(url, label)
+        self.url = self.parsed.client_url
+        self.params = self.parsed.params
         self.label = label
         self.role = role
         self.queue_name = self.params["queue"]
@@ -102,16 +110,15 @@ class _AmqpClient:
         self.channel: AbstractRobustChannel | None = None
 
     def scrub(self, exc: BaseException) -> str:
-        text = str(exc) or type(exc).__name__
-        password = urlsplit(self.url).password
-        return text.replace(password, "***") if password else text
+        """The exception's text without the URL's password (in either of its forms)."""
+        return self.parsed.quote(exc)
 
     def failure(self, what: str, exc: BaseException) -> SourceError:
-        return SourceError(f"{self.label}: {what} ({safe_url(self.url)}): {self.scrub(exc)}")
+        return SourceError(f"{self.label}: {what} ({self.parsed.safe}): {self.scrub(exc)}")
 
     async def connect(self, *, publisher_confirms: bool) -> AbstractRobustChannel:
         options: dict[str, Any] = {}
-        query = dict(parse_qsl(urlsplit(self.url).query))
+        query = dict(parse_qsl(self.parsed.rest))
         if "reconnect_interval" not in query:
             options["reconnect_interval"] = DEFAULT_RECONNECT_INTERVAL
         if "name" not in query:  # how the connection shows in the management UI
@@ -206,15 +213,16 @@ class RabbitMQSource(Source):
         self._generation = 0
         self._buffer: deque[AbstractIncomingMessage] = deque()  # delivered, not handed out
         self._arrived = asyncio.Event()
-        self._redeliver: deque[Message] = deque()
-        self._timers: set[asyncio.TimerHandle] = set()
+        self._redeliver: deque[Message] = deque()  # nacked and due again
+        self._redeliveries = Redeliveries(self._due_again)
         self._unacked: set[Message] = set()  # handed out, not acked: given back at close
-        self._waiting_acks: list[tuple[aiormq.abc.AbstractChannel, asyncio.Future[None]]] = []
-        self._ack_task: asyncio.Task[None] | None = None
+        self._confirms: Batcher[aiormq.abc.AbstractChannel, None] = Batcher(
+            self._confirm_acks, name="amqp-acks"
+        )
 
     @property
     def name(self) -> str:
-        return safe_url(self._amqp.url) + f" queue={self.queue}"
+        return self._amqp.parsed.safe + f" queue={self.queue}"
 
     @property
     def connected(self) -> bool:
@@ -257,11 +265,8 @@ class RabbitMQSource(Source):
         self._arrived.set()
 
     async def close(self) -> None:
-        if self._ack_task is not None:
-            await asyncio.wait([self._ack_task])
-        for timer in self._timers:
-            timer.cancel()
-        self._timers.clear()
+        await self._confirms.wait_idle()
+        await self._redeliveries.cancel()
         queue, self._queue = self._queue, None
         if queue is not None and self._consumer_tag is not None:
             with contextlib.suppress(*_FAILURES):
@@ -328,35 +333,29 @@ class RabbitMQSource(Source):
         except _FAILURES as exc:  # MessageProcessError (acked twice) is an AMQPError
             self._forget_if_dead(message)
             raise SourceError(f"basic.ack failed: {self._amqp.scrub(exc)}") from None
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting_acks.append((channel, future))
-        if self._ack_task is None or self._ack_task.done():
-            self._ack_task = asyncio.create_task(self._confirm_acks(), name="amqp-acks")
         try:
-            await future
+            await self._confirms.submit(channel)
         except SourceError:
             self._forget_if_dead(message)
             raise
         self._unacked.discard(message)
 
-    async def _confirm_acks(self) -> None:
-        while self._waiting_acks:
-            batch, self._waiting_acks = self._waiting_acks, []
-            for channel in {id(channel): channel for channel, _ in batch}.values():
-                waiting = [future for on, future in batch if on is channel]
-                try:
-                    async with asyncio.timeout(OPERATION_TIMEOUT):
-                        # A no-op that the broker answers: the prefetch it already has.
-                        await channel.basic_qos(prefetch_count=self.prefetch)
-                except _FAILURES as exc:
-                    failure = SourceError(f"basic.ack unconfirmed: {self._amqp.scrub(exc)}")
-                    for future in waiting:
-                        if not future.done():
-                            future.set_exception(failure)
-                else:
-                    for future in waiting:
-                        if not future.done():
-                            future.set_result(None)
+    async def _confirm_acks(
+        self, channels: list[aiormq.abc.AbstractChannel]
+    ) -> list[SourceError | None]:
+        """One round trip per channel the acks of the batch went on."""
+        confirmed: dict[int, SourceError | None] = {}
+        for channel in {id(channel): channel for channel in channels}.values():
+            try:
+                async with asyncio.timeout(OPERATION_TIMEOUT):
+                    # A no-op that the broker answers: the prefetch it already has.
+                    await channel.basic_qos(prefetch_count=self.prefetch)
+            except _FAILURES as exc:
+                failure = SourceError(f"basic.ack unconfirmed: {self._amqp.scrub(exc)}")
+                confirmed[id(channel)] = failure
+            else:
+                confirmed[id(channel)] = None
+        return [confirmed[id(channel)] for channel in channels]
 
     def _forget_if_dead(self, message: Message) -> None:
         if _dead(message.token):  # redelivered by RabbitMQ: nothing to give back at close
@@ -367,15 +366,12 @@ class RabbitMQSource(Source):
         if _dead(message.token):
             self._unacked.discard(message)  # its channel died: RabbitMQ redelivers it
             return
+        self._redeliveries.later(message, delay)
 
-        def redeliver() -> None:
-            self._timers.discard(timer)
-            if self._queue is not None:
-                self._redeliver.append(message)
-                self._arrived.set()
-
-        timer = asyncio.get_running_loop().call_later(delay, redeliver)
-        self._timers.add(timer)
+    def _due_again(self, message: Message) -> None:
+        if self._queue is not None:
+            self._redeliver.append(message)
+            self._arrived.set()
 
     async def lag(self) -> int | None:
         """Messages ready in the queue (a passive declare); unacked ones are not counted."""

@@ -21,10 +21,19 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from redis.exceptions import RedisError, ResponseError
 
+from .._batching import Batcher
 from .._redis import connect
-from .._urls import dead_letters_beside, safe_url, split_url_params
+from .._urls import ParsedUrl, dead_letters_beside
 from ..errors import ConfigError, SourceError
-from .base import Broker, DeadLetterSink, Message, Publisher, Source, letter_key
+from .base import (
+    Broker,
+    DeadLetterSink,
+    Message,
+    Publisher,
+    Redeliveries,
+    Source,
+    letter_key,
+)
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
@@ -45,12 +54,12 @@ RECONNECT_PAUSE = 1.0
 RECENT_LETTERS = 1000
 
 
-def split_url(url: str, label: str) -> tuple[str, dict[str, str]]:
-    """(the URL for redis-py, our own parameters); `?stream=` is required."""
-    plain, ours = split_url_params(url, _OWN_PARAMS)
-    if not ours.get("stream"):
+def split_url(url: str, label: str) -> ParsedUrl:
+    """The URL split: ours apart, the rest for redis-py; `?stream=` is required."""
+    parsed = ParsedUrl.split(url, label, _OWN_PARAMS)
+    if not parsed.params.get("stream"):
         raise ConfigError(f"{label}: a redis:// URL needs ?stream=NAME")
-    return plain, ours
+    return parsed
 
 
 def dead_letter_url(source_url: str) -> str:
@@ -62,7 +71,8 @@ class _RedisClient:
     """One client per part, created at open() and closed at close()."""
 
     def __init__(self, url: str, label: str) -> None:
-        self.url, self.params = split_url(url, label)
+        self.parsed = split_url(url, label)
+        self.url, self.params = self.parsed.client_url, self.parsed.params
         self.label = label
         self.client: aioredis.Redis | None = None
 
@@ -92,14 +102,13 @@ class RedisStreamSource(Source):
         # pending entries (XREADGROUP from id 0), then reads new ones.
         self._own_pending_left = True
         self._own_pending_from: bytes | str = "0"
-        self._redeliver: list[Message] = []
-        self._waiting_acks: list[tuple[bytes, asyncio.Future[None]]] = []
-        self._ack_task: asyncio.Task[None] | None = None
+        self._redeliveries = Redeliveries()
+        self._acks: Batcher[bytes, None] = Batcher(self._send_acks, name="redis-acks")
         self._unacked: dict[bytes, Message] = {}  # handed out, not acked: given back at close
 
     @property
     def name(self) -> str:
-        return safe_url(self._redis.url) + f" stream={self.stream} group={self.group}"
+        return self._redis.parsed.safe + f" stream={self.stream} group={self.group}"
 
     @property
     def connected(self) -> bool:
@@ -121,8 +130,7 @@ class RedisStreamSource(Source):
         self._connected = True
 
     async def close(self) -> None:
-        if self._ack_task is not None:
-            await asyncio.wait([self._ack_task])
+        await self._acks.wait_idle()
         if self._redis.client is not None and self._unacked:
             # Make what we did not finish claimable at once by the other consumers,
             # instead of after `claim_idle`: XCLAIM to ourselves with a long idle time.
@@ -133,11 +141,12 @@ class RedisStreamSource(Source):
                     idle=self.claim_idle_ms * 10, justid=True,
                 )  # fmt: skip
         self._unacked.clear()
+        await self._redeliveries.cancel()
         self._connected = False
         await self._redis.aclose()
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
-        batch, self._redeliver = self._redeliver[:max_messages], self._redeliver[max_messages:]
+        batch = self._redeliveries.take(max_messages)
         if batch:
             return batch
         try:
@@ -223,34 +232,19 @@ class RedisStreamSource(Source):
 
     async def ack(self, message: Message) -> None:
         """XACK, coalesced: acks arriving together share one command."""
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiting_acks.append((message.token, future))
-        if self._ack_task is None or self._ack_task.done():
-            self._ack_task = asyncio.create_task(self._send_acks(), name="redis-acks")
-        await future
+        await self._acks.submit(message.token)
         self._unacked.pop(message.token, None)
 
-    async def _send_acks(self) -> None:
-        while self._waiting_acks:
-            batch, self._waiting_acks = self._waiting_acks, []
-            try:
-                await self.client.xack(self.stream, self.group, *(t for t, _ in batch))
-            except (RedisError, OSError, SourceError) as exc:
-                for _, waiting in batch:
-                    if not waiting.done():
-                        waiting.set_exception(SourceError(f"XACK failed: {exc}"))
-            else:
-                for _, waiting in batch:
-                    if not waiting.done():
-                        waiting.set_result(None)
+    async def _send_acks(self, entry_ids: list[bytes]) -> list[None]:
+        try:
+            await self.client.xack(self.stream, self.group, *entry_ids)
+        except (RedisError, OSError, SourceError) as exc:
+            raise SourceError(f"XACK failed: {exc}") from None
+        return [None] * len(entry_ids)
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
         """Deliver again here after `delay`; the entry stays pending on this consumer."""
-
-        def redeliver() -> None:
-            self._redeliver.append(message)  # looked up now: fetch() replaces the list
-
-        asyncio.get_running_loop().call_later(delay, redeliver)
+        self._redeliveries.later(message, delay)
 
     async def hold(self, message: Message) -> None:
         """Reset the entry's idle time so no other consumer takes it over while we work."""

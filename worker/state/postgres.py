@@ -19,11 +19,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from typing import Any, Protocol
-from urllib.parse import urlsplit
 
 import asyncpg
 
-from worker._urls import scrub_password
+from worker._urls import check_server_url, quote_error
 from worker.errors import ConfigError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
@@ -155,19 +154,15 @@ class _Sql:
 
 def _check_url(url: str) -> tuple[str, str | None]:
     """(where the database is, for messages; the URL's password, to scrub from them)."""
-    parts = urlsplit(url)
-    after_scheme = url[len(parts.scheme) :]
-    if parts.scheme.lower() not in ("postgresql", "postgres") or not after_scheme.startswith("://"):
-        raise ConfigError(
-            f"{OPTION}: a postgres state URL is postgresql://USER[:PASSWORD]@HOST:5432/DATABASE"
-        )
-    try:
-        port = parts.port or 5432
-    except ValueError as exc:
-        raise ConfigError(
-            f"{OPTION}: invalid postgresql URL: {scrub_password(str(exc), parts.password)}"
-        ) from None
-    return f"{parts.hostname or 'localhost'}:{port}{parts.path or '/'}", parts.password
+    parts = check_server_url(
+        url,
+        OPTION,
+        kind="postgresql",
+        schemes=("postgresql", "postgres"),
+        usage="a postgres state URL is postgresql://USER[:PASSWORD]@HOST:5432/DATABASE",
+    )
+    where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+    return where, parts.password
 
 
 def _rowcount(status: str) -> int:
@@ -249,7 +244,7 @@ class PostgresStateStore(StateStore):
     # -- plumbing ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        return scrub_password(str(exc) or type(exc).__name__, self._password)
+        return quote_error(exc, self._password)
 
     def _live_pool(self) -> _Pool:
         if self._pool is None:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Sequence
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.connection import parse_url
@@ -41,7 +40,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from worker._urls import scrub_password, split_url_params
+from worker._urls import ParsedUrl, check_server_url, quote_error, scrub_password
 from worker.errors import ConfigError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
@@ -160,12 +159,14 @@ def _check_url(url: str) -> tuple[str, str | None]:
 
     Raises ConfigError for a URL redis-py would misread; never echoes the URL.
     """
-    parts = urlsplit(url)
-    after_scheme = url[len(parts.scheme) :]
-    if parts.scheme.lower() not in ("redis", "rediss") or not after_scheme.startswith("://"):
-        raise ConfigError(f"{OPTION}: a redis state URL is redis://[:PASSWORD@]HOST:6379/DB")
+    parts = check_server_url(
+        url,
+        OPTION,
+        kind="redis",
+        schemes=("redis", "rediss"),
+        usage="a redis state URL is redis://[:PASSWORD@]HOST:6379/DB",
+    )
     try:
-        port = parts.port or 6379
         parse_url(url)
     except ValueError as exc:
         raise ConfigError(
@@ -175,7 +176,7 @@ def _check_url(url: str) -> tuple[str, str | None]:
     if not db.isdigit():
         # redis-py would silently use DB 0 for `redis://host/name`: say so instead.
         raise ConfigError(f"{OPTION}: the redis URL's path is a database number, e.g. /0")
-    return f"{parts.hostname or 'localhost'}:{port}/{db}", parts.password
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}", parts.password
 
 
 def _ttl_ms(retention_seconds: float | None) -> int:
@@ -219,9 +220,9 @@ class RedisStateStore(StateStore):
     @classmethod
     def from_url(cls, url: str, *, retention_seconds: float | None = None) -> RedisStateStore:
         """`redis://HOST:6379/DB[?prefix=NAME:]`: the prefix keeps deployments apart."""
-        plain, ours = split_url_params(url, {"prefix"})
-        prefix = ours.get("prefix") or DEFAULT_KEY_PREFIX
-        return cls(plain, retention_seconds=retention_seconds, key_prefix=prefix)
+        parsed = ParsedUrl.split(url, OPTION, {"prefix"})
+        prefix = parsed.params.get("prefix") or DEFAULT_KEY_PREFIX
+        return cls(parsed.client_url, retention_seconds=retention_seconds, key_prefix=prefix)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -276,7 +277,7 @@ class RedisStateStore(StateStore):
     # -- plumbing ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        return scrub_password(str(exc) or type(exc).__name__, self._password)
+        return quote_error(exc, self._password)
 
     def _live_client(self) -> aioredis.Redis:
         if self._client is None:

@@ -1,10 +1,11 @@
 """`sqlite:///PATH` state store: the default, durable on one host, with group commits.
 
 Why a writer thread: sqlite3 blocks, and durability (`synchronous=FULL`) costs an fsync per
-commit. One thread owns the only connection; coroutines queue operations and await a
-future. The thread takes everything queued (up to `max_batch`), runs it in ONE
-`BEGIN IMMEDIATE` transaction, commits once and only then resolves the futures, so
-"`complete()` returned" means "on disk" while a burst of events shares one fsync.
+commit. One thread (a one-worker executor) owns the only connection; coroutines submit
+operations to a `Batcher`, which hands everything queued meanwhile (up to `max_batch`)
+to that thread as one list. The thread runs it in ONE `BEGIN IMMEDIATE` transaction and
+commits once; only then do the callers get their results, so "`complete()` returned"
+means "on disk" while a burst of events shares one fsync (and one thread hop).
 
 `BEGIN IMMEDIATE` takes the file's write lock before the first read, so a claim's
 read-then-write is atomic even against other processes using the same file; they wait
@@ -16,18 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import queue
 import sqlite3
-import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
+from worker._batching import Batcher
 from worker.errors import ConfigError, StateError, WorkerError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore
 
 T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
 
 URL_PREFIX = "sqlite:///"
 IN_FLIGHT = "in_flight"
@@ -64,40 +65,6 @@ def path_from_url(url: str) -> str:
     return url[len(URL_PREFIX) :]
 
 
-@dataclass(slots=True)
-class _Op:
-    """One queued operation: `fn` runs on the writer thread, its result goes to `future`."""
-
-    fn: Callable[[sqlite3.Connection], Any]
-    future: asyncio.Future[Any]
-    loop: asyncio.AbstractEventLoop
-
-
-def _settle(future: asyncio.Future[Any], result: Any, error: BaseException | None) -> None:
-    """Runs on the event loop. The awaiting coroutine may have been cancelled meanwhile."""
-    if future.done():
-        return
-    if error is not None:
-        future.set_exception(error)
-    else:
-        future.set_result(result)
-
-
-def _settle_all(settled: list[tuple[asyncio.Future[Any], Any, BaseException | None]]) -> None:
-    for future, result, error in settled:
-        _settle(future, result, error)
-
-
-def _post_all(batch: list[_Op], outcomes: list[tuple[Any, BaseException | None]]) -> None:
-    """Hand a batch's results to the event loop: one wake-up per loop, not one per op."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any, Any]]] = {}
-    for op, (result, error) in zip(batch, outcomes, strict=True):
-        by_loop.setdefault(op.loop, []).append((op.future, result, error))
-    for loop, settled in by_loop.items():
-        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-            loop.call_soon_threadsafe(_settle_all, settled)
-
-
 class SqliteStateStore(StateStore):
     """State in one sqlite file (WAL, synchronous=FULL), written by one thread.
 
@@ -118,14 +85,12 @@ class SqliteStateStore(StateStore):
         self.path = os.fspath(path)
         self.commits = 0
         self._retention = retention_seconds
-        self._max_batch = max_batch
         self._busy_timeout = busy_timeout
-        # Ops queued on the event loop during one iteration go to the thread as one list:
-        # one cross-thread hand-over per iteration, not one per op. None means "stop".
-        self._outbox: list[_Op] = []
-        self._queue: queue.Queue[list[_Op] | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-        self._stopped: asyncio.Future[None] | None = None
+        self._batcher: Batcher[Op, Any] = Batcher(
+            self._commit, name="state-sqlite-commits", max_batch=max_batch
+        )
+        self._writer: ThreadPoolExecutor | None = None
+        self._conn: sqlite3.Connection | None = None
         self._accepting = False
 
     @classmethod
@@ -135,42 +100,45 @@ class SqliteStateStore(StateStore):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def open(self) -> None:
-        if self._thread is not None:
+        if self._writer is not None:
             raise StateError("state store opened twice")
-        loop = asyncio.get_running_loop()
-        ready: asyncio.Future[None] = loop.create_future()
-        self._stopped = loop.create_future()
-        self._thread = threading.Thread(
-            target=self._run,
-            args=(loop, ready),
-            name="state-sqlite-writer",
-            # Daemon so a loop that never closes us cannot hang interpreter exit; sqlite's
-            # journal keeps the file consistent even if the thread dies mid-transaction.
-            daemon=True,
-        )
-        self._thread.start()
-        await ready  # raises if the file cannot be opened; the thread has then ended
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="state-sqlite-writer")
+        try:
+            self._conn = await self._on_writer(self._connect)
+        except BaseException:  # ConfigError or StateError from _connect, or a cancellation
+            self._writer.shutdown(wait=False)
+            raise
         self._accepting = True
         if self._retention is not None:
             await self.sweep(self._retention)
 
     async def close(self) -> None:
-        if self._thread is None or self._stopped is None:
+        if self._writer is None or self._conn is None:
             return
-        if self._accepting:
-            self._accepting = False
-            self._hand_over()
-            self._queue.put(None)  # after every queued op: they are all committed first
-        await asyncio.shield(self._stopped)
-        self._thread.join()
+        self._accepting = False
+        await self._batcher.wait_idle()  # every operation accepted is committed first
+        conn, self._conn = self._conn, None
+        await self._on_writer(conn.close)
+        self._writer.shutdown(wait=True)
 
     # -- the writer thread ---------------------------------------------------------------
+
+    async def _on_writer(self, fn: Callable[[], T]) -> T:
+        assert self._writer is not None
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn)
 
     def _connect(self) -> sqlite3.Connection:
         try:
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
             # timeout= is sqlite's busy_timeout: wait for another process's write lock.
-            conn = sqlite3.connect(self.path, timeout=self._busy_timeout, isolation_level=None)
+            # check_same_thread=False: made here, used here, closed here (one thread),
+            # but that thread is the executor's, not the one sqlite3 saw first.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout,
+                isolation_level=None,
+                check_same_thread=False,
+            )
         except sqlite3.Error as exc:
             raise ConfigError(
                 f"--state / WORKER_STATE: cannot open sqlite database {self.path!r}: {exc}"
@@ -187,105 +155,47 @@ class SqliteStateStore(StateStore):
             raise StateError(f"cannot initialise sqlite database {self.path!r}: {exc}") from exc
         return conn
 
-    def _run(self, loop: asyncio.AbstractEventLoop, ready: asyncio.Future[None]) -> None:
-        try:
-            conn = self._connect()
-        except Exception as exc:  # noqa: BLE001 - open() must hear of any failure, not hang
-            self._notify(loop, ready, _as_state_error(exc))
-            self._notify(loop, self._stopped, None)
-            return
-        self._notify(loop, ready, None)
-        try:
-            stop = False
-            while not stop:
-                batch, stop = self._take_batch()
-                if batch:
-                    self._run_batch(conn, batch)
-        finally:
-            self._accepting = False
-            conn.close()
-            self._fail_leftovers()
-            self._notify(loop, self._stopped, None)
+    async def _commit(self, ops: list[Op]) -> list[Any]:
+        conn = self._conn
+        if conn is None:
+            raise StateError("state store closed")
+        return await self._on_writer(lambda: self._run_batch(conn, ops))
 
-    @staticmethod
-    def _notify(
-        loop: asyncio.AbstractEventLoop,
-        future: asyncio.Future[None] | None,
-        error: BaseException | None,
-    ) -> None:
-        if future is None:
-            return
-        with contextlib.suppress(RuntimeError):  # the loop is closed
-            loop.call_soon_threadsafe(_settle, future, None, error)
-
-    def _take_batch(self) -> tuple[list[_Op], bool]:
-        """Block for one hand-over, then take whatever else is already queued: the group."""
-        batch: list[_Op] = []
-        item = self._queue.get()
-        while True:
-            if item is None:
-                return batch, True
-            batch.extend(item)
-            if len(batch) >= self._max_batch:
-                return batch, False
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return batch, False
-
-    def _run_batch(self, conn: sqlite3.Connection, batch: list[_Op]) -> None:
-        outcomes: list[tuple[Any, BaseException | None]] = []
+    def _run_batch(self, conn: sqlite3.Connection, batch: list[Op]) -> list[Any]:
+        """One transaction for the whole batch: each op's result or exception, in order."""
+        outcomes: list[Any] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
             for op in batch:
                 # Every op checks before it writes, so one that raises has written nothing
-                # and fails only its own future (no savepoint needed).
+                # and fails only its own caller (no savepoint needed).
                 try:
-                    outcomes.append((op.fn(conn), None))
-                except Exception as exc:  # noqa: BLE001 - it fails its own future only
-                    outcomes.append((None, _as_state_error(exc)))
+                    outcomes.append(op(conn))
+                except Exception as exc:  # noqa: BLE001 - it fails its own caller only
+                    outcomes.append(_as_state_error(exc))
             conn.execute("COMMIT")
-        except Exception as exc:  # noqa: BLE001 - every future of the batch must learn of it
+        except Exception as exc:  # noqa: BLE001 - every caller of the batch must learn of it
             # BEGIN, an op's statement or the commit failed: nothing of this batch is durable.
             if conn.in_transaction:
                 # It may fail too if sqlite already rolled back or the connection is gone.
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
-            failures: list[tuple[Any, BaseException | None]] = []
-            for _ in batch:  # one exception object per waiter: each gets its own traceback
+            failures: list[Any] = []
+            for _ in batch:  # one exception object per caller: each gets its own traceback
                 error = StateError(f"sqlite transaction failed: {exc}")
                 error.__cause__ = exc
-                failures.append((None, error))
-            _post_all(batch, failures)
-            return
+                failures.append(error)
+            return failures
         self.commits += 1
-        _post_all(batch, outcomes)
-
-    def _fail_leftovers(self) -> None:
-        while True:
-            try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item:
-                _post_all(item, [(None, StateError("state store closed")) for _ in item])
+        return outcomes
 
     # -- submitting ----------------------------------------------------------------------
 
     async def _submit(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if not self._accepting:
             raise StateError("state store is not open")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        if not self._outbox:
-            loop.call_soon(self._hand_over)
-        self._outbox.append(_Op(fn, future, loop))
-        return await future
-
-    def _hand_over(self) -> None:
-        if self._outbox:
-            ops, self._outbox = self._outbox, []
-            self._queue.put(ops)
+        result: T = await self._batcher.submit(fn)
+        return result
 
     # -- the contract --------------------------------------------------------------------
 
