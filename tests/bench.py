@@ -34,6 +34,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from tests.harness import free_port, worker_env
 from worker.cdp import basic_authorization
 from worker.contact import build_body, parse_event
 from worker.demo import generate_events, write_events
@@ -41,13 +42,6 @@ from worker.sources import open_publisher
 
 KEY, TOKEN = "bench-key", "bench-token"
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class EmulatorProcess:
@@ -107,19 +101,16 @@ def run_worker(url: str, folder: Path, events: Path, **settings: str) -> dict[st
     """`worker run` over `events`; its rate from its own started/finished log lines."""
     for stale in folder.glob("state.db*"):
         stale.unlink()
-    env = {
-        **os.environ,
-        "CDP_BASE_URL": url,
-        "CDP_CLIENT_KEY": KEY,
-        "CDP_API_TOKEN": TOKEN,
-        "WORKER_SOURCE": f"file:{events}",
-        "WORKER_STATE": f"sqlite:///{folder / 'state.db'}",
-        "WORKER_DLQ": f"file:{folder / 'dead-letter.jsonl'}",
-        "WORKER_HTTP_PORT": "0",
-        "WORKER_LOG_FORMAT": "json",
-        "WORKER_LOG_LEVEL": "info",
-        **{f"WORKER_{name.upper()}": value for name, value in settings.items()},
-    }
+    env = worker_env(
+        url,
+        KEY,
+        TOKEN,
+        source=f"file:{events}",
+        state=f"sqlite:///{folder / 'state.db'}",
+        dlq=f"file:{folder / 'dead-letter.jsonl'}",
+        log_level="info",
+        **settings,
+    )
     log_path = folder / "worker.log"
     with log_path.open("wb") as log:
         subprocess.run([sys.executable, "-m", "worker", "run"], env=env, stdout=log, check=True)
@@ -180,19 +171,16 @@ async def redis_replicas(
     await publisher.open()
     await publisher.publish(lines)
     await publisher.close()
-    env = {
-        **os.environ,
-        "CDP_BASE_URL": emulator.url,
-        "CDP_CLIENT_KEY": KEY,
-        "CDP_API_TOKEN": TOKEN,
-        "WORKER_SOURCE": source,
-        "WORKER_STATE": f"{REDIS_URL}?prefix=bench-{run}:",
-        "WORKER_RATE_LIMIT": "0",
-        "WORKER_CONCURRENCY": str(concurrency),
-        "WORKER_HTTP_PORT": "0",
-        "WORKER_LOG_FORMAT": "json",
-        "WORKER_LOG_LEVEL": "info",
-    }
+    env = worker_env(
+        emulator.url,
+        KEY,
+        TOKEN,
+        source=source,
+        state=f"{REDIS_URL}?prefix=bench-{run}:",
+        rate_limit="0",
+        concurrency=str(concurrency),
+        log_level="info",
+    )
     logs = [(folder / f"replica-{n}.log").open("wb") for n in range(replicas)]
     processes = [
         subprocess.Popen([sys.executable, "-m", "worker", "run"], env=env, stdout=log)

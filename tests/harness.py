@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 from urllib.parse import urlsplit, urlunsplit
 
+from worker.config import OPTIONS
 from worker.contact import parse_event
 from worker.errors import InvalidEvent
 from worker.pipeline import Worker
@@ -37,6 +39,29 @@ class Harness:
         finally:
             await self.worker.close()
         return self
+
+
+_ENV_OF = {option.name: option.env for option in OPTIONS}
+
+
+def worker_env(cdp_url: str, key: str, token: str, **settings: str) -> dict[str, str]:
+    """The environment of a `worker run` process talking to the CDP at `cdp_url`.
+
+    This process's environment without any WORKER_ or CDP_ variable of its own, then the
+    CDP credentials, JSON logs, no health port, and `settings` by option name
+    (`rate_limit="0"` sets WORKER_RATE_LIMIT), overriding those.
+    """
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "CDP_"))}
+    env.update(
+        CDP_BASE_URL=cdp_url,
+        CDP_CLIENT_KEY=key,
+        CDP_API_TOKEN=token,
+        WORKER_HTTP_PORT="0",
+        WORKER_LOG_FORMAT="json",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update({_ENV_OF[name]: value for name, value in settings.items()})
+    return env
 
 
 def free_port() -> int:

@@ -1,14 +1,17 @@
 """The state store contract (DESIGN section 4, `worker/state/base.py`), for every backend.
 
-A backend's test module subclasses `StateStoreContract` and defines a `store` fixture that
-yields an opened store (and closes it afterwards). Time is faked through the `clock`
-fixture, which replaces `worker.state.base.now`: leases expire without sleeping.
+A backend's test module subclasses `StateStoreContract` and defines a `make_store`
+fixture (see the class); the suite opens the stores it needs from it. Time is faked
+through the `clock` fixture, which replaces `worker.state.base.now`: leases expire
+without sleeping.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, ClassVar, TypeVar
 
 import pytest
 
@@ -35,24 +38,65 @@ class FakeClock:
 
 # `await open_again(retention_seconds)`: a new store opened on the same data.
 OpenAgain = Callable[[float | None], Awaitable[StateStore]]
+Store = TypeVar("Store", bound=StateStore)
+
+
+@contextlib.asynccontextmanager
+async def closing(build: Callable[..., Store]) -> AsyncIterator[Callable[..., Store]]:
+    """`make(**options)` builds a store with `build`; every store it made is closed at
+    the end. What a backend's `make_store` fixture yields."""
+    made: list[Store] = []
+
+    def make(*args: Any, **options: Any) -> Store:
+        store = build(*args, **options)
+        made.append(store)
+        return store
+
+    try:
+        yield make
+    finally:
+        for store in made:
+            await store.close()
 
 
 class StateStoreContract:
-    """Subclasses provide `store`: an opened StateStore, closed after the test.
+    """Subclasses provide `make_store`: a fixture yielding `make(**options)`, which builds
+    a store (not opened) on this test's data and closes it after the test (`closing`).
 
-    Backends shared by processes also override `replica`: a second store opened on the
-    same data, standing in for another worker process. Durable backends override
-    `open_again`: opens a new store on the same data (as after a restart), with the given
-    retention, and closes it after the test.
+    From it the suite opens `store`; `replica`, a second store on the same data standing
+    in for another worker process (unless `shared` is False: an in-process backend, whose
+    replica is the store itself); and `open_again`, which opens a new store on the same
+    data as after a restart (unless `durable` is False: nothing survives one).
     """
 
-    @pytest.fixture
-    def replica(self, store: StateStore) -> StateStore:
-        return store  # an in-process backend: a second replica sees the same object
+    shared: ClassVar[bool] = True
+    durable: ClassVar[bool] = True
 
     @pytest.fixture
-    def open_again(self) -> OpenAgain | None:
-        return None  # not durable: nothing survives a restart
+    async def store(self, make_store: Callable[..., StateStore]) -> StateStore:
+        store = make_store()
+        await store.open()
+        return store
+
+    @pytest.fixture
+    async def replica(self, store: StateStore, make_store: Callable[..., StateStore]) -> StateStore:
+        if not self.shared:
+            return store
+        other = make_store()  # its own connections: another process
+        await other.open()
+        return other
+
+    @pytest.fixture
+    def open_again(self, make_store: Callable[..., StateStore]) -> OpenAgain | None:
+        if not self.durable:
+            return None
+
+        async def reopen(retention_seconds: float | None) -> StateStore:
+            again = make_store(retention_seconds=retention_seconds)
+            await again.open()
+            return again
+
+        return reopen
 
     @pytest.fixture
     def clock(self, monkeypatch: pytest.MonkeyPatch) -> FakeClock:

@@ -129,3 +129,20 @@ def test_readme_table_lists_every_option_with_its_default() -> None:
             assert f"`{option.default:.10g}`" in default, option.env
         elif isinstance(option.default, str):
             assert f"`{option.default}`" in default, option.env
+
+
+def test_settings_built_directly_are_validated_and_defaulted_like_loaded_ones() -> None:
+    # The demo (and any embedding) builds Settings itself: the same checks apply.
+    given = {
+        "source": "file:./events.jsonl",
+        "cdp_base_url": "https://api-engage-eu.sitecorecloud.io/",
+        "cdp_client_key": "key-123",
+        "cdp_api_token": "token-456",
+    }
+    assert Settings(**given) == load_settings(parse_flags(), REQUIRED)
+    with pytest.raises(ConfigError, match="CDP_BASE_URL"):
+        Settings(**{**given, "cdp_base_url": "ftp://cdp"})
+    with pytest.raises(ConfigError, match="--lease-seconds / WORKER_LEASE_SECONDS"):
+        Settings(**given, lease_seconds=5.0)  # not above the 10 s request timeout
+    with pytest.raises(ConfigError, match="--log-level"):
+        Settings(**given, log_level="chatty")

@@ -23,13 +23,8 @@ import aiohttp
 import orjson
 import pytest
 
-from worker.emulator import (
-    Emulator,
-    EmulatorConfig,
-    _peak_in_window,
-    add_cli_arguments,
-    config_from_args,
-)
+from worker.emulator import Emulator, EmulatorConfig, add_cli_arguments, config_from_args
+from worker.emulator.faults import peak_in_window
 
 ISO_MS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}\.\d{3}Z")
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
@@ -412,9 +407,9 @@ async def test_reset_forgets_contacts_and_stats(
 
 
 def test_peak_in_window_counts_half_open_one_second_windows() -> None:
-    assert _peak_in_window([]) == 0
-    assert _peak_in_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3  # 1.0 is out of [0.0, 1.0)
-    assert _peak_in_window([0.0, 2.0, 2.1, 2.2, 3.5]) == 3
+    assert peak_in_window([]) == 0
+    assert peak_in_window([0.0, 0.5, 0.99, 1.0, 1.5]) == 3  # 1.0 is out of [0.0, 1.0)
+    assert peak_in_window([0.0, 2.0, 2.1, 2.2, 3.5]) == 3
 
 
 # --------------------------------------------------------------------------- rate limit

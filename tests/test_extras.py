@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from harness import worker_env
 
 from worker import _extras, dlq
 from worker.errors import MissingExtraError
@@ -106,15 +107,13 @@ HIDE_AND_RUN = (
 def test_worker_run_without_the_extra_exits_2_with_one_line(
     tmp_path: Any, module: str, env: dict[str, str]
 ) -> None:
-    base = {
-        "PATH": "/usr/bin:/bin",
-        "WORKER_SOURCE": f"file:{tmp_path / 'events.jsonl'}",
-        "WORKER_STATE": f"sqlite:///{tmp_path / 'state.db'}",
-        "CDP_BASE_URL": "http://127.0.0.1:1",
-        "CDP_CLIENT_KEY": "key",
-        "CDP_API_TOKEN": "token",
-        "WORKER_HTTP_PORT": "0",
-    }
+    base = worker_env(
+        "http://127.0.0.1:1",
+        "key",
+        "token",
+        source=f"file:{tmp_path / 'events.jsonl'}",
+        state=f"sqlite:///{tmp_path / 'state.db'}",
+    )
     done = subprocess.run(
         [sys.executable, "-c", HIDE_AND_RUN, module, "run"],
         env={**base, **env},

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SECRET_KEY, SECRET_TOKEN
-from harness import free_port, valid_order_refs
+from harness import free_port, valid_order_refs, worker_env
 
 from worker.demo import generate_events, write_events
 from worker.emulator import Emulator, EmulatorConfig
@@ -71,21 +71,18 @@ async def cdp() -> AsyncIterator[Emulator]:
         yield running
 
 
-def worker_env(cdp: Emulator, tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "CDP_"))}
-    env.update(
-        CDP_BASE_URL=cdp.url,
-        CDP_CLIENT_KEY=SECRET_KEY,
-        CDP_API_TOKEN=SECRET_TOKEN,
-        WORKER_SOURCE=f"file:{tmp_path / 'events.jsonl'}",
-        WORKER_STATE=f"sqlite:///{tmp_path / 'state.db'}",
-        WORKER_DLQ=f"file:{tmp_path / 'dead-letter.jsonl'}",
-        WORKER_HTTP_PORT="0",
-        WORKER_LOG_FORMAT="json",
-        WORKER_RATE_LIMIT="0",
-        WORKER_REQUEST_TIMEOUT="1",
-        WORKER_LEASE_SECONDS="3",
-        PYTHONUNBUFFERED="1",
+def run_env(cdp: Emulator, tmp_path: Path, **extra: str) -> dict[str, str]:
+    """`worker_env` for a file in `tmp_path`, quick timeouts, and `extra` variables."""
+    env = worker_env(
+        cdp.url,
+        SECRET_KEY,
+        SECRET_TOKEN,
+        source=f"file:{tmp_path / 'events.jsonl'}",
+        state=f"sqlite:///{tmp_path / 'state.db'}",
+        dlq=f"file:{tmp_path / 'dead-letter.jsonl'}",
+        rate_limit="0",
+        request_timeout="1",
+        lease_seconds="3",
     )
     env.update(extra)
     return env
@@ -140,7 +137,7 @@ async def test_bad_configuration_exits_2_naming_the_option(
     cdp: Emulator, tmp_path: Path, env_change: dict[str, str], named: str
 ) -> None:
     write_events(tmp_path / "events.jsonl", [orjson.dumps(pii_event(1))])
-    env = worker_env(cdp, tmp_path, **env_change)
+    env = run_env(cdp, tmp_path, **env_change)
     code, _, stderr = await finish(await start_worker(env))
     assert code == 2
     assert named in stderr.decode()
@@ -150,7 +147,7 @@ async def test_bad_configuration_exits_2_naming_the_option(
 
 async def test_flags_win_over_the_environment(cdp: Emulator, tmp_path: Path) -> None:
     write_events(tmp_path / "other.jsonl", [orjson.dumps(pii_event(1))])
-    env = worker_env(cdp, tmp_path, WORKER_SOURCE="file:/nonexistent")
+    env = run_env(cdp, tmp_path, WORKER_SOURCE="file:/nonexistent")
     code, _, _ = await finish(
         await start_worker(env, "--source", f"file:{tmp_path / 'other.jsonl'}")
     )
@@ -167,7 +164,7 @@ async def test_run_delivers_logs_json_without_personal_data_and_reruns_send_noth
     cdp.config.error_rate = 0.2
     cdp.config.timeout_after_create_rate = 0.1
     cdp.config.hang_seconds = 1.5
-    env = worker_env(cdp, tmp_path, WORKER_LOG_LEVEL="debug")
+    env = run_env(cdp, tmp_path, WORKER_LOG_LEVEL="debug")
     code, lines, stderr = await finish(await start_worker(env))
     assert code == 0, stderr.decode()
     assert cdp.stats()["orders"] == 40
@@ -190,7 +187,7 @@ async def test_sigterm_drains_within_the_shutdown_timeout(cdp: Emulator, tmp_pat
     events = [pii_event(n) for n in range(1, 201)]
     write_events(tmp_path / "events.jsonl", [orjson.dumps(e) for e in events])
     cdp.config.latency = 0.3
-    env = worker_env(cdp, tmp_path, WORKER_SHUTDOWN_TIMEOUT="2", WORKER_CONCURRENCY="8")
+    env = run_env(cdp, tmp_path, WORKER_SHUTDOWN_TIMEOUT="2", WORKER_CONCURRENCY="8")
     process = await start_worker(env)
     while cdp.stats()["requests"].get("POST", 0) < 10:
         await asyncio.sleep(0.02)
@@ -220,7 +217,7 @@ async def test_sigkill_mid_run_then_rerun_loses_and_doubles_nothing(
     cdp.config.timeout_after_create_rate = 0.02
     cdp.config.reset_after_create_rate = 0.02
     cdp.config.hang_seconds = 1.5
-    env = worker_env(cdp, tmp_path, WORKER_CONCURRENCY="16", WORKER_RATE_LIMIT="400")
+    env = run_env(cdp, tmp_path, WORKER_CONCURRENCY="16", WORKER_RATE_LIMIT="400")
     for kill_after in (100, 250, 400):
         process = await start_worker(env)
         while cdp.stats()["contacts"] < kill_after:
@@ -263,7 +260,7 @@ async def test_validate_and_schema(tmp_path: Path) -> None:
 async def test_check_reports_readiness(cdp: Emulator, tmp_path: Path) -> None:
     write_events(tmp_path / "events.jsonl", [orjson.dumps(pii_event(1))])
     port = free_port()
-    env = worker_env(cdp, tmp_path, WORKER_HTTP_PORT=str(port), WORKER_FOLLOW="true")
+    env = run_env(cdp, tmp_path, WORKER_HTTP_PORT=str(port), WORKER_FOLLOW="true")
 
     async def check() -> int:
         probe = await asyncio.create_subprocess_exec(
@@ -285,3 +282,41 @@ async def test_check_reports_readiness(cdp: Emulator, tmp_path: Path) -> None:
     process.send_signal(signal.SIGTERM)
     code, _, _ = await finish(process)
     assert code == 0
+
+
+# What `worker check` (every container health probe) must not load: the server side of
+# the worker, the emulator and the demo. It needs the standard library and config.
+HEAVY = ("aiohttp", "asyncio", "structlog", "prometheus_client", "worker.emulator", "worker.demo",
+         "worker.pipeline", "worker.sources", "worker.state")  # fmt: skip
+LOADED_BY_CHECK = (
+    "import sys\n"
+    "from worker.cli import main\n"
+    "try:\n"
+    "    main(['check', '--url', 'http://127.0.0.1:1/readyz', '--timeout', '0.5'])\n"
+    "except SystemExit as exit:\n"
+    "    code = exit.code\n"
+    "print(code, sorted({m.split('.')[0] if not m.startswith('worker') else m\n"
+    "                    for m in sys.modules}))\n"
+)
+
+
+def test_check_starts_without_the_server_the_emulator_or_the_demo() -> None:
+    done = subprocess.run(
+        [sys.executable, "-c", LOADED_BY_CHECK], capture_output=True, text=True, timeout=60
+    )
+    code, _, modules = done.stdout.strip().splitlines()[-1].partition(" ")
+    assert code == "1"  # nothing listens there
+    loaded = [m for m in eval(modules) if m.startswith(HEAVY)]
+    assert loaded == []
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.stdout.strip() == f"cdp-sync {version('cdp-sync')}"
+    import worker
+
+    assert worker.__version__ == version("cdp-sync")

@@ -6,7 +6,6 @@ dead-lettered once, and the emulator never sees more than the limit in any secon
 from __future__ import annotations
 
 import asyncio
-import os
 import shutil
 import signal
 import sys
@@ -20,7 +19,7 @@ import orjson
 import pytest
 import services
 from conftest import SECRET_KEY, SECRET_TOKEN
-from harness import valid_order_refs
+from harness import valid_order_refs, worker_env
 
 from worker.demo import generate_events
 from worker.emulator import Emulator, EmulatorConfig
@@ -158,20 +157,17 @@ async def test_three_replicas_one_killed_deliver_everything_once_under_the_limit
         timeout_after_create_rate=0.01, reset_after_create_rate=0.01, hang_seconds=2.0, seed=5,
     )  # fmt: skip
     async with Emulator(config) as cdp:
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("WORKER_", "CDP_"))}
-        env.update(
-            CDP_BASE_URL=cdp.url,
-            CDP_CLIENT_KEY=SECRET_KEY,
-            CDP_API_TOKEN=SECRET_TOKEN,
-            WORKER_SOURCE=broker.source_url,
-            WORKER_STATE=f"{services.REDIS_URL}?prefix=scale-{broker.run}:",
-            WORKER_RATE_LIMIT=str(RATE),
-            WORKER_RATE_LIMIT_BACKEND=f"{services.REDIS_URL}?key=scale-{broker.run}:rate",
-            WORKER_CONCURRENCY="16",
-            WORKER_REQUEST_TIMEOUT="1",
-            WORKER_LEASE_SECONDS="4",
-            WORKER_HTTP_PORT="0",
-            WORKER_LOG_FORMAT="json",
+        env = worker_env(
+            cdp.url,
+            SECRET_KEY,
+            SECRET_TOKEN,
+            source=broker.source_url,
+            state=f"{services.REDIS_URL}?prefix=scale-{broker.run}:",
+            rate_limit=str(RATE),
+            rate_limit_backend=f"{services.REDIS_URL}?key=scale-{broker.run}:rate",
+            concurrency="16",
+            request_timeout="1",
+            lease_seconds="4",
         )
         replicas = [
             await asyncio.create_subprocess_exec(

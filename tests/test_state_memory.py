@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
 pytest.register_assert_rewrite("state_contract")
 
-from state_contract import StateStoreContract  # noqa: E402
+from state_contract import StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError  # noqa: E402
 from worker.state import (  # noqa: E402
@@ -20,12 +20,13 @@ from worker.state import (  # noqa: E402
 
 
 class TestMemoryState(StateStoreContract):
+    shared = False  # one process: a replica is the same store
+    durable = False
+
     @pytest.fixture
-    async def store(self) -> AsyncIterator[StateStore]:
-        store = MemoryStateStore()
-        await store.open()
-        yield store
-        await store.close()
+    async def make_store(self) -> AsyncIterator[Callable[..., StateStore]]:
+        async with closing(MemoryStateStore) as make:
+            yield make
 
 
 # -- open_state_store ------------------------------------------------------------------------

@@ -20,10 +20,10 @@ pytest.register_assert_rewrite("state_contract")
 
 import asyncpg  # noqa: E402
 from services import POSTGRES_URL, require  # noqa: E402
-from state_contract import LEASE, OpenAgain, StateStoreContract  # noqa: E402
+from state_contract import LEASE, StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
-from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
+from worker.state import ClaimStatus, open_state_store  # noqa: E402
 from worker.state.postgres import PostgresStateStore  # noqa: E402
 
 StoreFactory = Callable[..., PostgresStateStore]
@@ -47,16 +47,12 @@ async def make_store(table_prefix: str) -> AsyncIterator[StoreFactory]:
     """`make_store(url=POSTGRES_URL, **options)`: stores on this test's tables, closed
     afterwards, and the tables dropped."""
     require("postgresql")
-    made: list[PostgresStateStore] = []
 
-    def make(url: str = POSTGRES_URL, **options: Any) -> PostgresStateStore:
-        store = PostgresStateStore(url, table_prefix=table_prefix, **options)
-        made.append(store)
-        return store
+    def build(url: str = POSTGRES_URL, **options: Any) -> PostgresStateStore:
+        return PostgresStateStore(url, table_prefix=table_prefix, **options)
 
-    yield make
-    for store in made:
-        await store.close()
+    async with closing(build) as make:
+        yield make
     await _drop_tables(table_prefix)
 
 
@@ -68,26 +64,7 @@ async def pg_store(make_store: StoreFactory) -> PostgresStateStore:
 
 
 class TestPostgresState(StateStoreContract):
-    @pytest.fixture
-    async def store(self, make_store: StoreFactory) -> StateStore:
-        store = make_store()
-        await store.open()
-        return store
-
-    @pytest.fixture
-    async def replica(self, make_store: StoreFactory) -> StateStore:
-        other = make_store()  # its own pool: another process
-        await other.open()
-        return other
-
-    @pytest.fixture
-    def open_again(self, make_store: StoreFactory) -> OpenAgain:
-        async def reopen(retention_seconds: float | None) -> StateStore:
-            store = make_store(retention_seconds=retention_seconds)  # closed by make_store
-            await store.open()
-            return store
-
-        return reopen
+    """The contract, on this test's tables (`make_store` above)."""
 
 
 # -- several replicas ------------------------------------------------------------------------

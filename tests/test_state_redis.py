@@ -20,10 +20,10 @@ pytest.register_assert_rewrite("state_contract")
 
 import redis.asyncio as aioredis  # noqa: E402
 from services import REDIS_URL, require  # noqa: E402
-from state_contract import DAY, LEASE, FakeClock, OpenAgain, StateStoreContract  # noqa: E402
+from state_contract import DAY, LEASE, FakeClock, StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
-from worker.state import ClaimStatus, StateStore, open_state_store  # noqa: E402
+from worker.state import ClaimStatus, open_state_store  # noqa: E402
 from worker.state.redis import RedisStateStore  # noqa: E402
 
 StoreFactory = Callable[..., RedisStateStore]
@@ -45,16 +45,12 @@ async def make_store() -> AsyncIterator[StoreFactory]:
     afterwards, and their keys deleted."""
     require("redis")
     prefix = f"cdp-sync-test:{uuid.uuid4().hex}:"
-    made: list[RedisStateStore] = []
 
-    def make(url: str = REDIS_URL, **options: Any) -> RedisStateStore:
-        store = RedisStateStore(url, key_prefix=prefix, **options)
-        made.append(store)
-        return store
+    def build(url: str = REDIS_URL, **options: Any) -> RedisStateStore:
+        return RedisStateStore(url, key_prefix=prefix, **options)
 
-    yield make
-    for store in made:
-        await store.close()
+    async with closing(build) as make:
+        yield make
     await _delete_keys(prefix)
 
 
@@ -74,26 +70,7 @@ async def raw() -> AsyncIterator[aioredis.Redis]:
 
 
 class TestRedisState(StateStoreContract):
-    @pytest.fixture
-    async def store(self, make_store: StoreFactory) -> StateStore:
-        store = make_store()
-        await store.open()
-        return store
-
-    @pytest.fixture
-    async def replica(self, make_store: StoreFactory) -> StateStore:
-        other = make_store()  # its own connection pool: another process
-        await other.open()
-        return other
-
-    @pytest.fixture
-    def open_again(self, make_store: StoreFactory) -> OpenAgain:
-        async def reopen(retention_seconds: float | None) -> StateStore:
-            store = make_store(retention_seconds=retention_seconds)  # closed by make_store
-            await store.open()
-            return store
-
-        return reopen
+    """The contract, on this test's key prefix (`make_store` above)."""
 
 
 # -- several replicas ------------------------------------------------------------------------

@@ -7,14 +7,15 @@ import signal
 import sqlite3
 import sys
 import textwrap
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 pytest.register_assert_rewrite("state_contract")
 
-from state_contract import LEASE, OpenAgain, StateStoreContract  # noqa: E402
+from state_contract import LEASE, StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
@@ -22,32 +23,12 @@ from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
 
 class TestSqliteState(StateStoreContract):
     @pytest.fixture
-    async def store(self, tmp_path: Path) -> AsyncIterator[StateStore]:
-        store = SqliteStateStore(tmp_path / "state.db")
-        await store.open()
-        yield store
-        await store.close()
+    async def make_store(self, tmp_path: Path) -> AsyncIterator[Callable[..., StateStore]]:
+        def build(**options: Any) -> SqliteStateStore:
+            return SqliteStateStore(tmp_path / "state.db", **options)  # its own connection
 
-    @pytest.fixture
-    async def replica(self, tmp_path: Path) -> AsyncIterator[StateStore]:
-        other = SqliteStateStore(tmp_path / "state.db")  # its own connection: a process
-        await other.open()
-        yield other
-        await other.close()
-
-    @pytest.fixture
-    async def open_again(self, tmp_path: Path) -> AsyncIterator[OpenAgain]:
-        opened: list[SqliteStateStore] = []
-
-        async def reopen(retention_seconds: float | None) -> StateStore:
-            store = SqliteStateStore(tmp_path / "state.db", retention_seconds=retention_seconds)
-            await store.open()
-            opened.append(store)
-            return store
-
-        yield reopen
-        for store in opened:
-            await store.close()
+        async with closing(build) as make:
+            yield make
 
 
 @pytest.fixture

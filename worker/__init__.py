@@ -2,24 +2,57 @@
 
 The public surface is small (as in httpx): the `Worker` and its `Settings`, the CDP client,
 the parts' factories and the exceptions. Everything else is private to its module.
+
+Names are imported when first used (PEP 562), so that `worker check`, run by every
+container health probe, starts without loading aiohttp, the brokers or the emulator.
 """
 
-from .cdp import CdpClient, Outcome, Verdict, classify
-from .config import Settings, load_settings
-from .contact import Event, build_body, event_json_schema, parse_event
-from .errors import (
-    ConfigError,
-    InvalidEvent,
-    MissingExtraError,
-    SourceError,
-    StateError,
-    WorkerError,
-)
-from .pipeline import Worker
-from .sources import open_dead_letter_sink, open_source
-from .state import open_state_store
+from __future__ import annotations
 
-__version__ = "0.1.0"
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .cdp import CdpClient, Outcome, Verdict, classify
+    from .config import Settings, load_settings
+    from .contact import Event, build_body, event_json_schema, parse_event
+    from .errors import (
+        ConfigError,
+        InvalidEvent,
+        MissingExtraError,
+        SourceError,
+        StateError,
+        WorkerError,
+    )
+    from .pipeline import Worker
+    from .sources import open_dead_letter_sink, open_source
+    from .state import open_state_store
+
+    __version__: str
+
+# Public name -> the module it lives in.
+_EXPORTS = {
+    "CdpClient": "cdp",
+    "Outcome": "cdp",
+    "Verdict": "cdp",
+    "classify": "cdp",
+    "Settings": "config",
+    "load_settings": "config",
+    "Event": "contact",
+    "build_body": "contact",
+    "event_json_schema": "contact",
+    "parse_event": "contact",
+    "ConfigError": "errors",
+    "InvalidEvent": "errors",
+    "MissingExtraError": "errors",
+    "SourceError": "errors",
+    "StateError": "errors",
+    "WorkerError": "errors",
+    "Worker": "pipeline",
+    "open_dead_letter_sink": "sources",
+    "open_source": "sources",
+    "open_state_store": "state",
+}
 
 __all__ = [
     "CdpClient",
@@ -44,3 +77,14 @@ __all__ = [
     "open_state_store",
     "parse_event",
 ]
+
+
+def __getattr__(name: str) -> object:
+    if name == "__version__":
+        from importlib.metadata import version
+
+        return version("cdp-sync")  # pyproject.toml's, the one place it is written
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{module}", __name__), name)

@@ -3,39 +3,50 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
-import signal
 import sys
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import orjson
-
-from . import __version__, dlq
-from .config import DEFAULT_STATE, OPTIONS, add_arguments, load_settings
-from .contact import API_VERSIONS, event_json_schema, parse_event
-from .demo import run_demo
-from .emulator import add_cli_arguments, run_from_args
+from .config import OPTIONS, add_arguments, default
+from .contact import API_VERSIONS
 from .errors import ConfigError, InvalidEvent, SourceError, StateError
-from .observability import configure_logging, get_logger
-from .pipeline import Worker
-from .sources import Publisher, open_publisher
+
+if TYPE_CHECKING:
+    from .pipeline import Worker
+    from .sources import Publisher
+
+# What each command needs is imported inside it: `worker check` runs in every container
+# health probe and must start quickly, without aiohttp, the brokers or the emulator.
 
 EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _Version(argparse.Action):
+    """--version, reading the package metadata only when asked."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
+        from importlib.metadata import version
+
+        print(f"cdp-sync {version('cdp-sync')}")  # on stdout, as argparse's own action
+        parser.exit()
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; given `command`, only that command's flags are added to it
+    (the emulator's come from its package, which `worker check` must not load)."""
     parser = argparse.ArgumentParser(
         prog="worker",
         description="cdp-sync: creates the primary contact of each order in Sitecore CDP "
         "from order-contact events, exactly once per order.",
     )
-    parser.add_argument("--version", action="version", version=f"cdp-sync {__version__}")
+    parser.add_argument("--version", action=_Version, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
@@ -50,7 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(run)
 
     emulator = commands.add_parser("emulator", help="serve a local Sitecore CDP order-contact API")
-    add_cli_arguments(emulator)
+    if command in (None, "emulator"):
+        from .emulator.command import add_cli_arguments
+
+        add_cli_arguments(emulator)
 
     demo = commands.add_parser(
         "demo", help="emulator + generated events + worker in one process, then a summary"
@@ -63,7 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument(
         "--url",
         default=None,
-        help="readiness URL (default http://127.0.0.1:$WORKER_HTTP_PORT/readyz, port 9108)",
+        help="readiness URL (default http://127.0.0.1:$WORKER_HTTP_PORT/readyz, "
+        f"port {default('http_port')})",
     )
     check.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
 
@@ -73,7 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-version",
         choices=API_VERSIONS,
         default=None,
-        help="CDP API version (default $CDP_API_VERSION or v2)",
+        help=f"CDP API version (default $CDP_API_VERSION or {default('cdp_api_version')})",
     )
 
     publish = commands.add_parser(
@@ -118,13 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-version",
         choices=API_VERSIONS,
         default=None,
-        help="CDP API version (default $CDP_API_VERSION or v2)",
+        help=f"CDP API version (default $CDP_API_VERSION or {default('cdp_api_version')})",
     )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    args = build_parser(command).parse_args(words)
     handler = {
         "run": command_run,
         "emulator": command_emulator,
@@ -139,6 +156,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .config import load_settings
+    from .observability import configure_logging
+    from .pipeline import Worker
+
     try:
         settings = load_settings(args)
         configure_logging(settings.log_format, settings.log_level)
@@ -150,6 +173,11 @@ def command_run(args: argparse.Namespace) -> int:
 
 
 async def _run(worker: Worker) -> int:
+    import asyncio
+    import signal
+
+    from .observability import get_logger
+
     log = get_logger("worker.cli")
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -169,17 +197,27 @@ async def _run(worker: Worker) -> int:
 
 
 def command_emulator(args: argparse.Namespace) -> int:
+    from .emulator.command import run_from_args
+
     return run_from_args(args)
 
 
 def command_demo(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .demo import run_demo
+
     return asyncio.run(
         run_demo(events=args.events, rate_limit=args.rate_limit, workdir=args.workdir)
     )
 
 
 def command_check(args: argparse.Namespace) -> int:
-    url = args.url or f"http://127.0.0.1:{os.environ.get('WORKER_HTTP_PORT') or 9108}/readyz"
+    import urllib.error
+    import urllib.request
+
+    port = os.environ.get("WORKER_HTTP_PORT") or default("http_port")
+    url = args.url or f"http://127.0.0.1:{port}/readyz"
     try:
         with urllib.request.urlopen(url, timeout=args.timeout) as response:  # noqa: S310
             body = response.read().decode("utf-8", "replace")
@@ -193,13 +231,17 @@ def command_check(args: argparse.Namespace) -> int:
 
 
 def _api_version(args: argparse.Namespace) -> str:
-    version: str = args.api_version or os.environ.get("CDP_API_VERSION") or "v2"
+    version: str = (
+        args.api_version or os.environ.get("CDP_API_VERSION") or default("cdp_api_version")
+    )
     if version not in API_VERSIONS:
         raise SystemExit(f"CDP_API_VERSION: expected one of {', '.join(API_VERSIONS)}")
     return version
 
 
 def command_validate(args: argparse.Namespace) -> int:
+    from .contact import parse_event
+
     api_version = _api_version(args)
     stream = sys.stdin.buffer if args.file == "-" else None
     try:
@@ -226,6 +268,10 @@ def command_validate(args: argparse.Namespace) -> int:
 
 
 def command_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .sources import open_publisher
+
     try:
         lines = _read_lines(args.file)
         publisher = open_publisher(args.to)
@@ -287,13 +333,17 @@ class Progress:
 
 
 def command_dlq(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from . import dlq
+
     try:
         letters = asyncio.run(dlq.read_letters(args.url))
         if args.dlq_command == "list":
             return _dlq_list(letters, show_events=args.show_events)
         if args.reason:
             letters = [letter for letter in letters if letter.get("reason") in args.reason]
-        state = args.state or os.environ.get("WORKER_STATE") or DEFAULT_STATE
+        state = args.state or os.environ.get("WORKER_STATE") or default("state")
         progress = Progress(len(letters), enabled=sys.stderr.isatty() and not args.dry_run)
         published, reopened = asyncio.run(
             dlq.replay(
@@ -313,6 +363,10 @@ def command_dlq(args: argparse.Namespace) -> int:
 
 
 def _dlq_list(letters: list[dict[str, object]], *, show_events: bool) -> int:
+    import orjson
+
+    from . import dlq
+
     for reason, count, newest in dlq.summary(letters):
         print(f"{reason:20} {count:8}  newest {newest}")
     print(f"{len(letters)} dead letters")
@@ -325,6 +379,10 @@ def _dlq_list(letters: list[dict[str, object]], *, show_events: bool) -> int:
 
 
 def command_schema(args: argparse.Namespace) -> int:
+    import orjson
+
+    from .contact import event_json_schema
+
     schema = event_json_schema(_api_version(args))
     sys.stdout.write(orjson.dumps(schema, option=orjson.OPT_INDENT_2).decode() + "\n")
     return EXIT_OK

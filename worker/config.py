@@ -19,10 +19,8 @@ from urllib.parse import urlsplit
 
 from .contact import API_VERSIONS
 from .errors import ConfigError
-from .sources import default_dead_letter_url
 
-THIRTY_DAYS = 30 * 24 * 3600.0
-DEFAULT_STATE = "sqlite:///./worker-state.db"
+DAY = 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ OPTIONS: tuple[Option, ...] = (
         "state",
         "WORKER_STATE",
         str,
-        DEFAULT_STATE,
+        "sqlite:///./worker-state.db",
         "state store URL: memory:, sqlite:///PATH, redis://, postgresql://",
     ),
     Option(
@@ -104,7 +102,7 @@ OPTIONS: tuple[Option, ...] = (
         "state_retention",
         "WORKER_STATE_RETENTION",
         float,
-        THIRTY_DAYS,
+        30 * DAY,
         "seconds to keep done records",
     ),
     Option(
@@ -163,30 +161,46 @@ OPTIONS: tuple[Option, ...] = (
 _BY_NAME = {option.name: option for option in OPTIONS}
 
 
+def default(name: str) -> Any:
+    """The default of one option: written in `OPTIONS` only."""
+    return _BY_NAME[name].default
+
+
 @dataclass(frozen=True)
 class Settings:
-    """Validated settings of one worker process."""
+    """Validated settings of one worker process.
+
+    Built by `load_settings` from flags and the environment, or directly (the demo, the
+    tests): either way `__post_init__` validates and normalises them, and a default not
+    given comes from `OPTIONS`, where each is written once.
+    """
 
     source: str
     cdp_base_url: str
     cdp_client_key: str
     cdp_api_token: str
-    state: str = DEFAULT_STATE
-    dlq: str | None = None
-    rate_limit: float = 50.0
-    rate_limit_backend: str = "local"
-    concurrency: int = 32
-    max_attempts: int = 8
-    request_timeout: float = 10.0
-    not_found_grace: float = 300.0
-    state_retention: float = THIRTY_DAYS
-    lease_seconds: float = 60.0
-    shutdown_timeout: float = 25.0
-    http_port: int = 9108
-    follow: bool = False
-    log_format: str = "auto"
-    log_level: str = "info"
-    cdp_api_version: str = "v2"
+    state: str = default("state")
+    dlq: str | None = default("dlq")
+    rate_limit: float = default("rate_limit")
+    rate_limit_backend: str = default("rate_limit_backend")
+    concurrency: int = default("concurrency")
+    max_attempts: int = default("max_attempts")
+    request_timeout: float = default("request_timeout")
+    not_found_grace: float = default("not_found_grace")
+    state_retention: float = default("state_retention")
+    lease_seconds: float = default("lease_seconds")
+    shutdown_timeout: float = default("shutdown_timeout")
+    http_port: int = default("http_port")
+    follow: bool = default("follow")
+    log_format: str = default("log_format")
+    log_level: str = default("log_level")
+    cdp_api_version: str = default("cdp_api_version")
+
+    def __post_init__(self) -> None:
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        _validate(values)
+        for name, value in values.items():  # what _validate normalised
+            object.__setattr__(self, name, value)
 
     def __repr__(self) -> str:
         # Credentials never appear in a repr, hence never in a traceback or log line.
@@ -196,6 +210,8 @@ class Settings:
     @property
     def dead_letter_url(self) -> str:
         """The dead-letter sink: `--dlq`, or the default for the source's kind."""
+        from .sources import default_dead_letter_url  # not at import: `worker check` is lean
+
         return self.dlq or default_dead_letter_url(self.source)
 
 
@@ -262,7 +278,6 @@ def load_settings(
                 f"{option.label}: invalid value{shown}, "
                 f"expected {getattr(option.parse, '__name__', 'a value')}"
             ) from None
-    _validate(values)
     return Settings(**values)
 
 

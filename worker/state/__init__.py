@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from worker import _extras
+from worker.config import default
 from worker.errors import ConfigError
 from worker.state.base import Claim, ClaimStatus, StateStore
 from worker.state.memory import MemoryStateStore
@@ -19,8 +20,6 @@ if TYPE_CHECKING:  # imported lazily at run time: see open_state_store
     from worker.state.redis import RedisStateStore
 
 __all__ = [
-    "DEFAULT_RETENTION_SECONDS",
-    "DEFAULT_STATE_URL",
     "Claim",
     "ClaimStatus",
     "MemoryStateStore",
@@ -31,8 +30,6 @@ __all__ = [
     "open_state_store",
 ]
 
-DEFAULT_STATE_URL = "sqlite:///./worker-state.db"
-DEFAULT_RETENTION_SECONDS = 30 * 24 * 3600.0  # WORKER_STATE_RETENTION's default: 30 days
 
 _OPTION = "--state / WORKER_STATE"
 _ACCEPTED = (
@@ -56,10 +53,11 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_state_store(
-    url: str, *, retention_seconds: float | None = DEFAULT_RETENTION_SECONDS
-) -> StateStore:
+def open_state_store(url: str, *, retention_seconds: float | None = None) -> StateStore:
     """Construct the store a `--state` URL names; the caller awaits `.open()`.
+
+    `retention_seconds` (the worker passes `--state-retention`): what `open()` sweeps;
+    None sweeps nothing.
 
     Messages never repeat the URL itself: redis and postgres URLs carry passwords.
     """
@@ -81,5 +79,5 @@ def open_state_store(
     shown = f"{scheme}:" if scheme and scheme != url else "this value"
     raise ConfigError(
         f"{_OPTION}: {shown} is not a state store URL; accepted: {_ACCEPTED} "
-        f"(default {DEFAULT_STATE_URL})"
+        f"(default {default('state')})"
     )

@@ -15,6 +15,13 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from worker.errors import StateError
+
+# A record's status, as every backend stores it.
+IN_FLIGHT = "in_flight"
+DONE = "done"
+DEAD = "dead"
+
 
 class ClaimStatus(enum.StrEnum):
     CLAIMED = "claimed"  # the caller now owns the orderRef: go
@@ -38,6 +45,11 @@ class Claim:
     contact_ref: str | None = None
     href: str | None = None
     reason: str | None = None
+
+
+def not_owner(order_ref: str, owner: str, action: str) -> StateError:
+    """What completing, failing... an order one does not hold raises, in every backend."""
+    return StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
 
 
 def now() -> float:

@@ -11,11 +11,7 @@ from dataclasses import dataclass
 
 from worker.errors import StateError
 from worker.state import base
-from worker.state.base import Claim, ClaimStatus, StateStore
-
-IN_FLIGHT = "in_flight"
-DONE = "done"
-DEAD = "dead"
+from worker.state.base import DEAD, DONE, IN_FLIGHT, Claim, ClaimStatus, StateStore, not_owner
 
 
 @dataclass(slots=True)
@@ -99,7 +95,7 @@ class MemoryStateStore(StateStore):
     def _owned(self, order_ref: str, owner: str, action: str) -> _Record:
         rec = self._orders.get(order_ref)
         if rec is None or rec.status != IN_FLIGHT or rec.owner != owner:
-            raise StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
+            raise not_owner(order_ref, owner, action)
         return rec
 
     async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:

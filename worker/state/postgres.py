@@ -25,12 +25,10 @@ import asyncpg
 from worker._urls import check_server_url, quote_error
 from worker.errors import ConfigError, StateError
 from worker.state import base
-from worker.state.base import Claim, ClaimStatus, StateStore
+from worker.state.base import DEAD, DONE, Claim, ClaimStatus, StateStore, not_owner
 
 OPTION = "--state / WORKER_STATE"
 DEFAULT_TABLE_PREFIX = "cdp_sync_"
-DONE = "done"
-DEAD = "dead"
 
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 # Failures of the server, the connection or the client library: all become StateError.
@@ -300,11 +298,11 @@ class PostgresStateStore(StateStore):
         # Not ours to complete, unless it is done already: then the first contact stays.
         # (A second statement only on this rare path; it sees what the UPDATE skipped.)
         if await self._fetchval("complete", self._sql.status, order_ref) != DONE:
-            raise _not_owner(order_ref, owner, "complete")
+            raise not_owner(order_ref, owner, "complete")
 
     async def fail(self, order_ref: str, owner: str, reason: str) -> None:
         if not await self._execute("fail", self._sql.fail, order_ref, owner, reason, base.now()):
-            raise _not_owner(order_ref, owner, "fail")
+            raise not_owner(order_ref, owner, "fail")
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         if sent:
@@ -339,7 +337,3 @@ def _to_claim(row: Mapping[str, Any]) -> Claim:
     # snapshot (status NULL): someone holds it. If they have finished meanwhile, asking
     # again later gives the outcome.
     return Claim(ClaimStatus.BUSY)
-
-
-def _not_owner(order_ref: str, owner: str, action: str) -> StateError:
-    return StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")

@@ -43,7 +43,7 @@ from redis.exceptions import RedisError
 from worker._urls import ParsedUrl, check_server_url, quote_error, scrub_password
 from worker.errors import ConfigError, StateError
 from worker.state import base
-from worker.state.base import Claim, ClaimStatus, StateStore
+from worker.state.base import Claim, ClaimStatus, StateStore, not_owner
 
 T = TypeVar("T")
 
@@ -323,13 +323,13 @@ class RedisStateStore(StateStore):
         keys = [self._key(order_ref), self.finished_key]
         args = [owner, base.now(), order_ref, contact_ref, href, self._ttl_ms]
         if not await self._script("complete", keys, args):
-            raise _not_owner(order_ref, owner, "complete")
+            raise not_owner(order_ref, owner, "complete")
 
     async def fail(self, order_ref: str, owner: str, reason: str) -> None:
         keys = [self._key(order_ref), self.finished_key]
         args = [owner, base.now(), order_ref, reason, self._ttl_ms]
         if not await self._script("fail", keys, args):
-            raise _not_owner(order_ref, owner, "fail")
+            raise not_owner(order_ref, owner, "fail")
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         args = [owner, base.now(), "1" if sent else "0"]
@@ -362,7 +362,3 @@ class RedisStateStore(StateStore):
             total += int(deleted)
             if int(examined) < SWEEP_BATCH:
                 return total
-
-
-def _not_owner(order_ref: str, owner: str, action: str) -> StateError:
-    return StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")

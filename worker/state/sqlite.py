@@ -25,15 +25,12 @@ from typing import Any, TypeVar
 from worker._batching import Batcher
 from worker.errors import ConfigError, StateError, WorkerError
 from worker.state import base
-from worker.state.base import Claim, ClaimStatus, StateStore
+from worker.state.base import DEAD, DONE, IN_FLIGHT, Claim, ClaimStatus, StateStore, not_owner
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
 
 URL_PREFIX = "sqlite:///"
-IN_FLIGHT = "in_flight"
-DONE = "done"
-DEAD = "dead"
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS orders (
@@ -223,7 +220,7 @@ class SqliteStateStore(StateStore):
             )
             # Completing a done record again keeps the first contact: the one CDP holds.
             if cur.rowcount == 0 and _status(conn, order_ref) != DONE:
-                raise _not_owner(order_ref, owner, "complete")
+                raise not_owner(order_ref, owner, "complete")
 
         await self._submit(op)
 
@@ -235,7 +232,7 @@ class SqliteStateStore(StateStore):
                 (DEAD, reason, base.now(), order_ref, IN_FLIGHT, owner),
             )
             if cur.rowcount == 0:
-                raise _not_owner(order_ref, owner, "fail")
+                raise not_owner(order_ref, owner, "fail")
 
         await self._submit(op)
 
@@ -330,10 +327,6 @@ def _claim(conn: sqlite3.Connection, order_ref: str, owner: str, lease_seconds: 
 def _status(conn: sqlite3.Connection, order_ref: str) -> str | None:
     row = conn.execute("SELECT status FROM orders WHERE order_ref = ?", (order_ref,)).fetchone()
     return None if row is None else str(row[0])
-
-
-def _not_owner(order_ref: str, owner: str, action: str) -> StateError:
-    return StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
 
 
 def _as_state_error(exc: Exception) -> BaseException:

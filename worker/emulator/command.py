@@ -1,0 +1,168 @@
+"""`worker emulator`: its flags (each with an EMULATOR_<NAME> environment variable) and
+the command that serves the emulator until SIGTERM/SIGINT.
+
+Only argparse and the standard library at import time: the `worker` command line adds
+these flags to its parser for every command, `worker check` included, and the server
+(aiohttp) is imported only when the emulator actually runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .config import EmulatorConfig
+
+
+def _fraction(text: str) -> float:
+    value = _non_negative(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a fraction between 0 and 1")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"{text!r} must be >= 0")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (0-65535)")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"{text!r} is not true or false")
+
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags of `worker emulator`; each defaults to its EMULATOR_<NAME> environment variable.
+
+    String defaults go through argparse's `type`, so a bad environment value is reported
+    like a bad flag, and only when the emulator command is the one being parsed.
+    """
+
+    def option(flag: str, kind: Callable[[str], Any], default: str | None, text: str) -> None:
+        env = "EMULATOR_" + flag.removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(
+            flag, type=kind, default=os.environ.get(env, default), help=f"{text} (env {env})"
+        )
+
+    option("--host", str, "127.0.0.1", "interface to listen on")
+    option("--port", _port, "8080", "port to listen on; 0 picks a free one")
+    option("--rate-limit", _non_negative, "0", "accepted requests per second; 0 = no limit")
+    option("--latency", _non_negative, "0", "seconds added to every answer")
+    option("--latency-jitter", _non_negative, "0", "uniform +- seconds around --latency")
+    option("--error-rate", _fraction, "0", "fraction of requests answered 500/502/503")
+    option("--timeout-after-create", _fraction, "0", "fraction of POSTs that hang after creating")
+    option("--reset-after-create", _fraction, "0", "fraction of POSTs dropped after creating")
+    option("--hang-seconds", _non_negative, "30", "how long a hanging POST hangs")
+    option("--not-found-for", _non_negative, "0", "seconds an order 404s after its first POST")
+    option("--client-key", str, "emulator-key", "HTTP Basic user (client key)")
+    option("--api-token", str, "emulator-token", "HTTP Basic password (API token)")
+    option("--seed", _seed, None, "seed of the random fault choices")
+    for flag, text in (
+        ("--forbidden", "answer 403 to valid credentials"),
+        ("--auth-failure", "answer 401 to every API request"),
+    ):
+        env = "EMULATOR_" + flag.removeprefix("--").replace("-", "_").upper()
+        parser.add_argument(
+            flag,
+            type=_boolean,
+            nargs="?",
+            const=True,
+            default=os.environ.get(env, "false"),
+            help=f"{text} (env {env})",
+        )
+
+
+def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
+    """The EmulatorConfig described by parsed `add_cli_arguments` flags."""
+    from .config import EmulatorConfig
+
+    return EmulatorConfig(
+        client_key=args.client_key,
+        api_token=args.api_token,
+        rate_limit=args.rate_limit,
+        latency=args.latency,
+        latency_jitter=args.latency_jitter,
+        error_rate=args.error_rate,
+        timeout_after_create_rate=args.timeout_after_create,
+        reset_after_create_rate=args.reset_after_create,
+        hang_seconds=args.hang_seconds,
+        forbidden=args.forbidden,
+        auth_failure=args.auth_failure,
+        not_found_for=args.not_found_for,
+        seed=args.seed,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Serve until SIGTERM/SIGINT. Prints one JSON line with the URL once listening."""
+    import asyncio
+
+    config = config_from_args(args)
+    try:
+        asyncio.run(_serve(config, args.host, args.port))
+    except OSError as exc:  # typically the port is taken
+        import orjson
+
+        message = {"event": "emulator.failed", "error": f"{type(exc).__name__}: {exc}"}
+        sys.stderr.write(orjson.dumps(message).decode() + "\n")
+        return 1
+    return 0
+
+
+async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
+    import asyncio
+    import signal
+
+    import orjson
+
+    from .app import Emulator
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        async with Emulator(config, host, port) as emulator:
+            started = {
+                "event": "emulator.started",
+                "url": emulator.url,
+                "host": host,
+                "port": emulator.port,
+            }
+            sys.stdout.write(orjson.dumps(started).decode() + "\n")
+            sys.stdout.flush()
+            await stop.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)

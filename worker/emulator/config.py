@@ -1,0 +1,75 @@
+"""The emulator's knobs: one mutable `EmulatorConfig`, read afresh on every request."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class EmulatorConfig:
+    """Every knob of the emulator. Mutable on purpose: it is read afresh on each request."""
+
+    client_key: str = "emulator-key"
+    api_token: str = "emulator-token"  # noqa: S105 (a public, documented test default)
+    rate_limit: float = 0.0  # accepted API requests per sliding second; 0 = off
+    latency: float = 0.0  # seconds added to every API answer
+    latency_jitter: float = 0.0  # uniform +- seconds around `latency`
+    error_rate: float = 0.0  # fraction of API requests answered 500/502/503
+    timeout_after_create_rate: float = 0.0  # fraction of creating POSTs that then hang
+    reset_after_create_rate: float = 0.0  # fraction of creating POSTs whose connection drops
+    hang_seconds: float = 30.0  # how long a "timeout after create" POST hangs
+    forbidden: bool = False  # valid credentials are answered 403
+    auth_failure: bool = False  # every API request is answered 401
+    not_found_for: float = 0.0  # an order 404s to POST this long after its first POST
+    seed: int | None = None  # seed of the random choices (faults, jitter)
+
+    def __post_init__(self) -> None:
+        _check_config_values(dataclasses.asdict(self))
+
+    def update(self, changes: Mapping[str, object]) -> None:
+        """Apply several knobs at once, all or nothing (ValueError names the bad one)."""
+        _check_config_values(changes)
+        for name, value in changes.items():
+            # JSON has no float/int distinction; keep the dataclass's declared kinds.
+            setattr(self, name, float(value) if name in _FLOAT_KNOBS else value)  # type: ignore[arg-type]
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_STR_KNOBS = frozenset({"client_key", "api_token"})
+_BOOL_KNOBS = frozenset({"forbidden", "auth_failure"})
+_RATE_KNOBS = frozenset({"error_rate", "timeout_after_create_rate", "reset_after_create_rate"})
+_FLOAT_KNOBS = frozenset(
+    {"rate_limit", "latency", "latency_jitter", "hang_seconds", "not_found_for"} | _RATE_KNOBS
+)
+_KNOBS = frozenset(f.name for f in fields(EmulatorConfig))
+
+
+def _check_config_values(values: Mapping[str, object]) -> None:
+    """Reject unknown knobs and wrong kinds up front, so a typo in a PATCH is loud."""
+    for name, value in values.items():
+        if name not in _KNOBS:
+            raise ValueError(f"unknown emulator setting {name!r}")
+        if name in _STR_KNOBS and not isinstance(value, str):
+            raise ValueError(f"{name} must be a string")
+        if name in _BOOL_KNOBS and not isinstance(value, bool):
+            raise ValueError(f"{name} must be true or false")
+        if name == "seed" and not (value is None or _is_int(value)):
+            raise ValueError("seed must be an integer or null")
+        if name in _FLOAT_KNOBS:
+            _check_number(name, value)
+
+
+def _check_number(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise ValueError(f"{name} must be a number >= 0")  # `not >=` also catches NaN
+    if name in _RATE_KNOBS and value > 1:
+        raise ValueError(f"{name} must be a fraction between 0 and 1")
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
