@@ -16,7 +16,7 @@ from typing import Any, ClassVar, TypeVar
 import pytest
 
 from worker.errors import StateError
-from worker.state import base
+from worker.state import base, open_state_store
 from worker.state.base import Claim, ClaimStatus, StateStore
 
 LEASE = 60.0
@@ -59,6 +59,13 @@ async def closing(build: Callable[..., Store]) -> AsyncIterator[Callable[..., St
             await store.close()
 
 
+async def opened(make: Callable[..., Store], **options: Any) -> Store:
+    """A store from `make` (a `make_store` factory), opened."""
+    store = make(**options)
+    await store.open()
+    return store
+
+
 class StateStoreContract:
     """Subclasses provide `make_store`: a fixture yielding `make(**options)`, which builds
     a store (not opened) on this test's data and closes it after the test (`closing`).
@@ -71,20 +78,19 @@ class StateStoreContract:
 
     shared: ClassVar[bool] = True
     durable: ClassVar[bool] = True
+    #: A server backend's URLs where nothing listens (with a password), and where each
+    #: says it looked: opening must fail with a StateError naming it, never the password.
+    unreachable: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     @pytest.fixture
     async def store(self, make_store: Callable[..., StateStore]) -> StateStore:
-        store = make_store()
-        await store.open()
-        return store
+        return await opened(make_store)
 
     @pytest.fixture
     async def replica(self, store: StateStore, make_store: Callable[..., StateStore]) -> StateStore:
         if not self.shared:
             return store
-        other = make_store()  # its own connections: another process
-        await other.open()
-        return other
+        return await opened(make_store)  # its own connections: another process
 
     @pytest.fixture
     def open_again(self, make_store: Callable[..., StateStore]) -> OpenAgain | None:
@@ -92,9 +98,7 @@ class StateStoreContract:
             return None
 
         async def reopen(retention_seconds: float | None) -> StateStore:
-            again = make_store(retention_seconds=retention_seconds)
-            await again.open()
-            return again
+            return await opened(make_store, retention_seconds=retention_seconds)
 
         return reopen
 
@@ -320,6 +324,21 @@ class StateStoreContract:
         assert all(c == Claim(ClaimStatus.CLAIMED, attempts=1) for c in claims)
 
     # -- lifecycle -----------------------------------------------------------------------
+
+    async def test_an_unreachable_server_is_a_state_error_without_the_password(self) -> None:
+        if not self.unreachable:
+            pytest.skip("no server to reach: an in-process or file store")
+        for url, where in self.unreachable:
+            store = open_state_store(url)
+            with pytest.raises(StateError) as info:
+                await store.open()
+            message = str(info.value)
+            assert "--state / WORKER_STATE" in message
+            assert where in message
+            assert "s3cret" not in message
+            await store.close()
+            with pytest.raises(StateError, match="not open"):
+                await store.claim("ORD-1", "w1", LEASE)
 
     async def test_close_is_idempotent_and_use_after_close_raises(self, store: StateStore) -> None:
         await store.close()

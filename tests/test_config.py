@@ -10,6 +10,7 @@ import pytest
 
 from worker.config import OPTIONS, Settings, add_arguments, load_settings
 from worker.errors import ConfigError
+from worker.sources import default_dead_letter_url
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 REQUIRED = {
@@ -29,7 +30,8 @@ def parse_flags(*argv: str) -> argparse.Namespace:
 def test_defaults_are_those_of_the_design() -> None:
     settings = load_settings(parse_flags(), REQUIRED)
     assert settings.state == "sqlite:///./worker-state.db"
-    assert settings.dead_letter_url == "file:./dead-letter.jsonl"
+    assert settings.dlq is None
+    assert default_dead_letter_url(settings.source) == "file:./dead-letter.jsonl"
     assert settings.rate_limit == 50
     assert settings.concurrency == 32
     assert settings.max_attempts == 8

@@ -129,19 +129,17 @@ class TestRedisStreamSource(SourceContract):
     async def test_dead_letters_go_to_the_stream_beside_and_once_across_a_crash(
         self, stream_url: str
     ) -> None:
-        from worker.config import Settings
+        from worker.sources import default_dead_letter_url
 
-        settings = Settings(
-            source=stream_url, cdp_base_url="http://x", cdp_client_key="k", cdp_api_token="t"
-        )
-        assert "stream=test-" in settings.dead_letter_url
-        assert ".dead-letter" in settings.dead_letter_url
+        beside = default_dead_letter_url(stream_url)
+        assert "stream=test-" in beside
+        assert ".dead-letter" in beside
         letter = {"reason": "invalid_event", "eventId": "e1", "orderRef": None, "event": {"a": 1}}
-        sink = open_dead_letter_sink(settings.dead_letter_url)
+        sink = open_dead_letter_sink(beside)
         await sink.open()
         await sink.put(letter)
         await sink.close()
-        rerun = open_dead_letter_sink(settings.dead_letter_url)
+        rerun = open_dead_letter_sink(beside)
         await rerun.open()
         await rerun.put({**letter, "deadAt": "later"})  # the same letter after a crash
         await rerun.put({**letter, "eventId": "e2"})
@@ -150,7 +148,7 @@ class TestRedisStreamSource(SourceContract):
         import redis.asyncio as aioredis
 
         client = aioredis.Redis.from_url(services.REDIS_URL)
-        stream = settings.dead_letter_url.split("stream=")[1]
+        stream = beside.split("stream=")[1]
         entries = await client.xrange(stream.replace("%2E", "."))
         await client.aclose()
         assert [orjson.loads(fields[b"letter"])["eventId"] for _, fields in entries] == [

@@ -14,9 +14,14 @@ import pytest
 import services
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
-from worker.config import Settings
 from worker.errors import ConfigError, SourceError
-from worker.sources import Source, open_dead_letter_sink, open_publisher, open_source
+from worker.sources import (
+    Source,
+    default_dead_letter_url,
+    open_dead_letter_sink,
+    open_publisher,
+    open_source,
+)
 
 MakeNats = Callable[..., Awaitable[Source]]
 
@@ -198,18 +203,14 @@ class TestNatsSource(SourceContract):
     async def test_dead_letters_go_to_the_subject_beside_and_once_across_a_crash(
         self, nats_url: str, make_nats: MakeNats
     ) -> None:
-        settings = Settings(
-            source=nats_url, cdp_base_url="http://x", cdp_client_key="k", cdp_api_token="t"
-        )
-        assert _param(settings.dead_letter_url, "subject") == _param(nats_url, "subject") + (
-            ".dead-letter"
-        )
+        beside = default_dead_letter_url(nats_url)
+        assert _param(beside, "subject") == _param(nats_url, "subject") + (".dead-letter")
         letter = {"reason": "invalid_event", "eventId": "e1", "orderRef": None, "event": {"a": 1}}
-        sink = open_dead_letter_sink(settings.dead_letter_url)
+        sink = open_dead_letter_sink(beside)
         await sink.open()  # before any source: it creates the stream
         await sink.put(letter)
         await sink.close()
-        rerun = open_dead_letter_sink(settings.dead_letter_url)
+        rerun = open_dead_letter_sink(beside)
         await rerun.open()
         await rerun.put({**letter, "deadAt": "later", "attempts": 3})  # the same, after a crash
         await rerun.put({**letter, "eventId": "e2"})

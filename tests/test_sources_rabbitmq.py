@@ -20,10 +20,10 @@ import services
 from harness import OpenedSources, TcpProxy
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
-from worker.config import Settings
 from worker.errors import ConfigError, SourceError
 from worker.sources import (
     Source,
+    default_dead_letter_url,
     letter_key,
     open_dead_letter_sink,
     open_publisher,
@@ -147,13 +147,11 @@ class TestRabbitMQSource(SourceContract):
     async def test_dead_letters_go_to_the_queue_beside_as_json_with_their_key(
         self, queue_url: str
     ) -> None:
-        settings = Settings(
-            source=queue_url, cdp_base_url="http://x", cdp_client_key="k", cdp_api_token="t"
-        )
+        beside = default_dead_letter_url(queue_url)
         dlq = queue_of(queue_url) + ".dead-letter"
-        assert queue_of(settings.dead_letter_url) == dlq
+        assert queue_of(beside) == dlq
         letter = {"reason": "invalid_event", "eventId": "e1", "orderRef": None, "event": {"a": 1}}
-        sink = open_dead_letter_sink(settings.dead_letter_url)
+        sink = open_dead_letter_sink(beside)
         await sink.open()
         try:
             await sink.put(letter)

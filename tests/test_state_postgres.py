@@ -20,7 +20,7 @@ pytest.register_assert_rewrite("state_contract")
 
 import asyncpg  # noqa: E402
 from services import POSTGRES_URL, require  # noqa: E402
-from state_contract import LEASE, StateStoreContract, closing  # noqa: E402
+from state_contract import LEASE, StateStoreContract, closing, opened  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, open_state_store  # noqa: E402
@@ -58,13 +58,13 @@ async def make_store(table_prefix: str) -> AsyncIterator[StoreFactory]:
 
 @pytest.fixture
 async def pg_store(make_store: StoreFactory) -> PostgresStateStore:
-    store = make_store()
-    await store.open()
-    return store
+    return await opened(make_store)
 
 
 class TestPostgresState(StateStoreContract):
     """The contract, on this test's tables (`make_store` above)."""
+
+    unreachable = (("postgresql://cdp:s3cret@127.0.0.1:1/state", "127.0.0.1:1/state"),)
 
 
 # -- several replicas ------------------------------------------------------------------------
@@ -135,19 +135,6 @@ async def test_the_tables_carry_the_prefix(pg_store: PostgresStateStore, table_p
 
 
 # -- errors ----------------------------------------------------------------------------------
-
-
-async def test_an_unreachable_server_is_a_state_error_without_the_password() -> None:
-    store = open_state_store("postgresql://cdp:s3cret@127.0.0.1:1/state")
-    with pytest.raises(StateError) as info:
-        await store.open()
-    message = str(info.value)
-    assert "--state / WORKER_STATE" in message
-    assert "127.0.0.1:1/state" in message
-    assert "s3cret" not in message
-    await store.close()
-    with pytest.raises(StateError, match="not open"):
-        await store.claim("ORD-1", "w1", LEASE)
 
 
 async def test_an_unknown_database_is_a_state_error_without_the_password() -> None:

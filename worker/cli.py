@@ -84,12 +84,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check a JSONL file of events offline")
     validate.add_argument("file", help="JSONL file, or - for standard input")
-    validate.add_argument(
-        "--api-version",
-        choices=API_VERSIONS,
-        default=None,
-        help=f"CDP API version (default $CDP_API_VERSION or {default('cdp_api_version')})",
-    )
+    _add_api_version(validate)
 
     publish = commands.add_parser(
         "publish",
@@ -129,13 +124,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     dlq_replay.add_argument("--dry-run", action="store_true", help="say what would be done")
 
     schema = commands.add_parser("schema", help="print the event envelope's JSON Schema")
-    schema.add_argument(
+    _add_api_version(schema)
+    return parser
+
+
+def _add_api_version(parser: argparse.ArgumentParser) -> None:
+    """--api-version of the offline commands (validate, schema); see `_api_version`."""
+    parser.add_argument(
         "--api-version",
         choices=API_VERSIONS,
         default=None,
         help=f"CDP API version (default $CDP_API_VERSION or {default('cdp_api_version')})",
     )
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> None:

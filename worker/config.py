@@ -207,13 +207,6 @@ class Settings:
         shown = {f.name: getattr(self, f.name) for f in fields(self) if not _BY_NAME[f.name].secret}
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
-    @property
-    def dead_letter_url(self) -> str:
-        """The dead-letter sink: `--dlq`, or the default for the source's kind."""
-        from .sources import default_dead_letter_url  # not at import: `worker check` is lean
-
-        return self.dlq or default_dead_letter_url(self.source)
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `worker run`, from `OPTIONS`. Defaults stay None so the env can fill in."""

@@ -34,7 +34,14 @@ from .leases import Leases
 from .limits import BACKOFF_BASE, RateLimiter, SharedRateLimit
 from .observability import HealthServer, Metrics, get_logger
 from .outcomes import Recorder
-from .sources import DeadLetterSink, Message, Source, open_dead_letter_sink, open_source
+from .sources import (
+    DeadLetterSink,
+    Message,
+    Source,
+    default_dead_letter_url,
+    open_dead_letter_sink,
+    open_source,
+)
 from .state import ClaimStatus, StateStore, open_state_store
 
 log = get_logger("worker.pipeline")
@@ -91,7 +98,9 @@ class Worker:
         self.state = state or open_state_store(
             settings.state, retention_seconds=settings.state_retention
         )
-        self.dead_letters = dead_letters or open_dead_letter_sink(settings.dead_letter_url)
+        self.dead_letters = dead_letters or open_dead_letter_sink(
+            settings.dlq or default_dead_letter_url(settings.source)
+        )
         self.source = source or open_source(
             settings.source, state=self.state, follow=settings.follow
         )
