@@ -129,3 +129,15 @@ def test_worker_run_without_the_extra_exits_2_with_one_line(
     assert "pip install 'cdp-sync[" in lines[0]
     assert "s3cret" not in done.stderr
     assert list(tmp_path.iterdir()) == []  # nothing created before the error
+
+
+def test_a_broken_client_is_reported_as_itself_not_as_missing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Installed, but one of its own dependencies is gone: "pip install the extra" would
+    # send the operator the wrong way.
+    (tmp_path / "brokenclient.py").write_text("import a_dependency_that_is_gone\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    broken = _extras.Extra("brokenclient", "brokenclient", "broken", "broken://")
+    with pytest.raises(ModuleNotFoundError, match="a_dependency_that_is_gone"):
+        _extras.require(broken, "--source / WORKER_SOURCE")

@@ -126,3 +126,74 @@ async def test_a_429_brakes_every_request_of_the_process() -> None:
     await gate.request("o-2", Counting())
     assert asyncio.get_running_loop().time() - started >= 0.15
     assert gate.metrics.throttled._value.get() == 1
+
+
+class SlowLeases(FakeLeases):
+    """A lease check that takes a state-store round trip: it waits for `go`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.checking = asyncio.Event()
+        self.go = asyncio.Event()
+
+    async def ensure(self, order_ref: str) -> None:
+        self.checking.set()
+        await self.go.wait()
+        await super().ensure(order_ref)
+
+
+async def test_a_pause_that_begins_during_the_lease_check_holds_that_request_too() -> None:
+    leases = SlowLeases()
+    gate, call, probe = make_gate(leases=leases), Counting(), Counting(REFUSED)
+    held = asyncio.create_task(gate.request("o-1", call))
+    await leases.checking.wait()
+    gate.auth_failed(probe)  # another delivery heard a 401 meanwhile
+    leases.go.set()
+    while probe.sent < 2:
+        await asyncio.sleep(0.01)
+    assert call.sent == 0
+    probe.answer = OK
+    assert await held == OK
+    await gate.close()
+
+
+async def test_a_stop_during_the_lease_check_sends_nothing() -> None:
+    leases = SlowLeases()
+    gate, call = make_gate(leases=leases), Counting()
+    held = asyncio.create_task(gate.request("o-1", call))
+    await leases.checking.wait()
+    gate.stop()
+    leases.go.set()
+    with pytest.raises(Draining):
+        await held
+    assert call.sent == 0
+
+
+async def test_a_probe_that_fails_unexpectedly_keeps_probing_and_close_still_works() -> None:
+    gate = make_gate()
+    answers = [RuntimeError("a bug"), REFUSED, OK]
+
+    async def probe() -> Outcome:
+        answer = answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+    gate.auth_failed(probe)
+    assert await asyncio.wait_for(gate.request("o-1", Counting()), 5) == OK
+    assert answers == []
+    await gate.close()
+
+
+async def test_a_cancelled_wait_leaves_no_task_behind() -> None:
+    gate = make_gate()
+    gate.auth_failed(Counting(REFUSED))
+    before = asyncio.all_tasks()
+    held = asyncio.create_task(gate.request("o-1", Counting()))
+    await asyncio.sleep(0.02)
+    held.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await held
+    await asyncio.sleep(0)
+    assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
+    await gate.close()

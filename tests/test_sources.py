@@ -191,3 +191,16 @@ async def test_a_waiting_redelivery_is_kept_alive_and_cancelled_at_close() -> No
     await redeliveries.cancel()
     assert redeliveries.waiting == 0
     assert not redeliveries.pending
+
+
+async def test_a_message_given_back_twice_comes_back_once() -> None:
+    errors: list[dict[str, object]] = []
+    asyncio.get_running_loop().set_exception_handler(lambda _loop, context: errors.append(context))
+    redeliveries = Redeliveries()
+    message = Message(id="a", body=b"")
+    redeliveries.later(message, 0.05)
+    redeliveries.later(message, 0.0)  # the later call wins
+    await asyncio.sleep(0.1)
+    assert redeliveries.take(10) == [message]
+    assert not redeliveries.pending
+    assert errors == []  # no timer of the first call fired into a missing entry

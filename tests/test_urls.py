@@ -71,3 +71,13 @@ def test_helpers_for_logs_and_dead_letters() -> None:
     assert safe_url("nats://u:p@n1:4222,n2:4222?x=1") == "nats://n1:4222,n2:4222?x=1"
     beside = dead_letters_beside("redis://h/0?stream=s&group=g", "stream", drop=("group",))
     assert beside == "redis://h/0?stream=s.dead-letter"
+
+
+def test_a_password_given_as_a_query_parameter_is_a_secret_too() -> None:
+    # redis-py (and others) take ?password=; it must not reach logs or messages.
+    parsed = ParsedUrl.split("redis://h:6379/0?stream=s&password=qs3cret&db=0", "--x", {"stream"})
+    assert parsed.client_url == "redis://h:6379/0?password=qs3cret&db=0"  # the client needs it
+    assert "qs3cret" not in parsed.safe
+    assert parsed.safe == "redis://h:6379/0?db=0"
+    assert parsed.quote(OSError("auth qs3cret failed")) == "auth *** failed"
+    assert "qs3cret" not in safe_url("redis://h/0?password=qs3cret")

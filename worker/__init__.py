@@ -81,9 +81,12 @@ __all__ = [
 
 def __getattr__(name: str) -> object:
     if name == "__version__":
-        from importlib.metadata import version
+        from importlib.metadata import PackageNotFoundError, version
 
-        return version("cdp-sync")  # pyproject.toml's, the one place it is written
+        try:
+            return version("cdp-sync")  # pyproject.toml's, the one place it is written
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            return "0+unknown"
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

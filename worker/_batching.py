@@ -63,6 +63,14 @@ class Batcher(Generic[T, R]):
                 results: Sequence[R | BaseException] = await self._flush([i for i, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller of the batch must hear of it
                 results = [exc] * len(batch)
+            except BaseException:
+                # The flusher itself is cancelled (the loop shuts down): whether this batch
+                # was done is unknown, and nobody flushes what waits: no caller is left
+                # waiting for ever, each is cancelled as its flush was.
+                for _, future in batch + self._queued:
+                    future.cancel()
+                self._queued = []
+                raise
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():  # a cancelled caller no longer waits
                     continue

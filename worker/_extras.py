@@ -34,5 +34,7 @@ def require(extra: Extra, label: str) -> None:
     """Import `extra`'s client, or raise MissingExtraError naming `label` (the option)."""
     try:
         importlib.import_module(extra.module)
-    except ImportError:
+    except ModuleNotFoundError as exc:
+        if exc.name != extra.module:
+            raise  # installed, but something it needs is broken: that error is the news
         raise MissingExtraError(label, extra.package, extra.name, extra.url_kind) from None

@@ -14,6 +14,10 @@ from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit, u
 
 from .errors import ConfigError
 
+# Query parameters that carry a credential (redis-py takes ?password=): kept for the
+# client, scrubbed from messages, left out of what is logged.
+SECRET_PARAMS = frozenset({"password", "passwd", "token", "auth_token", "secret"})
+
 
 @dataclass(frozen=True, slots=True)
 class ParsedUrl:
@@ -25,7 +29,7 @@ class ParsedUrl:
     path: str
     rest: str
     params: dict[str, str] = field(default_factory=dict)
-    secret: str | None = field(default=None, repr=False)
+    secrets: tuple[str, ...] = field(default=(), repr=False)
 
     @classmethod
     def split(
@@ -56,7 +60,8 @@ class ParsedUrl:
                 f"expected {', '.join(sorted(own))}"
             )
         userinfo, at, hosts = parts.netloc.rpartition("@")
-        secret = password or (username if user_is_secret else None)
+        secrets = [password or (username if user_is_secret else None)]
+        secrets += [value for key, value in query.items() if key.lower() in SECRET_PARAMS]
         return cls(
             scheme=parts.scheme,
             userinfo=userinfo + at,
@@ -64,7 +69,7 @@ class ParsedUrl:
             path=parts.path,
             rest=urlencode({k: v for k, v in query.items() if k not in own}),
             params={k: v for k, v in query.items() if k in own},
-            secret=secret,
+            secrets=tuple(secret for secret in secrets if secret),
         )
 
     @property
@@ -75,15 +80,17 @@ class ParsedUrl:
 
     @property
     def safe(self) -> str:
-        """The client's URL without user info, for logs and messages."""
-        return urlunsplit((self.scheme, self.hosts, self.path, self.rest, ""))
+        """The client's URL without user info or secret parameters, for logs and messages."""
+        return urlunsplit((self.scheme, self.hosts, self.path, _without_secrets(self.rest), ""))
 
     def scrub(self, text: str) -> str:
-        return scrub_password(text, self.secret)
+        for secret in self.secrets:
+            text = scrub_password(text, secret)
+        return text
 
     def quote(self, exc: BaseException) -> str:
         """An exception's text (its type, if blank) for a message, scrubbed."""
-        return quote_error(exc, self.secret)
+        return self.scrub(str(exc) or type(exc).__name__)
 
     def describe(self, exc: BaseException) -> str:
         """Like `quote`, with the type always named (for clients whose texts are terse)."""
@@ -114,15 +121,20 @@ def check_server_url(
     return parts
 
 
+def _without_secrets(query: str) -> str:
+    pairs = parse_qsl(query, keep_blank_values=True)
+    return urlencode([(k, v) for k, v in pairs if k.lower() not in SECRET_PARAMS])
+
+
 def safe_url(url: str) -> str:
-    """The URL without user info (user, password, token), for logs and messages.
+    """The URL without user info (user, password, token) or secret parameters.
 
     Works for server lists too (`nats://u:p@n1:4222,n2:4222`): the host part is
     everything after the last '@'.
     """
     parts = urlsplit(url)
     hosts = parts.netloc.rpartition("@")[2]
-    return urlunsplit((parts.scheme, hosts, parts.path, parts.query, ""))
+    return urlunsplit((parts.scheme, hosts, parts.path, _without_secrets(parts.query), ""))
 
 
 def dead_letters_beside(source_url: str, name: str, *, drop: tuple[str, ...] = ()) -> str:
@@ -132,11 +144,6 @@ def dead_letters_beside(source_url: str, name: str, *, drop: tuple[str, ...] = (
     query = {k: v for k, v in parse_qsl(parts.query) if k not in drop}
     query[name] = query.get(name, "") + ".dead-letter"
     return urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(query), ""))
-
-
-def quote_error(exc: BaseException, password: str | None) -> str:
-    """An exception's text (its type, if blank) without the password."""
-    return scrub_password(str(exc) or type(exc).__name__, password)
 
 
 def scrub_password(text: str, password: str | None) -> str:

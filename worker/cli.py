@@ -32,9 +32,9 @@ class _Version(argparse.Action):
         super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
 
     def __call__(self, parser: argparse.ArgumentParser, *_args: Any, **_kwargs: Any) -> None:
-        from importlib.metadata import version
+        from . import __version__
 
-        print(f"cdp-sync {version('cdp-sync')}")  # on stdout, as argparse's own action
+        print(f"cdp-sync {__version__}")  # on stdout, as argparse's own action
         parser.exit()
 
 

@@ -85,14 +85,17 @@ class RequestGate:
         """Await `awaitable` unless stop() comes first: then cancel it and raise Draining."""
         work = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(self._stopping.wait())
-        await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-        stop.cancel()
-        if work.done():
-            return work.result()
-        work.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await work
-        raise Draining
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:  # also when our caller is cancelled: leave no task behind
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await work
+        if work.cancelled():
+            raise Draining
+        return work.result()
 
     async def sleep(self, seconds: float) -> None:
         """Sleep between attempts, cut short by stop() (Draining: the message goes back)."""
@@ -143,6 +146,9 @@ class RequestGate:
                     outcome = await self._timed(probe)
             except Draining:
                 return
+            except Exception:  # a bug must not end the probing: the pause would never lift
+                log.exception("cdp.auth_probe_failed", probe=attempt)
+                continue
             if outcome.verdict is Verdict.AUTH:
                 log.error("cdp.auth_failed", probe=attempt, status=outcome.status)
             elif outcome.verdict is Verdict.CREATED:  # a listing that worked
@@ -157,7 +163,7 @@ class RequestGate:
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await probe
 
     # -- the door ------------------------------------------------------------------------
@@ -172,8 +178,12 @@ class RequestGate:
             await self.wait_unpaused()
             async with self._slots:
                 await self._pace()
-                if self._unpaused.is_set():  # no pause began while we waited our turn
-                    await self._leases.ensure(order_ref)
+                await self._leases.ensure(order_ref)  # may take a state-store round trip
+                # Nothing awaited between these checks and the send: a pause or a stop that
+                # began while we waited our turn holds this request too.
+                if self._stopping.is_set():
+                    raise Draining
+                if self._unpaused.is_set():
                     return await self._timed(call)
 
     async def _pace(self) -> None:

@@ -90,7 +90,11 @@ class Leases:
                     log.exception("state.renew_failed", order_ref=order_ref)
 
     async def release(self, order_ref: str, *, sent: bool) -> None:
-        """Give the claim back (shutdown, or a failure): whatever fails, the lease runs out."""
+        """Give the claim back (shutdown, or a failure): whatever fails, the lease runs out.
+
+        It is dropped first, so that the renewer cannot extend a lease given back.
+        """
+        self.drop(order_ref)
         try:
             await self._state.release(order_ref, self.owner, sent=sent)
         except Exception as exc:  # noqa: BLE001 - the lease runs out on its own

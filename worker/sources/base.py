@@ -130,7 +130,12 @@ class Redeliveries:
         return bool(self._timers or self._due)
 
     def later(self, message: Message, delay: float) -> None:
-        """Deliver `message` again in `delay` seconds (at the next loop iteration for 0)."""
+        """Deliver `message` again in `delay` seconds (at the next loop iteration for 0).
+
+        Given back again while it waits, the newer delay replaces the older one.
+        """
+        if (earlier := self._timers.pop(message, None)) is not None:
+            earlier.cancel()
         until = time.monotonic() + delay
         self._arm(message, until, min(delay, self._keep_every))
 

@@ -126,7 +126,9 @@ class RedisStreamSource(Source):
             await client.xgroup_create(self.stream, self.group, id="0", mkstream=True)
         except ResponseError as exc:
             if "BUSYGROUP" not in str(exc):
-                raise SourceError(f"--source: cannot create the consumer group: {exc}") from None
+                failure = self._redis.parsed.quote(exc)
+                message = f"--source: cannot create the consumer group: {failure}"
+                raise SourceError(message) from None
         self._connected = True
 
     async def close(self) -> None:
@@ -239,7 +241,7 @@ class RedisStreamSource(Source):
         try:
             await self.client.xack(self.stream, self.group, *entry_ids)
         except (RedisError, OSError, SourceError) as exc:
-            raise SourceError(f"XACK failed: {exc}") from None
+            raise SourceError(f"XACK failed: {self._redis.parsed.quote(exc)}") from None
         return [None] * len(entry_ids)
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
@@ -305,7 +307,8 @@ class RedisDeadLetterSink(DeadLetterSink):
         try:
             await client.xadd(self.stream, {LETTER_FIELD: orjson.dumps(letter)})
         except (RedisError, OSError) as exc:
-            raise SourceError(f"dead-letter stream {self.stream!r}: {exc}") from None
+            failure = self._redis.parsed.quote(exc)
+            raise SourceError(f"dead-letter stream {self.stream!r}: {failure}") from None
 
 
 class RedisPublisher(Publisher):

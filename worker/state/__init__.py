@@ -53,11 +53,13 @@ def __getattr__(name: str) -> object:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-def open_state_store(url: str, *, retention_seconds: float | None = None) -> StateStore:
+def open_state_store(
+    url: str, *, retention_seconds: float | None = default("state_retention")
+) -> StateStore:
     """Construct the store a `--state` URL names; the caller awaits `.open()`.
 
-    `retention_seconds` (the worker passes `--state-retention`): what `open()` sweeps;
-    None sweeps nothing.
+    `retention_seconds`: done/dead records older than this are swept by `open()`
+    (`--state-retention`'s default unless given); None sweeps nothing.
 
     Messages never repeat the URL itself: redis and postgres URLs carry passwords.
     """

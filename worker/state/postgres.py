@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import asyncpg
 
-from worker._urls import check_server_url, quote_error
+from worker._urls import ParsedUrl, check_server_url
 from worker.errors import ConfigError, StateError
 from worker.state import base
 from worker.state.base import DEAD, DONE, Claim, ClaimStatus, StateStore, not_owner
@@ -150,8 +150,8 @@ class _Sql:
         self.sweep = _SWEEP.format_map(names)
 
 
-def _check_url(url: str) -> tuple[str, str | None]:
-    """(where the database is, for messages; the URL's password, to scrub from them)."""
+def _check_url(url: str) -> str:
+    """Where the database is, for messages; ConfigError for a URL that is not one."""
     parts = check_server_url(
         url,
         OPTION,
@@ -160,7 +160,7 @@ def _check_url(url: str) -> tuple[str, str | None]:
         usage="a postgres state URL is postgresql://USER[:PASSWORD]@HOST:5432/DATABASE",
     )
     where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
-    return where, parts.password
+    return where
 
 
 def _rowcount(status: str) -> int:
@@ -190,7 +190,8 @@ class PostgresStateStore(StateStore):
     ) -> None:
         if not _PREFIX_RE.fullmatch(table_prefix):
             raise ValueError(f"table_prefix {table_prefix!r}: use [a-z_][a-z0-9_]*")
-        self._where, self._password = _check_url(url)
+        self._where = _check_url(url)
+        self._parsed = ParsedUrl.split(url, OPTION)  # its secrets, scrubbed from messages
         self._url = url
         self._retention = retention_seconds
         self._pool_options: dict[str, Any] = {
@@ -242,7 +243,7 @@ class PostgresStateStore(StateStore):
     # -- plumbing ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        return quote_error(exc, self._password)
+        return self._parsed.quote(exc)
 
     def _live_pool(self) -> _Pool:
         if self._pool is None:

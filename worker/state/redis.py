@@ -40,7 +40,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from worker._urls import ParsedUrl, check_server_url, quote_error, scrub_password
+from worker._urls import ParsedUrl, check_server_url, scrub_password
 from worker.errors import ConfigError, StateError
 from worker.state import base
 from worker.state.base import Claim, ClaimStatus, StateStore, not_owner
@@ -154,8 +154,8 @@ return {deleted, #refs}
 """
 
 
-def _check_url(url: str) -> tuple[str, str | None]:
-    """(where the store lives, for messages; the URL's password, to scrub from them).
+def _check_url(url: str) -> str:
+    """Where the store lives, for messages.
 
     Raises ConfigError for a URL redis-py would misread; never echoes the URL.
     """
@@ -176,7 +176,7 @@ def _check_url(url: str) -> tuple[str, str | None]:
     if not db.isdigit():
         # redis-py would silently use DB 0 for `redis://host/name`: say so instead.
         raise ConfigError(f"{OPTION}: the redis URL's path is a database number, e.g. /0")
-    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}", parts.password
+    return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
 
 
 def _ttl_ms(retention_seconds: float | None) -> int:
@@ -203,7 +203,8 @@ class RedisStateStore(StateStore):
         socket_connect_timeout: float = 5.0,
         max_connections: int = 32,
     ) -> None:
-        self._where, self._password = _check_url(url)
+        self._where = _check_url(url)
+        self._parsed = ParsedUrl.split(url, OPTION)  # its secrets, scrubbed from messages
         self._url = url
         self._retention = retention_seconds
         self._ttl_ms = _ttl_ms(retention_seconds)
@@ -277,7 +278,7 @@ class RedisStateStore(StateStore):
     # -- plumbing ------------------------------------------------------------------------
 
     def _scrub(self, exc: BaseException) -> str:
-        return quote_error(exc, self._password)
+        return self._parsed.quote(exc)
 
     def _live_client(self) -> aioredis.Redis:
         if self._client is None:

@@ -100,9 +100,12 @@ class SqliteStateStore(StateStore):
         if self._writer is not None:
             raise StateError("state store opened twice")
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="state-sqlite-writer")
+        connecting = asyncio.get_running_loop().run_in_executor(self._writer, self._connect)
         try:
-            self._conn = await self._on_writer(self._connect)
+            self._conn = await asyncio.shield(connecting)
         except BaseException:  # ConfigError or StateError from _connect, or a cancellation
+            # A cancelled open still gets its connection: close it once it is there.
+            connecting.add_done_callback(_close_connection)
             self._writer.shutdown(wait=False)
             raise
         self._accepting = True
@@ -113,10 +116,13 @@ class SqliteStateStore(StateStore):
         if self._writer is None or self._conn is None:
             return
         self._accepting = False
-        await self._batcher.wait_idle()  # every operation accepted is committed first
-        conn, self._conn = self._conn, None
-        await self._on_writer(conn.close)
-        self._writer.shutdown(wait=True)
+        try:
+            await self._batcher.wait_idle()  # every operation accepted is committed first
+            conn, self._conn = self._conn, None
+            if conn is not None:  # not closed meanwhile by a second close()
+                await self._on_writer(conn.close)
+        finally:
+            self._writer.shutdown(wait=False)  # idle by now, or its thread ends after the op
 
     # -- the writer thread ---------------------------------------------------------------
 
@@ -327,6 +333,11 @@ def _claim(conn: sqlite3.Connection, order_ref: str, owner: str, lease_seconds: 
 def _status(conn: sqlite3.Connection, order_ref: str) -> str | None:
     row = conn.execute("SELECT status FROM orders WHERE order_ref = ?", (order_ref,)).fetchone()
     return None if row is None else str(row[0])
+
+
+def _close_connection(connecting: asyncio.Future[sqlite3.Connection]) -> None:
+    if not connecting.cancelled() and connecting.exception() is None:
+        connecting.result().close()
 
 
 def _as_state_error(exc: Exception) -> BaseException:
