@@ -17,6 +17,7 @@ from worker.contact import (
     Event,
     build_body,
     event_json_schema,
+    is_blank,
     order_ref_path,
     parse_event,
 )
@@ -281,11 +282,7 @@ def test_invalid_order_ref_wins_over_other_problems() -> None:
         (b"[" * 5000 + b"]" * 5000, "event is not valid UTF-8 JSON"),  # too deep for orjson
         (b"NaN", "event is not valid UTF-8 JSON"),
         ('{"a": "\ud800"}', "event is not valid UTF-8 JSON"),  # lone surrogate in a str
-        (b"[]", "event is a JSON array, expected an object"),
-        (b'"' + SECRET.encode() + b'"', "event is a JSON string, expected an object"),
-        (b"null", "event is a JSON null, expected an object"),
-        (b"12345", "event is a JSON number, expected an object"),
-        (b"true", "event is a JSON boolean, expected an object"),
+        (b"\xef\xbb\xbf", "event is not valid UTF-8 JSON"),  # a byte-order mark alone
     ],
 )
 def test_malformed_json(raw: bytes | str, expected: str) -> None:
@@ -295,10 +292,58 @@ def test_malformed_json(raw: bytes | str, expected: str) -> None:
     assert error.reason == "malformed_json"
     assert error.message.startswith(expected)
     assert SECRET not in error.message
-    assert "12345" not in error.message
     assert error.event is None
     assert error.order_ref is None
     assert error.event_id == "msg-1"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"[]", "event is a JSON array, expected an object"),
+        (b"[1, 2, 3]", "event is a JSON array, expected an object"),
+        (b'"' + SECRET.encode() + b'"', "event is a JSON string, expected an object"),
+        (b"null", "event is a JSON null, expected an object"),
+        (b"12345", "event is a JSON number, expected an object"),
+        (b"true", "event is a JSON boolean, expected an object"),
+    ],
+)
+def test_json_that_is_not_an_object_is_an_invalid_event(raw: bytes, expected: str) -> None:
+    # DESIGN section 2: only text that is not JSON at all is malformed_json.
+    with pytest.raises(InvalidEvent) as info:
+        parse_event(raw, default_event_id="msg-1")
+    error = info.value
+    assert error.reason == "invalid_event"
+    assert error.message == expected
+    assert SECRET not in error.message
+    assert "12345" not in error.message
+    assert error.event is None  # the letter keeps the text: `event` is always an object
+    assert error.order_ref is None
+
+
+@pytest.mark.parametrize("as_text", [False, True], ids=["bytes", "str"])
+def test_a_byte_order_mark_before_the_event_is_ignored(as_text: bool) -> None:
+    raw: bytes | str = (
+        "\ufeff" + DESIGN_EXAMPLE.decode() if as_text else b"\xef\xbb\xbf" + DESIGN_EXAMPLE
+    )
+    event = parse_event(raw, default_event_id="msg-1")
+    assert event.order_ref == ORDER_REF
+
+
+@pytest.mark.parametrize(
+    ("line", "blank"),
+    [
+        (b"", True),
+        (b" \t\r\n", True),
+        (b"\x0b\x0c", True),  # vertical tab, form feed
+        ("\u00a0\u2003\u3000".encode(), True),  # no-break, em and ideographic spaces
+        (b"\xef\xbb\xbf  ", True),  # a byte-order mark and spaces
+        (b" {} ", False),
+        (b"\xff", False),  # not UTF-8: a malformed line, not a blank one
+    ],
+)
+def test_what_counts_as_a_blank_line(line: bytes, blank: bool) -> None:
+    assert is_blank(line) is blank
 
 
 @pytest.mark.parametrize("as_text", [False, True])

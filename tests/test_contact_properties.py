@@ -255,7 +255,7 @@ def test_arbitrary_json_only_raises_invalid_event(value: Any) -> None:
     result = parse_or_reject(orjson.dumps(value))
     if not isinstance(value, dict):
         assert isinstance(result, InvalidEvent)
-        assert result.reason == "malformed_json"
+        assert result.reason == "invalid_event"
 
 
 @PROPERTY

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import OPTIONS, add_arguments, default
-from .contact import API_VERSIONS
+from .contact import API_VERSIONS, is_blank
 from .errors import ConfigError, InvalidEvent, SourceError, StateError
 
 if TYPE_CHECKING:
@@ -252,7 +252,7 @@ def command_validate(args: argparse.Namespace) -> int:
     reasons: Counter[str] = Counter()
     valid = 0
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if is_blank(line):
             continue
         try:
             parse_event(line, default_event_id=f"line-{number}", api_version=api_version)
@@ -291,7 +291,7 @@ def command_publish(args: argparse.Namespace) -> int:
 
 def _read_lines(path: str) -> list[bytes]:
     data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    return [line.strip() for line in data.splitlines() if line.strip()]
+    return [line for line in data.splitlines() if not is_blank(line)]
 
 
 async def _publish(publisher: Publisher, lines: list[bytes], batch: int) -> None:

@@ -320,18 +320,46 @@ def _too_large(raw: bytes | str) -> bool:
     return False
 
 
+_BOM = "\ufeff"
+_BOM_BYTES = _BOM.encode()
+
+
+def without_bom(raw: bytes | str) -> bytes | str:
+    """`raw` without a UTF-8 byte-order mark in front (editors on Windows write one)."""
+    if isinstance(raw, bytes):
+        return raw[len(_BOM_BYTES) :] if raw.startswith(_BOM_BYTES) else raw
+    return raw[len(_BOM) :] if raw.startswith(_BOM) else raw
+
+
+def is_blank(line: bytes) -> bool:
+    """True for a line with nothing but whitespace, of any kind, and maybe a byte-order
+    mark: no event, skipped (not dead-lettered) by the file source and `worker validate`.
+
+    A line that is not UTF-8 is not blank: it is bad input and gets its dead letter.
+    """
+    stripped = line.strip()
+    if not stripped:
+        return True
+    try:
+        text = stripped.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return not without_bom(text).strip()
+
+
 def _load(raw: bytes | str, event_id: str) -> dict[str, Any]:
     if _too_large(raw):
         raise InvalidEvent(INVALID_EVENT, "event larger than 1 MiB", event_id=event_id)
     try:
-        value = orjson.loads(raw)
+        value = orjson.loads(without_bom(raw))
     except orjson.JSONDecodeError as exc:
         # Position only: orjson's own text is not promised to be free of input.
         message = f"event is not valid UTF-8 JSON (line {exc.lineno}, column {exc.colno})"
         raise InvalidEvent(MALFORMED_JSON, message, event_id=event_id) from None
     if not isinstance(value, dict):
+        # JSON, but not an event: the letter keeps its text (`event` is always an object).
         message = f"event is a JSON {_json_type(value)}, expected an object"
-        raise InvalidEvent(MALFORMED_JSON, message, event_id=event_id)
+        raise InvalidEvent(INVALID_EVENT, message, event_id=event_id)
     return value
 
 

@@ -76,6 +76,7 @@ class Recorder:
             status=status,
             attempts=attempts,
             event=event.raw,
+            raw=message.body,  # kept only if the event cannot be written back as JSON
         )
         await self._dead_letters.put(letter)
         await self._state.fail(event.order_ref, self._owner, reason)
@@ -93,7 +94,7 @@ class Recorder:
             status=None,
             attempts=0,
             event=invalid.event,
-            raw=message.body if invalid.event is None else None,
+            raw=message.body,  # kept if there is no event, or it cannot be written back
         )
         await self._dead_letters.put(letter)
         # The parser's messages name fields, never values: they may be logged.

@@ -185,6 +185,10 @@ def letter_key(letter: dict[str, Any]) -> str:
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
+# The most bytes of a message's text a dead letter holds (DESIGN section 2).
+LETTER_RAW_LIMIT = 64 * 1024
+
+
 def dead_letter(
     reason: str,
     detail: str | None,
@@ -196,7 +200,13 @@ def dead_letter(
     event: dict[str, Any] | None,
     raw: bytes | None = None,
 ) -> dict[str, Any]:
-    """A dead letter as DESIGN section 5 shapes it: the event, or the raw text if not JSON."""
+    """A dead letter as DESIGN section 5 shapes it: the event, or the raw text if not JSON.
+
+    Whatever the message, the letter can be written: an event that cannot be written back
+    as JSON (orjson reads 1024 levels deep, writes 255) is kept as its `raw` text instead,
+    and a text longer than LETTER_RAW_LIMIT bytes is cut there, with `"truncated": true`
+    and the `sha256` of the whole.
+    """
     letter: dict[str, Any] = {
         "reason": reason,
         "detail": detail,
@@ -206,11 +216,27 @@ def dead_letter(
         "attempts": attempts,
         "deadAt": datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
     }
-    if event is not None:
+    if event is not None and _writable(event):
         letter["event"] = event
-    else:
-        letter["raw"] = (raw or b"").decode("utf-8", "replace")
+        return letter
+    text = raw or b""
+    if len(text) > LETTER_RAW_LIMIT:
+        letter["truncated"] = True
+        letter["sha256"] = hashlib.sha256(text).hexdigest()
+        end = LETTER_RAW_LIMIT
+        while end > 0 and text[end] & 0xC0 == 0x80:  # never half a UTF-8 character
+            end -= 1
+        text = text[:end]
+    letter["raw"] = text.decode("utf-8", "replace")
     return letter
+
+
+def _writable(event: dict[str, Any]) -> bool:
+    try:
+        orjson.dumps(event)
+    except orjson.JSONEncodeError:
+        return False
+    return True
 
 
 class DeadLetterSink(ABC):

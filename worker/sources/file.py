@@ -20,6 +20,7 @@ from typing import IO, Any
 import orjson
 
 from .._batching import Batcher
+from ..contact import is_blank
 from ..errors import SourceError
 from ..state.base import StateStore
 from .base import DeadLetterSink, Message, Publisher, Redeliveries, Source, letter_key
@@ -200,14 +201,13 @@ class FileSource(Source):
             self._next_line += 1
             self._offset += len(raw)
             self._done.ends[line] = self._offset
-            body = raw.strip()
             if line in self._done.above:
                 self._done.advance()  # finished before a restart: its end is known now
                 continue
-            if not body:
+            if is_blank(raw):
                 self._done.finish(line)  # blank lines are nothing to deliver
                 continue
-            batch.append(Message(id=f"{self._label}:{line}", body=body, token=line))
+            batch.append(Message(id=f"{self._label}:{line}", body=raw.strip(), token=line))
         if not batch and self._eof and not self._redeliveries.pending:
             return None  # the end, reached by this read: say so now, not on the next call
         return batch
