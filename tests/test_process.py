@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -320,3 +321,83 @@ def test_version_comes_from_the_package_metadata() -> None:
     import worker
 
     assert worker.__version__ == version("cdp-sync")
+
+
+def _file_with(tmp_path: Path, name: str, data: bytes) -> str:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return str(path)
+
+
+SOURCE, STATE, DLQ = "--source / WORKER_SOURCE", "--state / WORKER_STATE", "--dlq / WORKER_DLQ"
+NOT_UTF8, BLANK = ("token", b"\xff\xfe\x00s3cret"), ("token", b" \n")
+# (what is changed, the option the one line must name, the case's name)
+BAD = [
+    ({"CDP_BASE_URL": "http://[::1"}, "CDP_BASE_URL", "base-url-malformed"),
+    ({"CDP_BASE_URL": "http://127.0.0.1:99999"}, "CDP_BASE_URL", "base-url-port"),
+    ({"CDP_BASE_URL": "https://cdp.example/?t=1"}, "CDP_BASE_URL", "base-url-query"),
+    ({"CDP_BASE_URL": "https://cdp.example/#top"}, "CDP_BASE_URL", "base-url-fragment"),
+    ({"WORKER_SOURCE": "redis://:s3cret@[::1?stream=s"}, SOURCE, "source-malformed"),
+    ({"WORKER_SOURCE": "redis://:s3cret@h:70000/0?stream=s"}, SOURCE, "source-port"),
+    ({"WORKER_STATE": "redis://:s3cret@[::1/0"}, STATE, "state-malformed"),
+    ({"WORKER_DLQ": "nats://:s3cret@[::1?stream=S&subject=s"}, DLQ, "dlq-malformed"),
+    ({"WORKER_RATE_LIMIT_BACKEND": "redis://:s3cret@[::1"}, "--rate-limit-backend", "limit"),
+    ({"CDP_API_TOKEN": "", "CDP_API_TOKEN_FILE": NOT_UTF8}, "CDP_API_TOKEN_FILE", "not-utf8"),
+    ({"CDP_API_TOKEN": "", "CDP_API_TOKEN_FILE": BLANK}, "CDP_API_TOKEN_FILE", "secret-empty"),
+]
+BAD_CONFIGURATIONS = [pytest.param(change, named, id=name) for change, named, name in BAD]
+
+
+@pytest.mark.parametrize(("env_change", "named"), BAD_CONFIGURATIONS)
+async def test_bad_configuration_exits_2_at_once_in_one_line_creating_nothing(
+    cdp: Emulator, tmp_path: Path, env_change: dict[str, Any], named: str
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    changes = {
+        name: _file_with(tmp_path, *value) if isinstance(value, tuple) else value
+        for name, value in env_change.items()
+    }
+    env = run_env(cdp, work, **changes)
+    started = time.monotonic()
+    code, _, stderr = await finish(await start_worker(env), timeout=30)
+    assert code == 2
+    assert time.monotonic() - started < 5
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, stderr.decode()  # one line naming the option, no traceback
+    assert named in lines[0]
+    assert "s3cret" not in lines[0]
+    assert sorted(p.name for p in work.iterdir()) == []  # no state, no dead letters
+    assert cdp.stats()["requests"] == {}
+
+
+async def test_a_busy_health_port_exits_2_before_anything_is_opened(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(pii_event(1))])
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = run_env(cdp, tmp_path, WORKER_HTTP_PORT=str(port))
+        code, _, stderr = await finish(await start_worker(env), timeout=30)
+    assert code == 2
+    lines = stderr.decode().splitlines()
+    assert len(lines) == 1, stderr.decode()
+    assert "--http-port / WORKER_HTTP_PORT" in lines[0]
+    assert str(port) in lines[0]
+    assert not (tmp_path / "state.db").exists()
+    assert not (tmp_path / "dead-letter.jsonl").exists()
+    assert cdp.stats()["requests"] == {}
+
+
+async def test_missing_cdp_settings_are_named_together_with_their_file_forms(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    env = run_env(cdp, tmp_path, CDP_BASE_URL="", CDP_CLIENT_KEY="", CDP_API_TOKEN="")
+    code, _, stderr = await finish(await start_worker(env), timeout=30)
+    assert code == 2
+    (line,) = stderr.decode().splitlines()
+    for named in ("CDP_BASE_URL", "CDP_CLIENT_KEY (or CDP_CLIENT_KEY_FILE)",
+                  "CDP_API_TOKEN (or CDP_API_TOKEN_FILE)"):  # fmt: skip
+        assert named in line

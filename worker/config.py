@@ -239,9 +239,14 @@ def _read_secret_file(env: Mapping[str, str], name: str) -> str | None:
     if not path:
         return None
     try:
-        return Path(path).read_text(encoding="utf-8").strip()
+        secret = Path(path).read_text(encoding="utf-8").strip()
     except OSError as exc:
         raise ConfigError(f"{name}_FILE: cannot read the file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{name}_FILE: the file is not UTF-8 text") from None
+    if not secret:
+        raise ConfigError(f"{name}_FILE: the file is empty")
+    return secret
 
 
 def load_settings(
@@ -274,9 +279,43 @@ def load_settings(
     return Settings(**values)
 
 
-def _require(values: Mapping[str, Any], name: str) -> None:
-    if not values.get(name):
-        raise ConfigError(f"{_BY_NAME[name].label} is required")
+# What must be given, and how else it may be given.
+_REQUIRED = ("source", "cdp_base_url", "cdp_client_key", "cdp_api_token")
+
+
+def _require(values: Mapping[str, Any]) -> None:
+    """Every missing setting named in one message, with its _FILE form where it has one."""
+    missing = []
+    for name in _REQUIRED:
+        if not values.get(name):
+            option = _BY_NAME[name]
+            missing.append(
+                f"{option.label} (or {option.env}_FILE)" if option.secret else option.label
+            )
+    if len(missing) == 1:
+        raise ConfigError(f"{missing[0]} is required")
+    if missing:
+        raise ConfigError(f"{', '.join(missing[:-1])} and {missing[-1]} are required")
+
+
+# Options holding a URL: each must at least split (a host, a port in range), whatever
+# reads it later; the value is never echoed, since URLs carry passwords.
+_URL_OPTIONS = ("source", "state", "dlq", "rate_limit_backend", "cdp_base_url")
+
+
+def _check_urls(values: Mapping[str, Any]) -> None:
+    for name in _URL_OPTIONS:
+        value = values.get(name)
+        if not value or value == "local":
+            continue
+        try:
+            parts = urlsplit(value)
+            # Every host of a server list (nats://h1:4222,h2:4222) must have a valid port.
+            for host in parts.netloc.rpartition("@")[2].split(","):
+                urlsplit(f"//{host}").port  # noqa: B018 - raises for a bad or out-of-range port
+        except ValueError as exc:
+            problem = "port out of range" if "range" in str(exc) else "not a valid URL"
+            raise ConfigError(f"{_BY_NAME[name].label}: {problem}") from None
 
 
 def _positive(values: Mapping[str, Any], name: str, *, zero_ok: bool = False) -> None:
@@ -287,12 +326,16 @@ def _positive(values: Mapping[str, Any], name: str, *, zero_ok: bool = False) ->
 
 
 def _validate(values: dict[str, Any]) -> None:
-    for name in ("source", "cdp_base_url", "cdp_client_key", "cdp_api_token"):
-        _require(values, name)
+    _require(values)
+    _check_urls(values)
     base = urlsplit(values["cdp_base_url"])
     if base.scheme not in {"http", "https"} or not base.hostname:
         raise ConfigError(
             "CDP_BASE_URL: expected an http(s) URL such as https://api-engage-eu.sitecorecloud.io"
+        )
+    if base.query or base.fragment or values["cdp_base_url"].endswith(("?", "#")):
+        raise ConfigError(
+            "CDP_BASE_URL: must not have a query or a fragment: it is the base of every path"
         )
     if base.username or base.password:
         # The value is not echoed: it holds a credential.

@@ -28,7 +28,7 @@ from .cdp import CdpClient
 from .config import Settings
 from .contact import Event, parse_event
 from .delivery import Delivery, Policy
-from .errors import Draining, InvalidEvent, LeaseLost, SourceError, StateError
+from .errors import ConfigError, Draining, InvalidEvent, LeaseLost, SourceError, StateError
 from .gate import LIMIT_UNAVAILABLE, RequestGate
 from .leases import Leases
 from .limits import BACKOFF_BASE, RateLimiter, SharedRateLimit
@@ -184,12 +184,25 @@ class Worker:
             self.gate.stop()
 
     async def open(self) -> None:
-        """Open the parts this worker built, then the health server."""
+        """Open the health server, then the parts this worker built.
+
+        The health server first: a port that is taken is a configuration error, found
+        before any part creates a file or connects (readiness says "starting" meanwhile).
+        """
+        port = self.settings.http_port
+        if port:
+            health = HealthServer(self.metrics, self.ready, port)
+            try:
+                await health.open()
+            except OSError as exc:
+                await health.close()
+                raise ConfigError(
+                    f"--http-port / WORKER_HTTP_PORT: cannot listen on port {port} "
+                    f"({exc.strerror or exc})"
+                ) from None
+            self._health = health
         for part in self._owned:
             await part.open()
-        if self.settings.http_port:
-            self._health = HealthServer(self.metrics, self.ready, self.settings.http_port)
-            await self._health.open()
 
     async def close(self) -> None:
         """Close what open() opened, whatever state run() left it in."""
