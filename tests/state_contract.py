@@ -325,6 +325,20 @@ class StateStoreContract:
 
     # -- lifecycle -----------------------------------------------------------------------
 
+    async def test_a_new_store_is_empty_until_an_order_is_claimed(
+        self, store: StateStore, open_again: OpenAgain | None
+    ) -> None:
+        assert await store.is_empty() is True
+        await store.set_checkpoint("file:a.jsonl", "1")  # a position is not an order
+        assert await store.is_empty() is True
+        await store.claim("ORD-1", "w1", LEASE)
+        assert await store.is_empty() is False
+        await store.complete("ORD-1", "w1", "c", "h")
+        assert await store.is_empty() is False
+        if open_again is not None:
+            await store.close()
+            assert await (await open_again(None)).is_empty() is False
+
     async def test_an_unreachable_server_is_a_state_error_without_the_password(self) -> None:
         if not self.unreachable:
             pytest.skip("no server to reach: an in-process or file store")

@@ -354,18 +354,23 @@ class FlakyState(MemoryStateStore):
         return await super().renew(order_ref, owner, lease_seconds)
 
 
-async def test_a_contact_created_but_not_recorded_is_reconciled_not_posted_again(
+async def test_a_contact_created_while_the_store_is_down_is_recorded_once_it_is_back(
     make_worker: MakeWorker, emulator: Emulator, events: Events
 ) -> None:
-    state = FlakyState(complete_failures=1)
+    # CDP confirmed the contact; the store refuses to record it for a while (Redis away
+    # for seconds). The outcome is kept and recorded when the store answers again: not
+    # given back, not left busy for a whole lease, not listed or posted again.
+    state = FlakyState(complete_failures=5)
     await state.open()
     event = events(1)[0]
     harness = make_worker([event], state=state, backoff_base=FAST)
     await asyncio.wait_for(harness.run(), 20)
     await state.close()
     one_contact_each(emulator, [event])
-    assert emulator.stats()["requests"]["POST"] == 1
-    assert harness.worker.summary["reconciled"] == 1
+    assert emulator.stats()["requests"] == {"POST": 1}
+    assert harness.worker.summary["delivered"] == 1
+    assert harness.source.nacked == []
+    assert len(harness.source.acked) == 1
 
 
 async def test_no_request_is_sent_for_an_order_whose_lease_may_be_lost(
@@ -443,3 +448,41 @@ async def test_a_message_the_worker_keeps_failing_on_is_dead_lettered_not_looped
     assert letter["event"]["orderRef"] in {event["orderRef"] for event in batch}
     assert "RuntimeError" in letter["detail"]
     assert len(harness.source.acked) == 2
+
+
+async def test_the_start_says_where_the_state_is_and_warns_when_it_is_empty(
+    make_worker: MakeWorker, emulator: Emulator, events: Events, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = events(3)
+    await make_worker(batch).run()
+    lines = capsys.readouterr().out.splitlines()
+    records = [orjson.loads(line) for line in lines if line.startswith("{")]
+    opened = [r for r in records if r["event"] == "state.opened"]
+    assert opened == [opened[0]]
+    assert opened[0]["location"] == "memory (this process only)"
+    assert opened[0]["empty"] is True
+    empty = [r for r in records if r["event"] == "state.empty"]
+    assert len(empty) == 1
+    assert empty[0]["level"] == "warning"
+    await make_worker(batch).run()  # the same store, no longer empty: no warning
+    records = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["empty"] for r in records if r["event"] == "state.opened"] == [False]
+    assert [r for r in records if r["event"] == "state.empty"] == []
+
+
+async def test_an_order_busy_elsewhere_is_logged_once_per_lease_not_per_retry(
+    make_worker: MakeWorker,
+    emulator: Emulator,
+    events: Events,
+    state: MemoryStateStore,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    event = events(1)[0]
+    await state.claim(event["orderRef"], "another-replica", 4.5)  # it dies holding it
+    copies = [{**event, "eventId": f"copy-{n}"} for n in range(4)]
+    harness = make_worker(copies, backoff_base=FAST)
+    await asyncio.wait_for(harness.run(), 30)
+    lines = capsys.readouterr().out.splitlines()
+    busy = [line for line in lines if '"event.busy_elsewhere"' in line]
+    assert len(busy) == 1, len(busy)
+    one_contact_each(emulator, [event])

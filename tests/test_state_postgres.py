@@ -219,3 +219,8 @@ def test_the_class_is_importable_from_the_package() -> None:
     from worker.state import PostgresStateStore as exported
 
     assert exported is PostgresStateStore
+
+
+def test_the_location_names_the_database_and_tables_not_the_password() -> None:
+    store = PostgresStateStore("postgresql://cdp:s3cret@db:5433/cdp", table_prefix="eu_")
+    assert store.location == "postgresql db:5433/cdp tables eu_*"

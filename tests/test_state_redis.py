@@ -266,3 +266,8 @@ def test_the_class_is_importable_from_the_package() -> None:
     from worker.state import RedisStateStore as exported
 
     assert exported is RedisStateStore
+
+
+def test_the_location_names_the_server_and_keys_not_the_password() -> None:
+    store = RedisStateStore.from_url("redis://:s3cret@cache:6380/2?prefix=eu:")
+    assert store.location == "redis cache:6380/2 keys eu:order:*"

@@ -166,3 +166,8 @@ async def test_complete_is_durable_when_it_returns(tmp_path: Path) -> None:
     claim = await store.claim("ORD-1", "w2", LEASE)
     assert (claim.status, claim.contact_ref) == (ClaimStatus.DONE, "contact-1")
     await store.close()
+
+
+def test_the_location_is_the_absolute_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert SqliteStateStore("./worker-state.db").location == f"sqlite {tmp_path}/worker-state.db"

@@ -64,6 +64,11 @@ class StateError(WorkerError):
     """The state store failed or was misused (e.g. completing a claim one does not own)."""
 
 
+class NotOwner(StateError):
+    """Completing, failing... a record this owner does not hold (any more): another
+    worker took the order over, and it will reconcile. Retrying cannot mend it."""
+
+
 class SourceError(WorkerError):
     """A source or dead-letter sink failed in a way a retry will not mend."""
 

@@ -9,11 +9,13 @@ failure to record or to ack raises: the caller gives the message back.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .contact import Event
-from .errors import InvalidEvent
+from .errors import InvalidEvent, NotOwner, StateError
 from .observability import Metrics, get_logger
 from .sources import DeadLetterSink, Message, Source, dead_letter
 from .state import StateStore
@@ -21,6 +23,10 @@ from .state import StateStore
 log = get_logger("worker.outcomes")
 
 RETRIES_EXHAUSTED = "retries_exhausted"
+# An outcome the store could not record is tried again after this long, doubling up to
+# the cap: the store is usually back within seconds (a restart, a failover).
+RECORD_RETRY_FIRST = 0.1
+RECORD_RETRY_CAP = 2.0
 
 
 class Recorder:
@@ -42,12 +48,16 @@ class Recorder:
         self._metrics = metrics
         self._owner = owner
         self.summary: Counter[str] = Counter()
+        # Outcomes CDP confirmed that wait for the state store to answer (readiness off).
+        self.waiting = 0
 
     async def done(
         self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
     ) -> None:
         """CDP holds the order's contact: record `done`, ack, count `outcome`."""
-        await self._state.complete(event.order_ref, self._owner, contact_ref, href)
+        await self._durably(
+            "done", lambda: self._state.complete(event.order_ref, self._owner, contact_ref, href)
+        )
         await self._source.ack(message)
         self._metrics.mark_success()
         self.count(outcome, contact_ref=contact_ref)
@@ -79,7 +89,7 @@ class Recorder:
             raw=message.body,  # kept only if the event cannot be written back as JSON
         )
         await self._dead_letters.put(letter)
-        await self._state.fail(event.order_ref, self._owner, reason)
+        await self._durably("dead", lambda: self._state.fail(event.order_ref, self._owner, reason))
         # CDP's error text (detail) stays out of the log: it may quote the contact.
         await self._acked_dead(message, reason, status=status)
 
@@ -137,6 +147,38 @@ class Recorder:
             await self._source.nack(message, delay=delay)
         except Exception:
             log.exception("source.nack_failed")
+
+    async def _durably(self, record: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Write an outcome CDP confirmed, however long the store is away.
+
+        The outcome stays here (this coroutine, holding the message and the order) and is
+        written as soon as the store answers: given back instead, the order would look
+        busy to every worker for a whole lease. NotOwner is not retried: another worker
+        took the order over, and it reconciles. A stop (the drain's cancellation) ends it:
+        the next owner reconciles too.
+        """
+        delay = RECORD_RETRY_FIRST
+        failing = False
+        try:
+            while True:
+                try:
+                    await write()
+                except NotOwner:
+                    raise
+                except StateError as exc:
+                    if not failing:
+                        failing = True
+                        self.waiting += 1
+                        log.warning("state.record_waiting", record=record, error=str(exc))
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, RECORD_RETRY_CAP)
+                    continue
+                if failing:
+                    log.info("state.recorded", record=record)
+                return
+        finally:
+            if failing:
+                self.waiting -= 1
 
     async def _acked_dead(self, message: Message, reason: str, **fields: Any) -> None:
         await self._source.ack(message)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import os
 import socket
 import time
@@ -54,6 +55,8 @@ PENDING_PER_REQUEST_SLOT = 4
 FETCH_TIMEOUT = 1.0
 # An orderRef held by another replica: ask again after about this long.
 BUSY_RETRY_SECONDS = 2.0
+# Orders whose busy_elsewhere line is remembered (to log it once per lease), at most.
+BUSY_SAID_KEPT = 10_000
 # Retention sweeps, once at start (by the store) and then this often.
 SWEEP_INTERVAL = 3600.0
 # How often the source's lag is read for the metric.
@@ -148,6 +151,7 @@ class Worker:
         self._tasks: set[asyncio.Task[None]] = set()
         self._working: dict[str, asyncio.Future[None]] = {}  # orderRef -> its delivery
         self._bug_failures: dict[str, int] = {}  # message id -> unexpected failures so far
+        self._busy_said: dict[str, float] = {}  # orderRef -> when busy_elsewhere was logged
         self._running = False
         self._health: HealthServer | None = None
 
@@ -173,6 +177,8 @@ class Worker:
             return False, paused
         if not self.source.connected:
             return False, "source disconnected"
+        if self.recorder.waiting:
+            return False, "paused: the state store does not record outcomes"
         if not self.gate.limiter.available:
             return False, LIMIT_UNAVAILABLE
         return True, "consuming"
@@ -218,6 +224,7 @@ class Worker:
     async def run(self) -> None:
         """Consume until a finite source is finished or `stop()` is called, then drain."""
         await self.open()
+        await self._say_where_the_state_is()
         self._running = True
         log.info(
             "worker.started",
@@ -242,6 +249,22 @@ class Worker:
                 task.cancel()
             await asyncio.gather(*helpers, return_exceptions=True)
         log.info("worker.finished", **self.summary)
+
+    async def _say_where_the_state_is(self) -> None:
+        """Which store this run uses, and whether it knows any order: a run started from
+        another directory would otherwise make a second, empty SQLite file unnoticed."""
+        try:
+            empty = await self.state.is_empty()
+        except StateError as exc:
+            log.warning("state.opened", location=self.state.location, error=str(exc))
+            return
+        log.info("state.opened", location=self.state.location, empty=empty)
+        if empty:
+            log.warning(
+                "state.empty",
+                location=self.state.location,
+                consequence="every order of this run is created at CDP, as if new",
+            )
 
     async def _consume(self) -> None:
         """Fetch and start work until the source ends; Draining once stop() is called."""
@@ -387,7 +410,7 @@ class Worker:
             await self.recorder.duplicate(message, claim.status.value)
             return
         if claim.status is ClaimStatus.BUSY:
-            log.info("event.busy_elsewhere")
+            self._say_busy(order_ref)
             await self.recorder.give_back(message, delay=BUSY_RETRY_SECONDS)
             return
         self.leases.hold(order_ref, message, claimed_at)
@@ -420,3 +443,16 @@ class Worker:
             raise
         finally:
             self.leases.drop(order_ref)
+
+    def _say_busy(self, order_ref: str) -> None:
+        """`event.busy_elsewhere`, once per order and lease: not at every retry of every
+        copy of the event while another worker holds the order."""
+        now, lease = time.monotonic(), self.settings.lease_seconds
+        said = self._busy_said
+        if now - said.get(order_ref, -math.inf) < lease:
+            return
+        if len(said) >= BUSY_SAID_KEPT:  # forget those whose lease is long over
+            for stale in [ref for ref, at in said.items() if now - at >= lease]:
+                del said[stale]
+        said[order_ref] = now
+        log.info("event.busy_elsewhere")

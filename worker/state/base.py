@@ -15,7 +15,7 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from worker.errors import StateError
+from worker.errors import NotOwner
 
 # A record's status, as every backend stores it.
 IN_FLIGHT = "in_flight"
@@ -47,9 +47,9 @@ class Claim:
     reason: str | None = None
 
 
-def not_owner(order_ref: str, owner: str, action: str) -> StateError:
+def not_owner(order_ref: str, owner: str, action: str) -> NotOwner:
     """What completing, failing... an order one does not hold raises, in every backend."""
-    return StateError(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
+    return NotOwner(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
 
 
 def now() -> float:
@@ -138,6 +138,16 @@ class StateStore(ABC):
     @abstractmethod
     async def set_checkpoint(self, key: str, value: str) -> None:
         """Save a source's position. Durable when this returns."""
+
+    @property
+    @abstractmethod
+    def location(self) -> str:
+        """Where the records live, for the start-up log line: an absolute path for a
+        file, host, port and namespace for a server; never a password."""
+
+    @abstractmethod
+    async def is_empty(self) -> bool:
+        """True if the store holds no record of any order (a new or a lost store)."""
 
     @abstractmethod
     async def sweep(self, retention_seconds: float) -> int:

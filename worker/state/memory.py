@@ -149,6 +149,14 @@ class MemoryStateStore(StateStore):
         self._check_open()
         self._checkpoints[key] = value
 
+    @property
+    def location(self) -> str:
+        return "memory (this process only)"
+
+    async def is_empty(self) -> bool:
+        self._check_open()
+        return not self._orders
+
     async def sweep(self, retention_seconds: float) -> int:
         self._check_open()
         async with self._lock:

@@ -118,6 +118,7 @@ _RELEASE_SENT = "UPDATE {orders} SET lease_until = 0, updated_at = $3 WHERE {own
 _RELEASE_UNSENT = "DELETE FROM {orders} WHERE {owned}"
 _FORGET = "DELETE FROM {orders} WHERE order_ref = $1 AND status = 'dead'"
 _STATUS = "SELECT status FROM {orders} WHERE order_ref = $1"
+_ANY_ORDER = "SELECT EXISTS (SELECT 1 FROM {orders})"
 _GET_CHECKPOINT = "SELECT value FROM {checkpoints} WHERE key = $1"
 _SET_CHECKPOINT = (
     "INSERT INTO {checkpoints} (key, value, updated_at) VALUES ($1, $2, $3)"
@@ -148,6 +149,7 @@ class _Sql:
         self.get_checkpoint = _GET_CHECKPOINT.format_map(names)
         self.set_checkpoint = _SET_CHECKPOINT.format_map(names)
         self.sweep = _SWEEP.format_map(names)
+        self.any_order = _ANY_ORDER.format_map(names)
 
 
 def _check_url(url: str) -> str:
@@ -320,6 +322,13 @@ class PostgresStateStore(StateStore):
 
     async def set_checkpoint(self, key: str, value: str) -> None:
         await self._execute("set_checkpoint", self._sql.set_checkpoint, key, value, base.now())
+
+    @property
+    def location(self) -> str:
+        return f"postgresql {self._where} tables {self.table_prefix}*"
+
+    async def is_empty(self) -> bool:
+        return not await self._fetchval("is_empty", self._sql.any_order)
 
     async def sweep(self, retention_seconds: float) -> int:
         return await self._execute("sweep", self._sql.sweep, base.now() - retention_seconds)

@@ -349,6 +349,23 @@ class RedisStateStore(StateStore):
         client = self._live_client()
         await self._call("set_checkpoint", client.hset(self.checkpoints_key, key, value))
 
+    @property
+    def location(self) -> str:
+        return f"redis {self._where} keys {self.order_prefix}*"
+
+    async def is_empty(self) -> bool:
+        """No order hash under our prefix: SCAN until one is found (at start only)."""
+        client = self._live_client()
+        cursor: int = 0
+        while True:
+            cursor, keys = await self._call(
+                "is_empty", client.scan(cursor, match=self.order_prefix + "*", count=1000)
+            )
+            if keys:
+                return False
+            if not cursor:
+                return True
+
     async def sweep(self, retention_seconds: float) -> int:
         """Batches of SWEEP_BATCH index entries, each one atomic script.
 

@@ -285,6 +285,16 @@ class SqliteStateStore(StateStore):
 
         await self._submit(op)
 
+    @property
+    def location(self) -> str:
+        return f"sqlite {os.path.abspath(self.path)}"
+
+    async def is_empty(self) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            return conn.execute("SELECT 1 FROM orders LIMIT 1").fetchone() is None
+
+        return await self._submit(op)
+
     async def sweep(self, retention_seconds: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
