@@ -9,6 +9,7 @@ redelivery, `--follow`, stdin, and dead letters that are fsynced, whole and shar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import random
 import sys
@@ -55,7 +56,14 @@ def checkpoint_key(path: Path) -> str:
 
 
 async def read_checkpoint(db: Path, path: Path) -> dict[str, Any] | None:
-    """The checkpoint as a *second* store on the same database file sees it."""
+    """Where the checkpoint says the file is done, as a *second* store on the same
+    database file sees it (what identifies the file: `read_identity`)."""
+    saved = await read_identity(db, path)
+    return None if saved is None else {k: v for k, v in saved.items() if k != "file"}
+
+
+async def read_identity(db: Path, path: Path) -> dict[str, Any] | None:
+    """The whole checkpoint, with the identity of the file it is about."""
     other = SqliteStateStore(db)
     await other.open()
     try:
@@ -474,6 +482,138 @@ async def test_follow_resumes_from_its_checkpoint(
     source = await opened(events_file, store, follow=True)
     assert ids(await fetch_one(source)) == ["events.jsonl:4"]
     assert await source.fetch(10, 0.02) == []
+    await source.close()
+
+
+# -- the file's identity (DESIGN section 5) ---------------------------------------------------
+
+
+async def test_the_checkpoint_names_the_file_it_is_about(
+    events_file: Path, db: Path, store: SqliteStateStore, opened: Opener
+) -> None:
+    write_events(events_file, 30)  # well past 256 bytes
+    source = await opened(events_file, store)
+    messages = await drain(source)
+    await source.ack(messages[0])  # the checkpoint lies before byte 256
+    early = await read_identity(db, events_file)
+    assert early is not None
+    head = events_file.read_bytes()
+    stat = events_file.stat()
+    offset = len(body(1)) + 1
+    assert (
+        early["file"]
+        == {
+            "dev": stat.st_dev,
+            "ino": stat.st_ino,
+            "head_bytes": offset,  # only what is finished: appending never changes it
+            "head": hashlib.sha256(head[:offset]).hexdigest(),
+        }
+    )
+    for message in messages[1:]:
+        await source.ack(message)
+    late = await read_identity(db, events_file)
+    assert late is not None
+    assert late["file"]["head_bytes"] == 256
+    assert late["file"]["head"] == hashlib.sha256(head[:256]).hexdigest()
+    await source.close()
+
+
+async def finish_file(path: Path, opened: Opener, new_store: StoreOpener) -> None:
+    """One run over `path` that acks every line, in a process of its own."""
+    store = await new_store()
+    source = await opened(path, store)
+    await drain(source, ack=True)
+    await source.close()
+    await store.close()
+
+
+async def rerun(path: Path, opened: Opener, new_store: StoreOpener) -> list[Message]:
+    store = await new_store()
+    source = await opened(path, store)
+    again = await drain(source, ack=True)
+    await source.close()
+    await store.close()
+    return again
+
+
+async def test_a_file_replaced_by_a_longer_one_is_read_from_its_beginning(
+    events_file: Path, tmp_path: Path, opened: Opener, new_store: StoreOpener
+) -> None:
+    write_events(events_file, 6)
+    await finish_file(events_file, opened, new_store)
+    # A new file (a new inode) at the same path, longer than the old offset.
+    new = tmp_path / "new.jsonl"
+    new.write_bytes(b"".join(orjson.dumps({"new": n, "pad": "x" * 40}) + b"\n" for n in range(6)))
+    os.replace(new, events_file)
+    again = await rerun(events_file, opened, new_store)
+    assert ids(again) == [f"events.jsonl:{n}" for n in range(1, 7)]  # nothing skipped
+
+
+async def test_a_file_rewritten_in_place_is_read_from_its_beginning(
+    events_file: Path, opened: Opener, new_store: StoreOpener
+) -> None:
+    write_events(events_file, 6)
+    await finish_file(events_file, opened, new_store)
+    inode = events_file.stat().st_ino
+    with events_file.open("r+b") as out:  # the same inode, other bytes at its start
+        out.write(b'{"n":9}')  # as long as what it replaces: still six lines
+    assert events_file.stat().st_ino == inode
+    again = await rerun(events_file, opened, new_store)
+    assert ids(again)[0] == "events.jsonl:1"
+    assert len(again) == 6
+
+
+async def test_appending_to_a_finished_file_resumes_after_it(
+    events_file: Path, opened: Opener, new_store: StoreOpener
+) -> None:
+    write_events(events_file, 3)  # under 256 bytes: the head covers only what is done
+    await finish_file(events_file, opened, new_store)
+    with events_file.open("ab") as out:
+        out.write(body(4) + b"\n" + body(5) + b"\n")
+    again = await rerun(events_file, opened, new_store)
+    assert ids(again) == ["events.jsonl:4", "events.jsonl:5"]
+
+
+async def test_follow_finishes_a_rotated_file_before_reading_the_new_one(
+    events_file: Path, tmp_path: Path, store: SqliteStateStore, opened: Opener
+) -> None:
+    write_events(events_file, 2)
+    source = await opened(events_file, store, follow=True)
+    first = await fetch_one(source)
+    assert ids(first) == ["events.jsonl:1", "events.jsonl:2"]
+    # The writer rotates: renames the file away, writes a last line into it (its handle
+    # is still open), and starts a new file at the path.
+    rotated = tmp_path / "events.jsonl.1"
+    os.rename(events_file, rotated)
+    with rotated.open("ab") as out:
+        out.write(body(3) + b"\n")
+    events_file.write_bytes(b'{"new": 1}\n{"new": 2}\n')
+    third = await fetch_one(source)
+    assert [m.body for m in third] == [body(3)]  # the old file's last line first
+    for _ in range(3):  # the new file waits until the old one is finished
+        assert await source.fetch(10, 0.02) == []
+    for message in first + third:
+        await source.ack(message)
+    new = await fetch_one(source)
+    assert [m.body for m in new] == [b'{"new": 1}', b'{"new": 2}']
+    assert ids(new) == ["events.jsonl:1", "events.jsonl:2"]
+    for message in new:
+        await source.ack(message)
+    await source.close()
+
+
+async def test_follow_reads_a_file_truncated_in_place_from_its_beginning(
+    events_file: Path, store: SqliteStateStore, opened: Opener
+) -> None:
+    write_events(events_file, 3)
+    source = await opened(events_file, store, follow=True)
+    for message in await fetch_one(source):
+        await source.ack(message)
+    events_file.write_bytes(b'{"again": 1}\n')  # copytruncate: same inode, shorter
+    (again,) = await fetch_one(source)
+    assert again.body == b'{"again": 1}'
+    assert again.id == "events.jsonl:1"
+    await source.ack(again)
     await source.close()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import signal
 import socket
 import subprocess
@@ -401,3 +402,22 @@ async def test_missing_cdp_settings_are_named_together_with_their_file_forms(
     for named in ("CDP_BASE_URL", "CDP_CLIENT_KEY (or CDP_CLIENT_KEY_FILE)",
                   "CDP_API_TOKEN (or CDP_API_TOKEN_FILE)"):  # fmt: skip
         assert named in line
+
+
+async def test_a_replaced_event_file_is_read_whole_and_nothing_is_skipped(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    first = [pii_event(n) for n in range(1, 7)]
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(e) for e in first])
+    env = run_env(cdp, tmp_path)
+    code, _, stderr = await finish(await start_worker(env))
+    assert code == 0, stderr.decode()
+    # Today's file replaces yesterday's at the same path (a new inode, other events).
+    second = [pii_event(n) for n in range(101, 107)]
+    new = tmp_path / "new.jsonl"
+    write_events(new, [orjson.dumps(e) for e in second])
+    os.replace(new, tmp_path / "events.jsonl")
+    code, _, stderr = await finish(await start_worker(env))
+    assert code == 0, stderr.decode()
+    assert cdp.stats()["orders"] == 12  # all six new orders sent, none skipped
+    assert dead_letters(tmp_path) == []  # and no fragment of a line dead-lettered

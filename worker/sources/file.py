@@ -5,11 +5,19 @@ line below which every line is finished (the watermark) in the state store, toge
 the few lines finished above it. A restart resumes there and skips those, so a rerun over a
 finished file sends nothing and an invalid line is dead-lettered once. `ack` returns only
 once the checkpoint holding that line is committed; concurrent acks share one write.
+
+The checkpoint names the file it is about, as Vector's file source does: device, inode
+and a hash of its first bytes (256, or only the finished ones while the watermark lies
+before byte 256, so that appending never changes it). A file replaced or truncated at the
+same path is read from its beginning: what was done is skipped by the state store, and
+nothing is ever silently skipped. With `--follow`, a file rotated away (or truncated in
+place) is finished first, every line of it acked, before the new one is read.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import sys
 import threading
@@ -22,9 +30,14 @@ import orjson
 from .._batching import Batcher
 from ..contact import is_blank
 from ..errors import SourceError
+from ..observability import get_logger
 from ..state.base import StateStore
 from .base import DeadLetterSink, Message, Publisher, Redeliveries, Source, letter_key
 
+log = get_logger("worker.sources.file")
+
+# The most bytes at the start of a file that identify it in the checkpoint.
+HEAD_BYTES = 256
 # How much of an existing dead-letter file is indexed at start: the letters a killed run
 # may have stored without recording it are among its last ones.
 RECENT_BYTES = 4 * 1024 * 1024
@@ -60,16 +73,28 @@ class _Checkpoint:
             self.above.discard(self.line)
             self.offset = self.ends.pop(self.line)
 
-    def dumps(self) -> str:
-        return orjson.dumps(
-            {"line": self.line, "offset": self.offset, "above": _ranges(self.above)}
-        ).decode()
+    def dumps(self, identity: dict[str, Any] | None) -> str:
+        position = {"line": self.line, "offset": self.offset, "above": _ranges(self.above)}
+        return orjson.dumps({**position, "file": identity}).decode()
 
     @classmethod
-    def loads(cls, text: str) -> _Checkpoint:
+    def loads(cls, text: str) -> tuple[_Checkpoint, dict[str, Any] | None]:
+        """The checkpoint and the identity of its file (None if saved without one)."""
         data = orjson.loads(text)
         above = {n for first, last in data["above"] for n in range(first, last + 1)}
-        return cls(int(data["line"]), int(data["offset"]), above)
+        return cls(int(data["line"]), int(data["offset"]), above), data.get("file")
+
+
+def _identity(fd: int, head_bytes: int) -> dict[str, Any]:
+    """What identifies the open file: device, inode, and a hash of its first bytes."""
+    stat = os.fstat(fd)
+    head = os.pread(fd, head_bytes, 0)
+    return {
+        "dev": stat.st_dev,
+        "ino": stat.st_ino,
+        "head_bytes": len(head),
+        "head": hashlib.sha256(head).hexdigest(),
+    }
 
 
 def _ranges(numbers: set[int]) -> list[tuple[int, int]]:
@@ -104,6 +129,7 @@ class FileSource(Source):
         self._version = 0  # bumped by every ack; the checkpoint writer saves the newest
         self._saved_version = 0
         self._save_lock = asyncio.Lock()
+        self._identity_cache: tuple[int, dict[str, Any]] | None = None  # (head_bytes, it)
 
     @property
     def name(self) -> str:
@@ -120,13 +146,59 @@ class FileSource(Source):
         saved = await self._state.get_checkpoint(self._key) if self._state else None
         if saved is None:
             return
-        checkpoint = _Checkpoint.loads(saved)
-        if checkpoint.offset > os.fstat(self._file.fileno()).st_size:
-            return  # the file was truncated or replaced: start over; the state store dedupes
+        checkpoint, identity = _Checkpoint.loads(saved)
+        if not self._is_the_file(identity, checkpoint.offset):
+            # Replaced, truncated, or saved without an identity: read it all again; the
+            # state store skips what was done. A skipped line would be a lost event.
+            log.info("source.file_changed", path=self.path, resumed_from=0)
+            return
         self._done = checkpoint
         self._file.seek(checkpoint.offset)
         self._offset = checkpoint.offset
         self._next_line = checkpoint.line + 1
+
+    def _is_the_file(self, identity: dict[str, Any] | None, offset: int) -> bool:
+        assert self._file is not None
+        fd = self._file.fileno()
+        if identity is None or os.fstat(fd).st_size < offset:
+            return False
+        return _identity(fd, int(identity.get("head_bytes", 0))) == identity
+
+    def _changed(self) -> str | None:
+        """`--follow`: "truncated" (shorter than what was read) or "rotated" (another file
+        at the path now), or None. Called when a read found nothing new."""
+        assert self._file is not None
+        ours = os.fstat(self._file.fileno())
+        if ours.st_size < self._offset:
+            return "truncated"
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return None  # renamed away, no new file yet: keep reading the old one
+        return "rotated" if (now.st_dev, now.st_ino) != (ours.st_dev, ours.st_ino) else None
+
+    async def _follow_change(self) -> None:
+        """Move to the file now at the path, or to the start of a truncated one, once every
+        line read from the current one is finished (so no ack can refer to it later)."""
+        change = self._changed()
+        finished = self._done.line == self._next_line - 1 and not self._redeliveries.pending
+        if change is None or not finished:
+            return
+        assert self._file is not None
+        if change == "rotated":
+            try:
+                new = open(self.path, "rb")  # noqa: SIM115, ASYNC230 - held until close(); instant
+            except OSError:
+                return  # gone again: try at the next empty read
+            self._file.close()
+            self._file = new
+        else:
+            self._file.seek(0)
+        log.info(f"source.file_{change}", path=self.path, finished_lines=self._done.line)
+        self._done, self._next_line, self._offset = _Checkpoint(), 1, 0
+        self._identity_cache = None
+        self._version += 1
+        await self._save(self._version)
 
     async def close(self) -> None:
         if self._file is not None:
@@ -181,6 +253,7 @@ class FileSource(Source):
             return out
         out = await asyncio.to_thread(self._read_lines, limit)
         if not out and self.follow:
+            await self._follow_change()
             await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
         return out
 
@@ -224,9 +297,19 @@ class FileSource(Source):
         async with self._save_lock:
             if self._saved_version >= version:
                 return
-            newest, snapshot = self._version, self._done.dumps()
+            newest, snapshot = self._version, self._done.dumps(self._identity_now())
             await self._state.set_checkpoint(self._key, snapshot)
             self._saved_version = newest
+
+    def _identity_now(self) -> dict[str, Any] | None:
+        """The open file's identity, its head covering at most the finished bytes."""
+        if self._file is None:
+            return None
+        head_bytes = min(HEAD_BYTES, self._done.offset)
+        cached = self._identity_cache
+        if cached is None or cached[0] != head_bytes:
+            cached = self._identity_cache = (head_bytes, _identity(self._file.fileno(), head_bytes))
+        return cached[1]
 
     async def nack(self, message: Message, *, delay: float = 0.0) -> None:
         self._redeliveries.later(message, delay)
