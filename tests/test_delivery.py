@@ -62,8 +62,10 @@ class FakeGate:
     """
 
     stop_after_retries: int | None = None
+    outage: bool = False  # every failure of CDP's is an outage: none counts
     retries: list[tuple[str, float]] = field(default_factory=list)
     auth_pauses: int = 0
+    outage_probes: int = 0
     probe: Callable[[], Awaitable[Outcome]] | None = None
 
     async def request(self, order_ref: str, call: Callable[[], Awaitable[Outcome]]) -> Outcome:
@@ -80,6 +82,13 @@ class FakeGate:
     def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
         self.auth_pauses += 1
         self.probe = probe
+
+    def failed(self, outcome: Outcome, probe: Callable[[], Awaitable[Outcome]]) -> bool:
+        if self.outage and (outcome.status is None or outcome.status >= 500):
+            self.outage_probes += 1
+            self.probe = probe
+            return False
+        return True
 
 
 @dataclass
@@ -260,3 +269,18 @@ async def test_an_empty_listing_clears_the_doubt_of_an_in_doubt_claim() -> None:
     )
     assert run.client.calls == ["list", "post"]
     assert run.delivery.sent_in_doubt is False
+
+
+async def test_failures_during_an_outage_count_no_attempt() -> None:
+    outage = FakeGate(outage=True)
+    script = [UNAVAILABLE] * 6 + [TIMEOUT, UNAVAILABLE, LISTED_NONE, CREATED]
+    run = await deliver(script, gate=outage, max_attempts=2)
+    assert run.ended[0][:2] == ("done", "delivered")  # not retries_exhausted after 2
+    assert outage.outage_probes == 8
+    delays = [delay for _, delay in outage.retries]
+    assert max(delays) > 0.5 * 2**2  # the backoff still grows while nothing counts
+
+
+async def test_an_event_still_gives_up_when_only_its_own_requests_fail() -> None:
+    run = await deliver([UNAVAILABLE] * 2, gate=FakeGate(outage=False), max_attempts=2)
+    assert run.ended == [("dead", "retries_exhausted", "gave up after the last attempt", None, 2)]

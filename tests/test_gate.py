@@ -12,9 +12,10 @@ import pytest
 
 from worker.cdp import Outcome, Verdict
 from worker.errors import Draining, LeaseLost
-from worker.gate import AUTH_PAUSE, RequestGate
+from worker.gate import RequestGate
 from worker.limits import RateLimiter
 from worker.observability import Metrics
+from worker.pauses import WHY, Pause
 
 OK = Outcome(Verdict.CREATED, "201", 201, contact_ref="c", href="h", duration=0.01)
 REFUSED = Outcome(Verdict.AUTH, "401", 401)
@@ -68,7 +69,7 @@ async def test_a_pause_holds_back_every_request_until_the_probe_gets_through() -
     gate = make_gate()
     probe = Counting(REFUSED)
     gate.auth_failed(probe)
-    assert gate.pause_reason == AUTH_PAUSE
+    assert gate.pause_reason == WHY[Pause.AUTH]
     waiting = Counting()
     held = [asyncio.create_task(gate.request(f"o-{n}", waiting)) for n in range(20)]
     while probe.sent < 3:  # the probe keeps being refused: nothing else goes out

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import dataclasses
 import enum
+import ssl
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -129,7 +130,14 @@ def classify_error(exc: BaseException, *, sent_possible: bool) -> Outcome:
 
     A failure to connect means nothing was sent: plain retry. Anything after the request
     may have left (a timeout, a dropped connection) is in doubt when the request was a POST.
+    A TLS failure (`label` "tls") is a failure to connect too; `message` is then the
+    certificate's verification error, for the `cdp.tls_failed` line.
     """
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        verify = getattr(exc.certificate_error, "verify_message", None)
+        return Outcome(Verdict.RETRY, "tls", message=str(verify or exc.certificate_error))
+    if isinstance(exc, aiohttp.ClientSSLError):
+        return Outcome(Verdict.RETRY, "tls", message=type(exc).__name__)
     if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ConnectionTimeoutError):
         return Outcome(Verdict.RETRY, "connection", message=type(exc).__name__)
     label = "timeout" if isinstance(exc, asyncio.TimeoutError) else "connection"
@@ -154,8 +162,10 @@ class CdpClient:
         api_version: str = "v2",
         timeout: float = 10.0,
         concurrency: int = 32,
+        ca_file: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._ca_file = ca_file
         self.api_version = api_version
         self._timeout = aiohttp.ClientTimeout(
             total=timeout, sock_connect=min(timeout, CONNECT_TIMEOUT_CAP)
@@ -173,8 +183,16 @@ class CdpClient:
         return f"CdpClient(base_url={self.base_url!r}, api_version={self.api_version!r})"
 
     async def open(self) -> None:
+        tls: ssl.SSLContext | bool = True  # the system's CAs
+        if self._ca_file:
+            # CDP_CA_FILE adds CAs to the system's (a proxy's, a test CDP's).
+            tls = ssl.create_default_context()
+            tls.load_verify_locations(cafile=self._ca_file)
         connector = aiohttp.TCPConnector(
-            limit=self._concurrency, limit_per_host=self._concurrency, ttl_dns_cache=300
+            limit=self._concurrency,
+            limit_per_host=self._concurrency,
+            ttl_dns_cache=300,
+            ssl=tls,
         )
         self._session = aiohttp.ClientSession(
             connector=connector,

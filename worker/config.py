@@ -157,6 +157,13 @@ OPTIONS: tuple[Option, ...] = (
         secret=True,
     ),
     Option("cdp_api_version", "CDP_API_VERSION", str, "v2", "v2 or v2.1"),
+    Option(
+        "cdp_ca_file",
+        "CDP_CA_FILE",
+        str,
+        None,
+        "PEM bundle of CAs to trust for CDP_BASE_URL, besides the system's",
+    ),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -195,6 +202,7 @@ class Settings:
     log_format: str = default("log_format")
     log_level: str = default("log_level")
     cdp_api_version: str = default("cdp_api_version")
+    cdp_ca_file: str | None = default("cdp_ca_file")
 
     def __post_init__(self) -> None:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -298,6 +306,19 @@ def _require(values: Mapping[str, Any]) -> None:
         raise ConfigError(f"{', '.join(missing[:-1])} and {missing[-1]} are required")
 
 
+def _check_ca_file(path: str) -> None:
+    """CDP_CA_FILE must be a PEM bundle the TLS library takes (checked now, not at the
+    first request, which would look like an outage)."""
+    import ssl
+
+    try:
+        ssl.create_default_context().load_verify_locations(cafile=path)
+    except ssl.SSLError:  # before OSError, which it is a kind of
+        raise ConfigError(f"CDP_CA_FILE: {path!r} holds no PEM certificate") from None
+    except OSError as exc:
+        raise ConfigError(f"CDP_CA_FILE: cannot read {path!r} ({exc.strerror})") from None
+
+
 # Options holding a URL: each must at least split (a host, a port in range), whatever
 # reads it later; the value is never echoed, since URLs carry passwords.
 _URL_OPTIONS = ("source", "state", "dlq", "rate_limit_backend", "cdp_base_url")
@@ -343,6 +364,8 @@ def _validate(values: dict[str, Any]) -> None:
             "CDP_BASE_URL: must not carry credentials; set CDP_CLIENT_KEY and CDP_API_TOKEN"
         )
     values["cdp_base_url"] = values["cdp_base_url"].rstrip("/")
+    if values["cdp_ca_file"]:
+        _check_ca_file(values["cdp_ca_file"])
     if values["cdp_api_version"] not in API_VERSIONS:
         raise ConfigError(f"CDP_API_VERSION: expected one of {', '.join(API_VERSIONS)}")
     for name in ("rate_limit", "not_found_grace", "state_retention", "shutdown_timeout"):

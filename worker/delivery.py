@@ -46,6 +46,10 @@ class Gate(Protocol):
     def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
         """CDP refused the credentials: pause every request until `probe` succeeds."""
 
+    def failed(self, outcome: Outcome, probe: Callable[[], Awaitable[Outcome]]) -> bool:
+        """A retryable failure: True if it counts as this event's attempt (not during an
+        outage, which the gate may declare and probe for with `probe`)."""
+
 
 class Recorder(Protocol):
     """The outcome recorder, as a delivery uses it: record, ack, count."""
@@ -132,7 +136,8 @@ class Delivery:
         # True from the moment a POST may have left until an answer or a listing says
         # otherwise: a claim given back in that window must leave the record in doubt.
         self.sent_in_doubt = in_doubt
-        self.attempts = 0
+        self.attempts = 0  # the event's own, counted toward max_attempts
+        self._retries = 0  # every backoff, counted or not: how long the next one is
         self._not_found_since: float | None = None
         self._not_found_tries = 0
 
@@ -180,17 +185,22 @@ class Delivery:
             return False
         if verdict in (Verdict.CONFLICT, Verdict.IN_DOUBT):
             self.reconcile = True
+        if verdict is not Verdict.CONFLICT and not self.gate.failed(outcome, self._probe):
+            self.attempts -= 1  # CDP's fault (an outage), not the event's
         # CDP's error text stays out of logs (it may quote the contact); the dead letter
         # keeps it if the event gives up.
         log.info("event.retry", status=outcome.status, reason=outcome.label)
-        await self._backoff(self.attempts, outcome)
+        await self._backoff(outcome)
         return False
+
+    def _probe(self) -> Awaitable[Outcome]:
+        """What ends a pause this delivery ran into: a listing of its order's contacts."""
+        return self.client.list_contacts(self.event.order_ref)
 
     def _auth_failed(self) -> None:
         """Pause at the gate; the next request of this delivery waits there until a probe
         (a listing of this order) gets through."""
-        order_ref = self.event.order_ref
-        self.gate.auth_failed(lambda: self.client.list_contacts(order_ref))
+        self.gate.auth_failed(self._probe)
 
     async def _not_found(self, outcome: Outcome) -> bool:
         """404: the order may not exist yet. Retry for the grace period, not counted."""
@@ -227,18 +237,20 @@ class Delivery:
         if listing.verdict is Verdict.AUTH:
             self._auth_failed()
             return False
-        self.attempts += 1
+        if self.gate.failed(listing, self._probe):
+            self.attempts += 1
         if self.attempts >= self.policy.max_attempts:
             await self._dead(
                 "retries_exhausted", "could not list the order's contacts", listing.status
             )
             return True
-        await self._backoff(self.attempts, listing)
+        await self._backoff(listing)
         return False
 
-    async def _backoff(self, attempt: int, outcome: Outcome) -> None:
+    async def _backoff(self, outcome: Outcome) -> None:
+        self._retries += 1
         delay = backoff_delay(
-            attempt, retry_after=outcome.retry_after, base=self.policy.backoff_base
+            self._retries, retry_after=outcome.retry_after, base=self.policy.backoff_base
         )
         await self.gate.retry_in(delay, _retry_reason(outcome))
 

@@ -1,14 +1,11 @@
 """The request gate: the one door every CDP request goes through.
 
-Before a request leaves, in this order: no pause may be on (auth now; outages next), a
+Before a request leaves, in this order: no pause may be on (auth, outage: `pauses.py`), a
 concurrency slot, the rate limit, the stop flag, and our lease on the order. Because
 every request passes here, "nothing is sent while paused or after a stop" holds by
 construction, for the messages already fetched as much as for new ones: a pause stops
-every request at once. The gate also keeps the request metrics and applies the 429
-brake (DESIGN sections 3 and 7).
-
-A pause is lifted only by its probe: while CDP refuses the credentials, one listing at a
-time goes out (past the pause, with backoff) until one gets through.
+every request at once. The gate also keeps the request metrics, applies the 429 brake
+and notes every outcome for the outage detector (DESIGN sections 3 and 7).
 """
 
 from __future__ import annotations
@@ -19,10 +16,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from .cdp import Outcome, Verdict
+from .cdp import Outcome
 from .errors import Draining
-from .limits import BACKOFF_CAP, RateLimiter, backoff_delay
+from .limits import RateLimiter
 from .observability import Metrics, get_logger
+from .pauses import WHY, Pause, Pauses, Recent, systemic
 
 log = get_logger("worker.gate")
 
@@ -31,9 +29,8 @@ Call = Callable[[], Awaitable[Outcome]]
 
 # Request latencies kept for the demo's percentiles.
 LATENCY_SAMPLES = 100_000
-# Why readiness is off while a pause is on. The shared limit pauses by itself: while its
-# Redis is away, `RateLimiter.acquire` admits nothing.
-AUTH_PAUSE = "paused: CDP rejected the credentials"
+# Readiness while the shared rate limit's Redis is away: `RateLimiter.acquire` admits
+# nothing meanwhile, so that pause is the limiter's own.
 LIMIT_UNAVAILABLE = "paused: the shared rate limit cannot be reached"
 
 
@@ -63,14 +60,17 @@ class RequestGate:
         self.limiter = limiter
         self.metrics = metrics
         self.latencies: deque[float] = deque(maxlen=LATENCY_SAMPLES)
+        self.recent = Recent()
+        self.pauses = Pauses(
+            metrics, self._send_past_pauses, self.recent, backoff_base=backoff_base
+        )
         self._leases = leases
-        self._backoff_base = backoff_base
         self._slots = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
-        self._unpaused = asyncio.Event()
-        self._unpaused.set()
-        self._probe: asyncio.Task[None] | None = None
         metrics.concurrency_limit.set(concurrency)
+        if limiter.shared is not None:
+            paused = metrics.paused.labels("rate_limit_backend")
+            limiter.shared.on_change = lambda available: paused.set(0 if available else 1)
 
     # -- the stop flag -------------------------------------------------------------------
 
@@ -111,60 +111,38 @@ class RequestGate:
     @property
     def pause_reason(self) -> str | None:
         """Why the gate holds every request back, for readiness; None when it does not."""
-        return None if self._unpaused.is_set() else AUTH_PAUSE
+        reason = self.pauses.reason
+        return None if reason is None else WHY[reason]
 
     async def wait_unpaused(self) -> None:
         """Return once no pause is on; Draining if the worker stops first."""
-        if not self._unpaused.is_set():
-            await self.unless_stopped(self._unpaused.wait())
+        if not self.pauses.lifted.is_set():
+            await self.unless_stopped(self.pauses.lifted.wait())
 
     def auth_failed(self, probe: Call) -> None:
         """401/403: pause every request until `probe` (a listing) gets past authentication.
 
         Called by every delivery that hears it; the first starts the one probe.
         """
-        if not self._unpaused.is_set():
-            return
-        self._unpaused.clear()
-        self.metrics.auth_paused.set(1)
-        log.error("cdp.auth_failed", probe=0)
-        self._probe = asyncio.create_task(self._probe_auth(probe), name="auth-probe")
+        self.pauses.begin(Pause.AUTH, probe)
 
-    async def _probe_auth(self, probe: Call) -> None:
-        """List an order's contacts with backoff until CDP answers it: then resume."""
-        attempt = 0
-        while not self._unpaused.is_set():
-            attempt += 1
-            # Never hammer CDP with bad credentials: at least one base step between probes.
-            base = self._backoff_base
-            await asyncio.sleep(backoff_delay(attempt, base=2 * base, cap=BACKOFF_CAP) + base)
-            try:
-                # Past the pause (it is what the probe tests) and past the lease check (a
-                # listing cannot create a second contact).
-                async with self._slots:
-                    await self._pace()
-                    outcome = await self._timed(probe)
-            except Draining:
-                return
-            except Exception:  # a bug must not end the probing: the pause would never lift
-                log.exception("cdp.auth_probe_failed", probe=attempt)
-                continue
-            if outcome.verdict is Verdict.AUTH:
-                log.error("cdp.auth_failed", probe=attempt, status=outcome.status)
-            elif outcome.verdict is Verdict.CREATED:  # a listing that worked
-                log.info("cdp.auth_recovered", probe=attempt)
-                self.metrics.auth_paused.set(0)
-                self._unpaused.set()
-            else:  # CDP unreachable or busy: says nothing about the credentials
-                log.info("cdp.auth_probe_inconclusive", probe=attempt, reason=outcome.label)
+    def failed(self, outcome: Outcome, probe: Call) -> bool:
+        """A request failed without CDP rejecting the event: does it count as an attempt?
+
+        A failure that is CDP's (no answer, a 5xx) counts only while other requests are
+        answered; when nearly all recent ones fail, it is an outage: every request is
+        paused until `probe` (a listing) is answered, and nothing counts meanwhile.
+        """
+        if not systemic(outcome):
+            return True
+        if self.recent.outage:
+            self.pauses.begin(Pause.OUTAGE, probe, outcome)
+            return False
+        return self.pauses.reason is None and self.recent.others_succeed
 
     async def close(self) -> None:
         """Stop the probe, if one runs."""
-        probe, self._probe = self._probe, None
-        if probe is not None:
-            probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await probe
+        await self.pauses.close()
 
     # -- the door ------------------------------------------------------------------------
 
@@ -183,8 +161,15 @@ class RequestGate:
                 # began while we waited our turn holds this request too.
                 if self._stopping.is_set():
                     raise Draining
-                if self._unpaused.is_set():
+                if self.pauses.lifted.is_set():
                     return await self._timed(call)
+
+    async def _send_past_pauses(self, call: Call) -> Outcome:
+        """A probe: past the pause (it is what the probe tests) and past the lease check
+        (a listing cannot create a second contact), not past the slots or the limit."""
+        async with self._slots:
+            await self._pace()
+            return await self._timed(call)
 
     async def _pace(self) -> None:
         """The rate limit (its wait counted), then the stop flag."""
@@ -204,6 +189,7 @@ class RequestGate:
         metrics.requests.labels(outcome.label).inc()
         metrics.request_duration.observe(outcome.duration)
         self.latencies.append(outcome.duration)
+        self.recent.note(outcome)
         if outcome.status == 429:
             metrics.throttled.inc()
             self.limiter.brake(outcome.retry_after)

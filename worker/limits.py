@@ -21,6 +21,7 @@ import asyncio
 import math
 import random
 import time
+from collections.abc import Callable
 from typing import Any
 
 from asyncio_throttle.throttler import Throttler
@@ -194,6 +195,8 @@ class SharedRateLimit:
         self.url = parsed.client_url
         self.key = parsed.params.get("key") or "cdp-sync:rate-limit"
         self.available = True
+        # Called with the new availability when it changes (the gate sets a metric).
+        self.on_change: Callable[[bool], None] | None = None
         self._client: Any = None
         self._script: Any = None
 
@@ -209,6 +212,11 @@ class SharedRateLimit:
             await self._client.aclose()
             self._client = None
 
+    def _set_available(self, available: bool) -> None:
+        self.available = available
+        if self.on_change is not None:
+            self.on_change(available)
+
     async def acquire(self, rate: float) -> None:
         # No burst tolerance: replicas' requests are spaced one interval apart, so any
         # one-second window holds at most rate + 1 admissions.
@@ -218,12 +226,12 @@ class SharedRateLimit:
                 wait_us = int(await self._script(keys=[self.key], args=[interval, tolerance]))
             except Exception as exc:  # noqa: BLE001 - any failure to reach Redis pauses sending
                 if self.available:
-                    self.available = False
+                    self._set_available(False)
                     log.error("ratelimit.unavailable", error=type(exc).__name__)  # noqa: TRY400 - no traceback, one line
                 await asyncio.sleep(SHARED_RETRY_SECONDS)
                 continue
             if not self.available:
-                self.available = True
+                self._set_available(True)
                 log.info("ratelimit.available")
             if wait_us <= 0:
                 return

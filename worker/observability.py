@@ -183,6 +183,12 @@ class Metrics:
             registry=r,
         )
         self.auth_paused = Gauge(p + "auth_paused", "1 while paused on 401/403", registry=r)
+        self.paused = Gauge(
+            p + "paused",
+            "1 while every CDP request is paused, by reason (auth, outage, rate_limit_backend)",
+            ["reason"],
+            registry=r,
+        )
         self.source_lag = Gauge(
             p + "source_lag", "Messages waiting in the source (where it can tell)", registry=r
         )

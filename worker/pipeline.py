@@ -114,6 +114,7 @@ class Worker:
             api_version=settings.cdp_api_version,
             timeout=settings.request_timeout,
             concurrency=settings.concurrency,
+            ca_file=settings.cdp_ca_file,
         )
         given: tuple[object, ...] = (state, dead_letters, source, client)
         built: tuple[_Part, ...] = (self.state, self.dead_letters, self.source, self.client)

@@ -9,6 +9,7 @@ since the benchmark pushes thousands of requests per second through one process.
 
 from __future__ import annotations
 
+import ssl
 import time
 import uuid
 from collections import Counter
@@ -183,6 +184,8 @@ async def _post_contacts(request: web.Request) -> web.StreamResponse:
         return body
     if state.faults.order_not_found_yet(order_key, now):
         return error_response(404, "Not Found", "No order with this orderRef")
+    if state.faults.fails_always(order_key):
+        return error_response(500, "Internal Server Error", "Injected fault for this order")
     contact = _new_contact(_base(request), version, order_ref, body)
     state.create(order_key, contact)
     return await state.faults.after_create(request, contact)
@@ -291,13 +294,22 @@ def build_app(config: EmulatorConfig | None = None) -> web.Application:
 
 
 class Emulator:
-    """Runs the emulator on a free local port for the duration of an `async with`."""
+    """Runs the emulator on a free local port for the duration of an `async with`.
+
+    With `tls` (an SSL context holding a certificate) it serves HTTPS, as CDP does.
+    """
 
     def __init__(
-        self, config: EmulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: EmulatorConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
         self.port = port
+        self._tls = tls
         self._app = build_app(config if config is not None else EmulatorConfig())
         self._state = self._app[STATE_KEY]
         self._runner: web.AppRunner | None = None
@@ -319,13 +331,14 @@ class Emulator:
         runner = web.AppRunner(self._app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT)
         await runner.setup()
         try:
-            await web.TCPSite(runner, self.host, self.port).start()
+            await web.TCPSite(runner, self.host, self.port, ssl_context=self._tls).start()
         except BaseException:
             await runner.cleanup()
             raise
         self._runner = runner
         self.port = int(runner.addresses[0][1])
-        self._url = f"http://{_url_host(self.host)}:{self.port}"
+        scheme = "https" if self._tls else "http"
+        self._url = f"{scheme}://{_url_host(self.host)}:{self.port}"
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    import ssl
+
     from .config import EmulatorConfig
 
 
@@ -87,6 +89,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     option("--client-key", str, "emulator-key", "HTTP Basic user (client key)")
     option("--api-token", str, "emulator-token", "HTTP Basic password (API token)")
     option("--seed", _seed, None, "seed of the random fault choices")
+    option("--tls-cert", str, None, "PEM certificate (chain): serve HTTPS, as CDP does")
+    option("--tls-key", str, None, "PEM private key of --tls-cert (default: in that file)")
     for flag, text in (
         ("--forbidden", "answer 403 to valid credentials"),
         ("--auth-failure", "answer 401 to every API request"),
@@ -129,8 +133,8 @@ def run_from_args(args: argparse.Namespace) -> int:
 
     config = config_from_args(args)
     try:
-        asyncio.run(_serve(config, args.host, args.port))
-    except OSError as exc:  # typically the port is taken
+        asyncio.run(_serve(config, args.host, args.port, tls_context(args)))
+    except OSError as exc:  # typically the port is taken, or a TLS file unreadable
         import orjson
 
         message = {"event": "emulator.failed", "error": f"{type(exc).__name__}: {exc}"}
@@ -139,7 +143,18 @@ def run_from_args(args: argparse.Namespace) -> int:
     return 0
 
 
-async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
+def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The server's TLS context for --tls-cert / --tls-key, or None for plain HTTP."""
+    if not args.tls_cert:
+        return None
+    import ssl
+
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(args.tls_cert, args.tls_key or None)
+    return context
+
+
+async def _serve(config: EmulatorConfig, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     import asyncio
     import signal
 
@@ -153,7 +168,7 @@ async def _serve(config: EmulatorConfig, host: str, port: int) -> None:
     for signum in signals:
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with Emulator(config, host, port) as emulator:
+        async with Emulator(config, host, port, tls=tls) as emulator:
             started = {
                 "event": "emulator.started",
                 "url": emulator.url,

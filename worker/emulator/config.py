@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 
@@ -25,6 +25,9 @@ class EmulatorConfig:
     auth_failure: bool = False  # every API request is answered 401
     not_found_for: float = 0.0  # an order 404s to POST this long after its first POST
     seed: int | None = None  # seed of the random choices (faults, jitter)
+    # orderRefs (any case) whose POSTs are always answered 500: a fault of one event's,
+    # while the others succeed.
+    error_orders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         _check_config_values(dataclasses.asdict(self))
@@ -62,6 +65,10 @@ def _check_config_values(values: Mapping[str, object]) -> None:
             raise ValueError("seed must be an integer or null")
         if name in _FLOAT_KNOBS:
             _check_number(name, value)
+        if name == "error_orders" and not (
+            isinstance(value, list) and all(isinstance(item, str) for item in value)
+        ):
+            raise ValueError("error_orders must be a list of orderRefs")
 
 
 def _check_number(name: str, value: object) -> None:

@@ -197,6 +197,13 @@ class Faults:
             return True
         return False
 
+    def fails_always(self, order_key: str) -> bool:
+        """True for an order of `error_orders`: its POSTs fail, whatever the others do."""
+        if any(order_key == ref.lower() for ref in self.config.error_orders):
+            self.injected["error_order"] += 1
+            return True
+        return False
+
     async def after_create(
         self, request: web.Request, contact: dict[str, Any]
     ) -> web.StreamResponse:
