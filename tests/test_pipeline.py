@@ -20,7 +20,9 @@ from harness import Harness, free_port
 from prometheus_client import generate_latest
 
 from worker.emulator import Emulator
-from worker.errors import StateError
+from worker.errors import SourceError, StateError
+from worker.pipeline import Worker
+from worker.sources import MemoryDeadLetterSink, MemorySource
 from worker.state import ClaimStatus, MemoryStateStore
 
 Events = Callable[[int], list[dict[str, Any]]]
@@ -496,3 +498,36 @@ async def test_an_order_busy_elsewhere_is_logged_once_per_lease_not_per_retry(
     busy = [line for line in lines if '"event.busy_elsewhere"' in line]
     assert len(busy) == 1, len(busy)
     one_contact_each(emulator, [event])
+
+
+class FlakySink(MemoryDeadLetterSink):
+    """A sink that is away for its first `failures` letters (a broker restarting)."""
+
+    def __init__(self, failures: int) -> None:
+        super().__init__()
+        self.failures = failures
+        self.tries = 0
+
+    async def put(self, letter: dict[str, Any]) -> None:
+        self.tries += 1
+        if self.failures:
+            self.failures -= 1
+            raise SourceError("dead-letter stream: connection refused")
+        await super().put(letter)
+
+
+async def test_a_letter_the_sink_cannot_take_yet_waits_there_without_a_hot_loop(
+    make_settings: Callable[..., Any], state: MemoryStateStore
+) -> None:
+    sink = FlakySink(failures=4)
+    source = MemorySource([b"{not json"])
+    worker = Worker(make_settings(), source=source, state=state, dead_letters=sink)
+    run = asyncio.create_task(worker.run())
+    await asyncio.sleep(0.2)
+    assert worker.ready() == (False, "paused: the dead-letter sink does not store letters")
+    await asyncio.wait_for(run, 10)
+    await worker.close()
+    assert [letter["reason"] for letter in sink.letters] == ["malformed_json"]
+    assert sink.tries == 5  # 0.1, 0.2, 0.4, 0.8 s apart: bounded, not a hot loop
+    assert source.nacked == []
+    assert len(source.acked) == 1

@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from .contact import Event
-from .errors import InvalidEvent, NotOwner, StateError
+from .errors import InvalidEvent, NotOwner, SourceError, StateError
 from .observability import Metrics, get_logger
 from .sources import DeadLetterSink, Message, Source, dead_letter
 from .state import StateStore
@@ -48,15 +48,16 @@ class Recorder:
         self._metrics = metrics
         self._owner = owner
         self.summary: Counter[str] = Counter()
-        # Outcomes CDP confirmed that wait for the state store to answer (readiness off).
-        self.waiting = 0
+        # Outcomes that wait for the part that records them ("state", "dead letters") to
+        # answer again: readiness is off meanwhile.
+        self.waiting: Counter[str] = Counter()
 
     async def done(
         self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
     ) -> None:
         """CDP holds the order's contact: record `done`, ack, count `outcome`."""
         await self._durably(
-            "done", lambda: self._state.complete(event.order_ref, self._owner, contact_ref, href)
+            "state", lambda: self._state.complete(event.order_ref, self._owner, contact_ref, href)
         )
         await self._source.ack(message)
         self._metrics.mark_success()
@@ -88,8 +89,8 @@ class Recorder:
             event=event.raw,
             raw=message.body,  # kept only if the event cannot be written back as JSON
         )
-        await self._dead_letters.put(letter)
-        await self._durably("dead", lambda: self._state.fail(event.order_ref, self._owner, reason))
+        await self._store(letter)
+        await self._durably("state", lambda: self._state.fail(event.order_ref, self._owner, reason))
         # CDP's error text (detail) stays out of the log: it may quote the contact.
         await self._acked_dead(message, reason, status=status)
 
@@ -106,7 +107,7 @@ class Recorder:
             event=invalid.event,
             raw=message.body,  # kept if there is no event, or it cannot be written back
         )
-        await self._dead_letters.put(letter)
+        await self._store(letter)
         # The parser's messages name fields, never values: they may be logged.
         await self._acked_dead(
             message,
@@ -138,7 +139,7 @@ class Recorder:
             event=event,
             raw=message.body,
         )
-        await self._dead_letters.put(letter)
+        await self._store(letter)
         await self._acked_dead(message, RETRIES_EXHAUSTED, status=None)
 
     async def give_back(self, message: Message, *, delay: float = 0.0) -> None:
@@ -148,14 +149,20 @@ class Recorder:
         except Exception:
             log.exception("source.nack_failed")
 
-    async def _durably(self, record: str, write: Callable[[], Awaitable[None]]) -> None:
-        """Write an outcome CDP confirmed, however long the store is away.
+    async def _store(self, letter: dict[str, Any]) -> None:
+        """Store a dead letter, however long the sink is away (see `_durably`)."""
+        await self._durably("dead letters", lambda: self._dead_letters.put(letter))
+
+    async def _durably(self, part: str, write: Callable[[], Awaitable[None]]) -> None:
+        """Write an outcome, however long the part that keeps it (`part`) is away.
 
         The outcome stays here (this coroutine, holding the message and the order) and is
-        written as soon as the store answers: given back instead, the order would look
-        busy to every worker for a whole lease. NotOwner is not retried: another worker
-        took the order over, and it reconciles. A stop (the drain's cancellation) ends it:
-        the next owner reconciles too.
+        written as soon as the part answers, tried again 0.1 s doubling to 2 s later, so
+        never in a hot loop; readiness is off meanwhile. Given back instead, the order
+        would look busy to every worker for a whole lease, and a letter would be worked
+        out again. NotOwner is not retried: another worker took the order over, and it
+        reconciles. A stop (the drain's cancellation) ends the wait: the next owner
+        reconciles too.
         """
         delay = RECORD_RETRY_FIRST
         failing = False
@@ -165,20 +172,20 @@ class Recorder:
                     await write()
                 except NotOwner:
                     raise
-                except StateError as exc:
+                except (StateError, SourceError) as exc:
                     if not failing:
                         failing = True
-                        self.waiting += 1
-                        log.warning("state.record_waiting", record=record, error=str(exc))
+                        self.waiting[part] += 1
+                        log.warning("outcome.record_waiting", part=part, error=str(exc))
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, RECORD_RETRY_CAP)
                     continue
                 if failing:
-                    log.info("state.recorded", record=record)
+                    log.info("outcome.recorded", part=part)
                 return
         finally:
             if failing:
-                self.waiting -= 1
+                self.waiting[part] -= 1
 
     async def _acked_dead(self, message: Message, reason: str, **fields: Any) -> None:
         await self._source.ack(message)
