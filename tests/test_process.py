@@ -421,3 +421,13 @@ async def test_a_replaced_event_file_is_read_whole_and_nothing_is_skipped(
     assert code == 0, stderr.decode()
     assert cdp.stats()["orders"] == 12  # all six new orders sent, none skipped
     assert dead_letters(tmp_path) == []  # and no fragment of a line dead-lettered
+
+
+async def test_a_missing_source_file_exits_2_before_the_state_or_letters_exist(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    env = run_env(cdp, tmp_path, WORKER_SOURCE=f"file:{tmp_path / 'typo.jsonl'}")
+    code, _, stderr = await finish(await start_worker(env), timeout=30)
+    assert code == 2
+    assert "--source" in stderr.decode()
+    assert sorted(p.name for p in tmp_path.iterdir()) == []

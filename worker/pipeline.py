@@ -210,6 +210,8 @@ class Worker:
                     f"({exc.strerror or exc})"
                 ) from None
             self._health = health
+        if self.source in self._owned:
+            await self.source.check()  # a missing file: fail before the state file exists
         for part in self._owned:
             await part.open()
 

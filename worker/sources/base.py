@@ -73,6 +73,10 @@ class Source(ABC):
         consumer that died), which is what the pipeline's poison check looks at.
         """
 
+    async def check(self) -> None:  # noqa: B027 - optional, no-op by default
+        """Fail now (SourceError) if `open` surely will, before other parts are opened and
+        create files: a file that is not there. Cheap and without side effects."""
+
     async def hold(self, message: Message) -> None:  # noqa: B027 - optional, no-op by default
         """Keep a message being worked from being redelivered elsewhere (called periodically)."""
 

@@ -135,6 +135,14 @@ class FileSource(Source):
     def name(self) -> str:
         return f"file:{self.path}"
 
+    async def check(self) -> None:
+        if self._stdin:
+            return
+        try:  # non-blocking: a named pipe must not wait here for its writer
+            os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
+        except OSError as exc:
+            raise SourceError(f"--source: cannot open {self.path!r}: {exc.strerror}") from None
+
     async def open(self) -> None:
         if self._stdin:
             self._start_stdin_reader()
