@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 import pytest
 from conftest import SECRET_KEY, SECRET_TOKEN
-from harness import free_port, valid_order_refs, worker_env
+from harness import TcpProxy, free_port, valid_order_refs, worker_env
 
 from worker.demo import generate_events, write_events
 from worker.emulator import Emulator, EmulatorConfig
@@ -431,3 +431,44 @@ async def test_a_missing_source_file_exits_2_before_the_state_or_letters_exist(
     assert code == 2
     assert "--source" in stderr.decode()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+async def test_a_cdp_outage_under_a_running_worker_dead_letters_nothing(
+    cdp: Emulator, tmp_path: Path
+) -> None:
+    events = [pii_event(n) for n in range(1, 301)]
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(e) for e in events])
+    cdp.config.latency = 0.01
+    port = free_port()
+    async with TcpProxy(cdp.url) as proxy:
+        env = run_env(
+            cdp, tmp_path, CDP_BASE_URL=proxy.url(cdp.url), WORKER_MAX_ATTEMPTS="3",
+            WORKER_HTTP_PORT=str(port), WORKER_CONCURRENCY="8", WORKER_RATE_LIMIT="200",
+        )  # fmt: skip
+        process = await start_worker(env)
+        async with asyncio.timeout(30):
+            while cdp.stats()["contacts"] < 50:
+                await asyncio.sleep(0.02)
+        proxy.refusing = True
+        await proxy.drop()
+        readiness = f"http://127.0.0.1:{port}/readyz"
+        async with asyncio.timeout(20):
+            while True:
+                probe = await asyncio.create_subprocess_exec(
+                    sys.executable, "-m", "worker", "check", "--url", readiness,
+                    stdout=asyncio.subprocess.PIPE,
+                )  # fmt: skip
+                out, _ = await probe.communicate()
+                if b"CDP is unreachable" in out:
+                    break
+                await asyncio.sleep(0.1)
+        assert probe.returncode == 1
+        await asyncio.sleep(3)  # down for seconds: every event would have used its 3 tries
+        proxy.refusing = False
+        code, lines, stderr = await finish(process, timeout=90)
+    assert code == 0, stderr.decode()
+    assert dead_letters(tmp_path) == []
+    assert cdp.stats()["orders"] == 300
+    assert cdp.stats()["duplicate_orders"] == 0
+    logged = {orjson.loads(line)["event"] for line in lines}
+    assert {"cdp.outage", "cdp.outage_recovered"} <= logged
