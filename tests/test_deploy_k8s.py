@@ -515,6 +515,7 @@ def test_every_alert_is_unit_tested_firing_and_not_firing() -> None:
     names = {rule["alert"] for rule in alert_rules()}
     assert names == {
         "CdpSyncAuthPaused",
+        "CdpSyncOutage",
         "CdpSyncNoProgress",
         "CdpSyncDeadLetters",
         "CdpSyncThrottled",
