@@ -67,6 +67,14 @@ def test_secrets_can_come_from_mounted_files(tmp_path: Path) -> None:
         load_settings(parse_flags(), env)
 
 
+def test_a_secret_file_beside_an_empty_variable_is_read_and_a_bom_is_not_the_secret(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "token").write_bytes(b"\xef\xbb\xbffile-token\n")  # written on Windows
+    env = {**REQUIRED, "CDP_API_TOKEN": "", "CDP_API_TOKEN_FILE": str(tmp_path / "token")}
+    assert load_settings(parse_flags(), env).cdp_api_token == "file-token"
+
+
 @pytest.mark.parametrize(
     ("change", "named"),
     [

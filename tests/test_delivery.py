@@ -7,6 +7,7 @@ recorder writes down how the event ended. Each test is one path of DESIGN sectio
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -83,7 +84,11 @@ class FakeGate:
         self.auth_pauses += 1
         self.probe = probe
 
-    def failed(self, outcome: Outcome, probe: Callable[[], Awaitable[Outcome]]) -> bool:
+    answers: int = 0
+
+    def failed(
+        self, outcome: Outcome, probe: Callable[[], Awaitable[Outcome]], answers_before: int
+    ) -> bool:
         if self.outage and (outcome.status is None or outcome.status >= 500):
             self.outage_probes += 1
             self.probe = probe
@@ -284,3 +289,128 @@ async def test_failures_during_an_outage_count_no_attempt() -> None:
 async def test_an_event_still_gives_up_when_only_its_own_requests_fail() -> None:
     run = await deliver([UNAVAILABLE] * 2, gate=FakeGate(outage=False), max_attempts=2)
     assert run.ended == [("dead", "retries_exhausted", "gave up after the last attempt", None, 2)]
+
+
+async def test_a_listing_failing_in_an_outage_does_not_end_an_event_at_its_last_attempt() -> None:
+    class CountsTwice(FakeGate):
+        """The first two failures count, then an outage: none does."""
+
+        counted = 0
+
+        def failed(self, outcome: Outcome, probe: Any, answers_before: int) -> bool:
+            self.counted += 1
+            return self.counted <= 2
+
+    script = [UNAVAILABLE, TIMEOUT, UNAVAILABLE, LISTED_NONE, CREATED]
+    run = await deliver(script, gate=CountsTwice(), max_attempts=3)
+    assert run.client.calls == ["post", "post", "list", "list", "post"]
+    assert run.ended[0][:2] == ("done", "delivered")
+
+
+# -- with the real gate: what counts as an attempt ---------------------------------------------
+
+
+class Switchable:
+    """A CDP that is up or down (connection refused) as the test says; POSTs of the
+    orders in `failing` are answered 500 while it is up."""
+
+    def __init__(self) -> None:
+        self.up = True
+        self.failing: set[str] = set()
+        self.posts = 0
+
+    async def create_contact(self, order_ref: str, body: Mapping[str, Any]) -> Outcome:
+        self.posts += 1
+        if not self.up:
+            return REFUSED_CONNECTION
+        if order_ref in self.failing:
+            return Outcome(Verdict.RETRY, "500", 500)
+        return CREATED
+
+    async def list_contacts(self, order_ref: str) -> Outcome:
+        return LISTED_NONE if self.up else REFUSED_CONNECTION
+
+
+REFUSED_CONNECTION = Outcome(Verdict.RETRY, "connection", message="ClientConnectorError")
+
+
+class NoLeases:
+    async def ensure(self, order_ref: str) -> None:
+        return None
+
+
+def real_gate() -> Any:
+    from worker.gate import RequestGate
+    from worker.limits import RateLimiter
+    from worker.observability import Metrics
+
+    return RequestGate(
+        concurrency=4, limiter=RateLimiter(0), metrics=Metrics(), leases=NoLeases(),
+        backoff_base=0.001,
+    )  # fmt: skip
+
+
+def delivery_on(gate: Any, client: Switchable, number: int, max_attempts: int) -> Any:
+    raw = contact_event(random.Random(number), number)
+    event = parse_event(orjson.dumps(raw), default_event_id=f"m-{number}")
+    policy = Policy(
+        max_attempts=max_attempts, not_found_grace=300, base_url="https://cdp.example",
+        api_version="v2", backoff_base=0.001,
+    )  # fmt: skip
+    recorder = FakeRecorder()
+    made = Delivery(
+        Message(id=f"m-{number}", body=b"{}"), event, gate=gate, recorder=recorder,
+        client=client, policy=policy, in_doubt=False, claims=1,
+    )  # fmt: skip
+    return made, recorder, event.order_ref
+
+
+async def test_a_quiet_worker_after_many_successes_pauses_for_an_outage_instead_of_giving_up() -> (
+    None
+):
+    gate, cdp = real_gate(), Switchable()
+    for number in range(20):  # a burst of successes, then CDP goes away
+        delivery, recorder, _ = delivery_on(gate, cdp, number, max_attempts=8)
+        await delivery.run()
+    cdp.up = False
+    delivery, recorder, _ = delivery_on(gate, cdp, 99, max_attempts=8)
+    running = asyncio.create_task(delivery.run())
+    async with asyncio.timeout(10):
+        while gate.pause_reason is None:
+            await asyncio.sleep(0.005)
+    assert recorder.ended == []  # paused, not dead-lettered after its 8 tries
+    cdp.up = True
+    await asyncio.wait_for(running, 10)
+    assert recorder.ended[0][:2] == ("done", "delivered")
+    await gate.close()
+
+
+async def test_an_order_failing_alone_still_gives_up_after_its_attempts() -> None:
+    # No other traffic, CDP up (listings work), only this order's POSTs fail: each probe
+    # that CDP answers lets one more failure count, until the event is dead-lettered.
+    gate, cdp = real_gate(), Switchable()
+    delivery, recorder, order_ref = delivery_on(gate, cdp, 7, max_attempts=3)
+    cdp.failing.add(order_ref)
+    await asyncio.wait_for(delivery.run(), 30)
+    assert recorder.ended == [
+        ("dead", "retries_exhausted", "gave up after the last attempt", None, 3)
+    ]
+    await gate.close()
+
+
+async def test_an_order_failing_while_others_succeed_counts_every_failure() -> None:
+    gate, cdp = real_gate(), Switchable()
+    delivery, recorder, order_ref = delivery_on(gate, cdp, 5, max_attempts=3)
+    cdp.failing.add(order_ref)
+
+    async def others() -> None:
+        for number in range(100, 400):
+            await delivery_on(gate, cdp, number, max_attempts=3)[0].run()
+            await asyncio.sleep(0)
+
+    traffic = asyncio.create_task(others())
+    await asyncio.wait_for(delivery.run(), 30)
+    traffic.cancel()
+    assert recorder.ended[0][:2] == ("dead", "retries_exhausted")
+    assert gate.pause_reason is None  # never mistaken for an outage
+    await gate.close()

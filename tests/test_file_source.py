@@ -192,6 +192,17 @@ async def test_an_empty_file_ends_at_once(
     await source.close()
 
 
+async def test_check_refuses_a_missing_file_or_a_directory_before_anything_opens(
+    tmp_path: Path,
+) -> None:
+    with pytest.raises(SourceError, match=r"--source.*nope\.jsonl"):
+        await open_source(f"file:{tmp_path / 'nope.jsonl'}").check()
+    with pytest.raises(SourceError, match="is a directory"):
+        await open_source(f"file:{tmp_path}").check()
+    (tmp_path / "events.jsonl").write_bytes(b"")
+    await open_source(f"file:{tmp_path / 'events.jsonl'}").check()  # fine: no error
+
+
 async def test_a_missing_file_is_a_source_error_naming_the_option(tmp_path: Path) -> None:
     source = open_source(f"file:{tmp_path / 'nope.jsonl'}")
     with pytest.raises(SourceError, match="--source"):
@@ -614,6 +625,60 @@ async def test_follow_reads_a_file_truncated_in_place_from_its_beginning(
     assert again.body == b'{"again": 1}'
     assert again.id == "events.jsonl:1"
     await source.ack(again)
+    await source.close()
+
+
+async def test_follow_delivers_a_rotated_files_last_line_without_its_newline(
+    events_file: Path, tmp_path: Path, store: SqliteStateStore, opened: Opener
+) -> None:
+    events_file.write_bytes(body(1) + b"\n" + body(2))  # the writer never ended line 2
+    source = await opened(events_file, store, follow=True)
+    (first,) = await fetch_one(source)
+    await source.ack(first)
+    os.rename(events_file, tmp_path / "events.jsonl.1")
+    events_file.write_bytes(b'{"new": 1}\n')
+    (second,) = await fetch_one(source)  # rotated away: its unended line is complete
+    assert second.body == body(2)
+    await source.ack(second)
+    (third,) = await fetch_one(source)
+    assert third.body == b'{"new": 1}'
+    await source.close()
+
+
+async def test_follow_remembers_a_truncation_while_lines_are_still_in_flight(
+    events_file: Path, store: SqliteStateStore, opened: Opener
+) -> None:
+    write_events(events_file, 3)
+    source = await opened(events_file, store, follow=True)
+    first = await fetch_one(source)
+    for message in first[1:]:
+        await source.ack(message)  # line 1 is still being worked (a 404 grace, say)
+    events_file.write_bytes(b'{"y": 1}\n')  # truncated and rewritten...
+    assert await source.fetch(10, 0.02) == []
+    with events_file.open("ab") as out:  # ...and grown past the old end meanwhile
+        out.write(b'{"y": 2}\n{"y": 3}\n{"y": 4}\n')
+    assert await source.fetch(10, 0.02) == []  # nothing until line 1 is finished
+    await source.ack(first[0])
+    got: list[bytes] = []
+    while len(got) < 4:
+        for message in await fetch_one(source):
+            got.append(message.body)
+            await source.ack(message)
+    assert got == [b'{"y": 1}', b'{"y": 2}', b'{"y": 3}', b'{"y": 4}']
+    await source.close()
+
+
+async def test_follow_sees_a_file_rewritten_in_place_between_two_reads(
+    events_file: Path, store: SqliteStateStore, opened: Opener
+) -> None:
+    write_events(events_file, 3)
+    source = await opened(events_file, store, follow=True)
+    for message in await fetch_one(source):
+        await source.ack(message)
+    # Truncated and regrown past the old end before the source looked again.
+    events_file.write_bytes(b"".join(orjson.dumps({"z": n}) + b"\n" for n in range(5)))
+    got = [m.body for m in await fetch_one(source)]
+    assert got[0] == b'{"z":0}'
     await source.close()
 
 

@@ -15,7 +15,7 @@ from worker.errors import Draining, LeaseLost
 from worker.gate import RequestGate
 from worker.limits import RateLimiter
 from worker.observability import Metrics
-from worker.pauses import WHY, Pause
+from worker.pauses import WHY, Pause, Recent
 
 OK = Outcome(Verdict.CREATED, "201", 201, contact_ref="c", href="h", duration=0.01)
 REFUSED = Outcome(Verdict.AUTH, "401", 401)
@@ -198,3 +198,55 @@ async def test_a_cancelled_wait_leaves_no_task_behind() -> None:
     await asyncio.sleep(0)
     assert {t for t in asyncio.all_tasks() - before if not t.done()} == set()
     await gate.close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+DOWN = Outcome(Verdict.RETRY, "connection")
+
+
+def test_the_outage_detector_looks_at_the_last_minute_only() -> None:
+    clock = Clock()
+    recent = Recent(clock=clock)
+    for _ in range(16):
+        recent.note(OK)
+    for _ in range(4):
+        recent.note(DOWN)
+    assert not recent.outage  # 4 of 20 failed
+    recent.note(DOWN)
+    assert recent.outage  # the latest five all failed, whatever came before
+    recent.clear()
+    for _ in range(10):
+        recent.note(OK)
+    clock.t += 61  # an hour of quiet, say: those successes say nothing about CDP now
+    for _ in range(4):
+        recent.note(DOWN)
+    assert not recent.outage  # only 4 seen in the last minute
+    recent.note(Outcome(Verdict.RETRY, "503", 503))
+    assert recent.outage
+
+
+def test_answers_count_every_answer_and_nothing_else() -> None:
+    recent = Recent()
+    for outcome in (OK, REFUSED, DOWN, Outcome(Verdict.RETRY, "503", 503), OK):
+        recent.note(outcome)
+    assert recent.answers == 3  # 201, 401, 201: CDP answered; not the refused or the 503
+
+
+def test_a_429_is_never_an_attempt_and_a_5xx_is_one_only_if_others_were_answered() -> None:
+    gate = make_gate()
+    throttled = Outcome(Verdict.RETRY, "429", 429)
+    assert gate.failed(throttled, Counting(), gate.answers) is False
+    before = gate.answers
+    unavailable = Outcome(Verdict.RETRY, "503", 503)
+    gate.recent.note(unavailable)
+    assert gate.failed(unavailable, Counting(), before) is False  # nobody answered since
+    gate.recent.note(OK)
+    gate.recent.note(unavailable)
+    assert gate.failed(unavailable, Counting(), before) is True  # others were answered

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -218,6 +219,21 @@ class TestNatsSource(SourceContract):
         assert [found["eventId"] for found in await letters_on(nats_url)] == ["e1", "e2"]
         source = await make_nats()  # the stream is extended; letters are not events
         assert await nothing_more(source)
+
+    async def test_a_letter_over_the_servers_max_payload_is_stored_cut_not_refused(
+        self, nats_url: str
+    ) -> None:
+        big = {"orderRef": "x", "pad": "p" * (1 << 20)}  # over NATS's 1 MiB default
+        letter = {"reason": "cdp_rejected", "eventId": "e1", "orderRef": "x", "event": big}
+        sink = open_dead_letter_sink(default_dead_letter_url(nats_url))
+        await sink.open()
+        await sink.put(letter)  # refused for ever before: the letter held, readiness off
+        await sink.close()
+        (stored,) = await letters_on(nats_url)
+        assert stored["truncated"] is True
+        assert stored["sha256"] == hashlib.sha256(orjson.dumps(big)).hexdigest()
+        assert "event" not in stored
+        assert stored["raw"].startswith('{"orderRef":"x"')
 
 
 @pytest.mark.parametrize(

@@ -247,7 +247,8 @@ def _read_secret_file(env: Mapping[str, str], name: str) -> str | None:
     if not path:
         return None
     try:
-        secret = Path(path).read_text(encoding="utf-8").strip()
+        # utf-8-sig: a byte-order mark (editors on Windows write one) is not the secret's.
+        secret = Path(path).read_text(encoding="utf-8-sig").strip()
     except OSError as exc:
         raise ConfigError(f"{name}_FILE: cannot read the file ({exc.strerror})") from None
     except UnicodeDecodeError:
@@ -269,8 +270,8 @@ def load_settings(
         text = given.get(option.name)
         if text is None:
             text = env.get(option.env)
-        if text is None and option.secret:
-            text = _read_secret_file(env, option.env)
+        if not text and option.secret:  # an empty variable beside its _FILE: the file
+            text = _read_secret_file(env, option.env) or text
         if text is None or text == "":
             values[option.name] = option.default
             continue

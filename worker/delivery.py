@@ -46,9 +46,16 @@ class Gate(Protocol):
     def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
         """CDP refused the credentials: pause every request until `probe` succeeds."""
 
-    def failed(self, outcome: Outcome, probe: Callable[[], Awaitable[Outcome]]) -> bool:
-        """A retryable failure: True if it counts as this event's attempt (not during an
-        outage, which the gate may declare and probe for with `probe`)."""
+    @property
+    def answers(self) -> int:
+        """Requests CDP has answered so far, this delivery's and others'."""
+
+    def failed(
+        self, outcome: Outcome, probe: Callable[[], Awaitable[Outcome]], answers_before: int
+    ) -> bool:
+        """A retryable failure: True if it counts as this event's attempt, which it does
+        only if CDP answered others since `answers_before` (never during an outage,
+        which the gate may declare and probe for with `probe`)."""
 
 
 class Recorder(Protocol):
@@ -138,6 +145,7 @@ class Delivery:
         self.sent_in_doubt = in_doubt
         self.attempts = 0  # the event's own, counted toward max_attempts
         self._retries = 0  # every backoff, counted or not: how long the next one is
+        self._answers_seen = gate.answers  # CDP's answers so far: did others get one since?
         self._not_found_since: float | None = None
         self._not_found_tries = 0
 
@@ -185,13 +193,19 @@ class Delivery:
             return False
         if verdict in (Verdict.CONFLICT, Verdict.IN_DOUBT):
             self.reconcile = True
-        if verdict is not Verdict.CONFLICT and not self.gate.failed(outcome, self._probe):
-            self.attempts -= 1  # CDP's fault (an outage), not the event's
+        if verdict is not Verdict.CONFLICT and not self._counts(outcome):
+            self.attempts -= 1  # CDP's fault, not (surely) the event's
         # CDP's error text stays out of logs (it may quote the contact); the dead letter
         # keeps it if the event gives up.
         log.info("event.retry", status=outcome.status, reason=outcome.label)
         await self._backoff(outcome)
         return False
+
+    def _counts(self, failure: Outcome) -> bool:
+        """Whether a failure counts as the event's attempt (see Gate.failed)."""
+        counted = self.gate.failed(failure, self._probe, self._answers_seen)
+        self._answers_seen = self.gate.answers
+        return counted
 
     def _probe(self) -> Awaitable[Outcome]:
         """What ends a pause this delivery ran into: a listing of its order's contacts."""
@@ -237,13 +251,13 @@ class Delivery:
         if listing.verdict is Verdict.AUTH:
             self._auth_failed()
             return False
-        if self.gate.failed(listing, self._probe):
+        if self._counts(listing):
             self.attempts += 1
-        if self.attempts >= self.policy.max_attempts:
-            await self._dead(
-                "retries_exhausted", "could not list the order's contacts", listing.status
-            )
-            return True
+            if self.attempts >= self.policy.max_attempts:
+                await self._dead(
+                    "retries_exhausted", "could not list the order's contacts", listing.status
+                )
+                return True
         await self._backoff(listing)
         return False
 

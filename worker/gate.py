@@ -126,19 +126,28 @@ class RequestGate:
         """
         self.pauses.begin(Pause.AUTH, probe)
 
-    def failed(self, outcome: Outcome, probe: Call) -> bool:
+    @property
+    def answers(self) -> int:
+        """Requests CDP has answered so far (see `failed`)."""
+        return self.recent.answers
+
+    def failed(self, outcome: Outcome, probe: Call, answers_before: int) -> bool:
         """A request failed without CDP rejecting the event: does it count as an attempt?
 
-        A failure that is CDP's (no answer, a 5xx) counts only while other requests are
-        answered; when nearly all recent ones fail, it is an outage: every request is
-        paused until `probe` (a listing) is answered, and nothing counts meanwhile.
+        A failure that is CDP's (no answer, a 408, a 5xx) counts only if CDP answered
+        other requests since `answers_before` (the delivery's previous failure, or its
+        start): others succeed, so it may be the event's. When nearly all recent requests
+        fail, it is an outage: every request is paused until `probe` (a listing) is
+        answered, and nothing counts. A 429 never counts: CDP paces us (the brake).
         """
+        if outcome.status == 429:
+            return False
         if not systemic(outcome):
             return True
         if self.recent.outage:
             self.pauses.begin(Pause.OUTAGE, probe, outcome)
             return False
-        return self.pauses.reason is None and self.recent.others_succeed
+        return self.pauses.reason is None and self.recent.answers > answers_before
 
     async def close(self) -> None:
         """Stop the probe, if one runs."""

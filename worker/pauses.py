@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 
@@ -30,14 +31,13 @@ log = get_logger("worker.pauses")
 
 Call = Callable[[], Awaitable[Outcome]]
 
-# The outage detector looks at this many of the latest requests...
+# The outage detector looks at this many of the latest requests, of the last minute...
 RECENT_REQUESTS = 20
-# ...and calls it an outage when at least this many were seen and this share failed.
+RECENT_SECONDS = 60.0
+# ...and calls it an outage when at least this many were seen and this share failed, or
+# the latest this many all failed.
 OUTAGE_MIN_REQUESTS = 5
 OUTAGE_SHARE = 0.8
-# A failure that is not clearly the event's counts as its attempt only while at least
-# this share of the latest requests got an answer: others succeed, so it may be the event.
-OTHERS_SUCCEED_SHARE = 0.5
 
 
 class Pause(enum.StrEnum):
@@ -54,31 +54,52 @@ WHY = {
 
 def systemic(outcome: Outcome) -> bool:
     """A failure that is not the event's fault: no answer at all (connection refused,
-    DNS, TLS, a timeout) or a 5xx. Counted as the event's only while others succeed."""
-    return outcome.status is None or outcome.status >= 500
+    DNS, TLS, a timeout), a 408 or a 5xx. Counted as the event's only while others
+    succeed. (A 429 is CDP pacing us: never the event's, never an outage either.)"""
+    return outcome.status is None or outcome.status == 408 or outcome.status >= 500
 
 
 class Recent:
-    """The latest requests' outcomes, answered or not: the outage detector."""
+    """The latest requests' outcomes, answered or not: the outage detector.
 
-    def __init__(self, size: int = RECENT_REQUESTS) -> None:
-        self._failed: deque[bool] = deque(maxlen=size)
+    Only what happened within RECENT_SECONDS speaks: a quiet worker whose last successes
+    are an hour old knows nothing about CDP now. `answers` counts every request CDP
+    answered (not systemic), ever: a delivery compares it before and after its failures
+    to tell whether others were answered meanwhile.
+    """
+
+    def __init__(
+        self, size: int = RECENT_REQUESTS, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._seen: deque[tuple[float, bool]] = deque(maxlen=size)  # (when, failed)
+        self._clock = clock
+        self.answers = 0
 
     def note(self, outcome: Outcome) -> None:
-        self._failed.append(systemic(outcome))
+        failed = systemic(outcome)
+        self._seen.append((self._clock(), failed))
+        if not failed:
+            self.answers += 1
 
     def clear(self) -> None:
-        self._failed.clear()
+        self._seen.clear()
+
+    def _latest(self) -> tuple[int, int]:
+        """(requests, failures) within the window."""
+        since = self._clock() - RECENT_SECONDS
+        while self._seen and self._seen[0][0] < since:
+            self._seen.popleft()
+        return len(self._seen), sum(failed for _, failed in self._seen)
 
     @property
     def outage(self) -> bool:
-        seen = len(self._failed)
-        return seen >= OUTAGE_MIN_REQUESTS and sum(self._failed) >= OUTAGE_SHARE * seen
-
-    @property
-    def others_succeed(self) -> bool:
-        seen = len(self._failed)
-        return seen > 0 and seen - sum(self._failed) >= OTHERS_SUCCEED_SHARE * seen
+        """Nearly all recent requests failed, or the latest few did, one after the other
+        (however many succeeded before them: CDP may have just gone away)."""
+        seen, failed = self._latest()
+        if seen < OUTAGE_MIN_REQUESTS:
+            return False
+        latest = list(self._seen)[-OUTAGE_MIN_REQUESTS:]
+        return failed >= OUTAGE_SHARE * seen or all(failed for _, failed in latest)
 
 
 class Pauses:
@@ -104,12 +125,15 @@ class Pauses:
         self._recent = recent
         self._backoff_base = backoff_base
         self._probe: asyncio.Task[None] | None = None
+        self._closed = False
         for reason in (*Pause, "rate_limit_backend"):
             metrics.paused.labels(reason).set(0)
 
     def begin(self, reason: Pause, probe: Call, cause: Outcome | None = None) -> None:
         """Pause every request for `reason`, probing with `probe` (a listing) until it
         ends. An outage does not replace an auth pause (the probe tells both apart)."""
+        if self._closed:
+            return  # the worker is closing: nothing is sent any more, nothing to probe
         if self.reason is not None:
             if reason is Pause.AUTH and self.reason is Pause.OUTAGE:
                 self._set(Pause.AUTH)
@@ -131,7 +155,10 @@ class Pauses:
         self._metrics.auth_paused.set(1 if reason is Pause.AUTH else 0)
         self.reason = reason
 
-    def _lift(self) -> None:
+    def _lift(self, answer: Outcome) -> None:
+        """CDP answered the probe: what failed before says nothing any more."""
+        self._recent.clear()
+        self._recent.note(answer)
         self._set(None)
         self.lifted.set()
 
@@ -160,7 +187,7 @@ class Pauses:
             log.error("cdp.auth_failed", probe=attempt, status=outcome.status)
         elif outcome.verdict is Verdict.CREATED:  # a listing that worked
             log.info("cdp.auth_recovered", probe=attempt)
-            self._lift()
+            self._lift(outcome)
         else:  # CDP unreachable or busy: says nothing about the credentials
             log.info("cdp.auth_probe_inconclusive", probe=attempt, reason=outcome.label)
 
@@ -173,12 +200,11 @@ class Pauses:
             _say_if_tls(outcome, probe=attempt)
         else:  # an answer: CDP is back
             log.info("cdp.outage_recovered", probe=attempt)
-            self._recent.clear()  # what failed before the outage says nothing any more
-            self._recent.note(outcome)
-            self._lift()
+            self._lift(outcome)
 
     async def close(self) -> None:
-        """Stop the probe, if one runs."""
+        """Stop the probe, if one runs; no pause begins after this."""
+        self._closed = True
         probe, self._probe = self._probe, None
         if probe is not None:
             probe.cancel()

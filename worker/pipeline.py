@@ -456,8 +456,8 @@ class Worker:
         said = self._busy_said
         if now - said.get(order_ref, -math.inf) < lease:
             return
-        if len(said) >= BUSY_SAID_KEPT:  # forget those whose lease is long over
-            for stale in [ref for ref, at in said.items() if now - at >= lease]:
-                del said[stale]
-        said[order_ref] = now
+        said.pop(order_ref, None)
+        said[order_ref] = now  # at the end: the dict stays in the order of these times
+        while len(said) > BUSY_SAID_KEPT or now - next(iter(said.values())) >= lease:
+            del said[next(iter(said))]  # the oldest: its lease is over, or too many
         log.info("event.busy_elsewhere")

@@ -186,6 +186,8 @@ def letter_key(letter: dict[str, Any]) -> str:
     dead-letter the same message again.
     """
     identity = {k: letter.get(k) for k in ("reason", "eventId", "orderRef", "event", "raw")}
+    if letter.get("sha256"):  # a cut text: the whole one tells two letters apart
+        identity["sha256"] = letter["sha256"]
     return hashlib.sha256(orjson.dumps(identity, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
@@ -223,12 +225,26 @@ def dead_letter(
     if event is not None and _writable(event):
         letter["event"] = event
         return letter
-    text = raw or b""
+    return _holding_text(letter, raw or b"")
+
+
+def shrunk(letter: dict[str, Any]) -> dict[str, Any]:
+    """The letter with its event as text cut to LETTER_RAW_LIMIT: for a sink that takes
+    only so much in one message (NATS's max_payload, 1 MiB by default)."""
+    if letter.get("event") is None:
+        return letter
+    kept = {k: v for k, v in letter.items() if k != "event"}
+    return _holding_text(kept, orjson.dumps(letter["event"]))
+
+
+def _holding_text(letter: dict[str, Any], text: bytes) -> dict[str, Any]:
     if len(text) > LETTER_RAW_LIMIT:
         letter["truncated"] = True
         letter["sha256"] = hashlib.sha256(text).hexdigest()
         end = LETTER_RAW_LIMIT
-        while end > 0 and text[end] & 0xC0 == 0x80:  # never half a UTF-8 character
+        # Never half a UTF-8 character (at most 3 continuation bytes end one); bytes that
+        # are not UTF-8 at all are cut where they are.
+        while end > LETTER_RAW_LIMIT - 3 and text[end] & 0xC0 == 0x80:
             end -= 1
         text = text[:end]
     letter["raw"] = text.decode("utf-8", "replace")

@@ -17,8 +17,10 @@ place) is finished first, every line of it acked, before the new one is read.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import os
+import stat
 import sys
 import threading
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ import orjson
 
 from .._batching import Batcher
 from ..contact import is_blank
-from ..errors import SourceError
+from ..errors import SourceError, StateError
 from ..observability import get_logger
 from ..state.base import StateStore
 from .base import DeadLetterSink, Message, Publisher, Redeliveries, Source, letter_key
@@ -130,6 +132,11 @@ class FileSource(Source):
         self._saved_version = 0
         self._save_lock = asyncio.Lock()
         self._identity_cache: tuple[int, dict[str, Any]] | None = None  # (head_bytes, it)
+        # --follow: the file's first bytes as read (to see it rewritten in place), and a
+        # change seen ("truncated", "rotated") that waits for every line read to finish.
+        self._head = b""
+        self._switch: str | None = None
+        self._old_drained = False
 
     @property
     def name(self) -> str:
@@ -139,9 +146,14 @@ class FileSource(Source):
         if self._stdin:
             return
         try:  # non-blocking: a named pipe must not wait here for its writer
-            os.close(os.open(self.path, os.O_RDONLY | os.O_NONBLOCK))
+            fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as exc:
             raise SourceError(f"--source: cannot open {self.path!r}: {exc.strerror}") from None
+        try:
+            if stat.S_ISDIR(os.fstat(fd).st_mode):
+                raise SourceError(f"--source: {self.path!r} is a directory, not a file")
+        finally:
+            os.close(fd)
 
     async def open(self) -> None:
         if self._stdin:
@@ -161,6 +173,7 @@ class FileSource(Source):
             log.info("source.file_changed", path=self.path, resumed_from=0)
             return
         self._done = checkpoint
+        self._head = os.pread(self._file.fileno(), min(HEAD_BYTES, checkpoint.offset), 0)
         self._file.seek(checkpoint.offset)
         self._offset = checkpoint.offset
         self._next_line = checkpoint.line + 1
@@ -168,16 +181,20 @@ class FileSource(Source):
     def _is_the_file(self, identity: dict[str, Any] | None, offset: int) -> bool:
         assert self._file is not None
         fd = self._file.fileno()
-        if identity is None or os.fstat(fd).st_size < offset:
+        if os.fstat(fd).st_size < offset:
             return False
+        if identity is None:  # saved by a release before identities: trusted as it was then
+            return True
         return _identity(fd, int(identity.get("head_bytes", 0))) == identity
 
     def _changed(self) -> str | None:
-        """`--follow`: "truncated" (shorter than what was read) or "rotated" (another file
-        at the path now), or None. Called when a read found nothing new."""
+        """`--follow`: "truncated" (shorter than what was read, or its first bytes are not
+        the ones read: rewritten in place), "rotated" (another file at the path now), or
+        None. Called before every read: two syscalls and at most 256 bytes compared."""
         assert self._file is not None
-        ours = os.fstat(self._file.fileno())
-        if ours.st_size < self._offset:
+        fd = self._file.fileno()
+        ours = os.fstat(fd)
+        if ours.st_size < self._offset or os.pread(fd, len(self._head), 0) != self._head:
             return "truncated"
         try:
             now = os.stat(self.path)
@@ -188,11 +205,11 @@ class FileSource(Source):
     async def _follow_change(self) -> None:
         """Move to the file now at the path, or to the start of a truncated one, once every
         line read from the current one is finished (so no ack can refer to it later)."""
-        change = self._changed()
         finished = self._done.line == self._next_line - 1 and not self._redeliveries.pending
-        if change is None or not finished:
+        if self._switch is None or not finished:
             return
         assert self._file is not None
+        change = self._switch
         if change == "rotated":
             try:
                 new = open(self.path, "rb")  # noqa: SIM115, ASYNC230 - held until close(); instant
@@ -204,9 +221,13 @@ class FileSource(Source):
             self._file.seek(0)
         log.info(f"source.file_{change}", path=self.path, finished_lines=self._done.line)
         self._done, self._next_line, self._offset = _Checkpoint(), 1, 0
+        self._head, self._switch, self._old_drained = b"", None, False
         self._identity_cache = None
         self._version += 1
-        await self._save(self._version)
+        try:
+            await self._save(self._version)
+        except StateError as exc:  # the next ack saves again; until then a restart reads it all
+            log.warning("source.checkpoint_failed", error=str(exc))
 
     async def close(self) -> None:
         if self._file is not None:
@@ -226,8 +247,9 @@ class FileSource(Source):
 
         threading.Thread(target=pump, name="stdin-reader", daemon=True).start()
 
-    def _read_lines(self, limit: int) -> list[bytes]:
-        """Up to `limit` whole lines from the file (runs in a thread)."""
+    def _read_lines(self, limit: int, *, to_the_end: bool = False) -> list[bytes]:
+        """Up to `limit` whole lines from the file (runs in a thread). `to_the_end`: a
+        last line without its newline is whole too (the file was rotated away)."""
         assert self._file is not None
         out: list[bytes] = []
         while len(out) < limit:
@@ -236,7 +258,7 @@ class FileSource(Source):
             if not raw:
                 self._eof = not self.follow
                 break
-            if not raw.endswith(b"\n") and self.follow:
+            if not raw.endswith(b"\n") and self.follow and not to_the_end:
                 self._file.seek(position)  # a line still being written: wait for the rest
                 break
             out.append(raw)
@@ -259,9 +281,20 @@ class FileSource(Source):
                     break
                 item = self._lines.get_nowait()
             return out
+        if self.follow and self._switch is None:
+            self._switch = self._changed()
+        if self._switch == "rotated" and not self._old_drained:
+            # Finish the file rotated away first, its last line even without a newline.
+            out = await asyncio.to_thread(self._read_lines, limit, to_the_end=True)
+            if out:
+                return out
+            self._old_drained = True
+        if self._switch is not None:  # no more reads from it: positions may be wrong
+            await self._follow_change()
+            await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
+            return []
         out = await asyncio.to_thread(self._read_lines, limit)
         if not out and self.follow:
-            await self._follow_change()
             await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
         return out
 
@@ -278,6 +311,8 @@ class FileSource(Source):
                 return []
             return None
         for raw in await self._next_raw_lines(max_messages, timeout):
+            if len(self._head) < HEAD_BYTES:
+                self._head += raw[: HEAD_BYTES - len(self._head)]
             line = self._next_line
             self._next_line += 1
             self._offset += len(raw)
@@ -385,9 +420,17 @@ class FileDeadLetterSink(DeadLetterSink):
 
     def _write(self, data: bytes) -> None:
         assert self._file is not None
-        self._file.write(data)
-        self._file.flush()
-        os.fsync(self._file.fileno())
+        start = self._file.seek(0, os.SEEK_END)
+        try:
+            self._file.write(data)
+            self._file.flush()
+            os.fsync(self._file.fileno())
+        except OSError:
+            # Whatever part got out is cut off again: the letters are written again whole
+            # (the recorder retries), never torn or twice.
+            with contextlib.suppress(OSError):
+                self._file.truncate(start)
+            raise
 
     async def read_all(self) -> list[dict[str, Any]]:
         return await asyncio.to_thread(self._read_all)

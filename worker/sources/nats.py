@@ -52,6 +52,7 @@ from .base import (
     Redeliveries,
     Source,
     letter_key,
+    shrunk,
 )
 
 log = get_logger("worker.sources.nats")
@@ -74,6 +75,8 @@ RECONNECT_PAUSE = 1.0
 # How long a stream created here remembers `Nats-Msg-Id`s: a dead letter a killed run
 # already stored is skipped if the next run stores it again within this window.
 DUPLICATE_WINDOW = 24 * 3600.0
+# Bytes of a message besides a letter's own (headers, subject) under max_payload.
+LETTER_HEADROOM = 4096
 # Publishes awaited together, and how long one chunk may take.
 PUBLISH_CHUNK = 500
 PUBLISH_TIMEOUT = 30.0
@@ -471,12 +474,22 @@ class NatsDeadLetterSink(DeadLetterSink):
             seq = int(found.seq or seq) + 1
 
     async def put(self, letter: dict[str, Any]) -> None:
-        """Published and acked by the stream (stored, or a duplicate of a stored one)."""
+        """Published and acked by the stream (stored, or a duplicate of a stored one).
+
+        A letter larger than the server takes in one message (max_payload: a big event
+        and the letter around it) holds its event as text, cut: refused, it would be
+        tried again for ever.
+        """
         js = self._nats.js
+        data = orjson.dumps(letter)
+        client = self._nats.client
+        if client is not None and len(data) > client.max_payload - LETTER_HEADROOM:
+            letter = shrunk(letter)
+            data = orjson.dumps(letter)
         try:
             await js.publish(
                 self.subject,
-                orjson.dumps(letter),
+                data,
                 stream=self.stream,
                 headers={"Nats-Msg-Id": letter_key(letter)},
             )
