@@ -483,10 +483,7 @@ async def test_follow_picks_up_appended_lines_but_not_half_written_ones(
 async def test_follow_resumes_from_its_checkpoint(
     events_file: Path, db: Path, store: SqliteStateStore, opened: Opener
 ) -> None:
-    write_events(events_file, 3)
-    source = await opened(events_file, store, follow=True)
-    for message in await fetch_one(source):
-        await source.ack(message)
+    source = await following_finished(events_file, store, opened)
     await source.close()
     with events_file.open("ab") as out:
         out.write(body(4) + b"\n")
@@ -613,13 +610,19 @@ async def test_follow_finishes_a_rotated_file_before_reading_the_new_one(
     await source.close()
 
 
+async def following_finished(path: Path, store: SqliteStateStore, opened: Opener) -> Source:
+    """A --follow source on a file of 3 events, each of them fetched and acked."""
+    write_events(path, 3)
+    source = await opened(path, store, follow=True)
+    for message in await fetch_one(source):
+        await source.ack(message)
+    return source
+
+
 async def test_follow_reads_a_file_truncated_in_place_from_its_beginning(
     events_file: Path, store: SqliteStateStore, opened: Opener
 ) -> None:
-    write_events(events_file, 3)
-    source = await opened(events_file, store, follow=True)
-    for message in await fetch_one(source):
-        await source.ack(message)
+    source = await following_finished(events_file, store, opened)
     events_file.write_bytes(b'{"again": 1}\n')  # copytruncate: same inode, shorter
     (again,) = await fetch_one(source)
     assert again.body == b'{"again": 1}'
@@ -671,10 +674,7 @@ async def test_follow_remembers_a_truncation_while_lines_are_still_in_flight(
 async def test_follow_sees_a_file_rewritten_in_place_between_two_reads(
     events_file: Path, store: SqliteStateStore, opened: Opener
 ) -> None:
-    write_events(events_file, 3)
-    source = await opened(events_file, store, follow=True)
-    for message in await fetch_one(source):
-        await source.ack(message)
+    source = await following_finished(events_file, store, opened)
     # Truncated and regrown past the old end before the source looked again.
     events_file.write_bytes(b"".join(orjson.dumps({"z": n}) + b"\n" for n in range(5)))
     got = [m.body for m in await fetch_one(source)]
