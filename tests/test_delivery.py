@@ -77,9 +77,6 @@ class FakeGate:
         if self.stop_after_retries is not None and len(self.retries) >= self.stop_after_retries:
             raise Draining
 
-    async def sleep(self, seconds: float) -> None:
-        raise AssertionError("a delivery sleeps only through retry_in")
-
     def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
         self.auth_pauses += 1
         self.probe = probe

@@ -40,9 +40,6 @@ class Gate(Protocol):
     async def retry_in(self, seconds: float, reason: str) -> None:
         """Count a retry for `reason` and sleep; Draining if the worker stops meanwhile."""
 
-    async def sleep(self, seconds: float) -> None:
-        """Sleep; Draining if the worker stops meanwhile."""
-
     def auth_failed(self, probe: Callable[[], Awaitable[Outcome]]) -> None:
         """CDP refused the credentials: pause every request until `probe` succeeds."""
 

@@ -26,6 +26,12 @@ RETRIES_EXHAUSTED = "retries_exhausted"
 # An outcome the store could not record is tried again after this long, doubling up to
 # the cap: the store is usually back within seconds (a restart, a failover).
 RECORD_RETRY_FIRST = 0.1
+# The parts an outcome is written to, and readiness while one keeps an outcome waiting.
+STATE, DEAD_LETTERS = "state", "dead letters"
+STALLED = {
+    STATE: "paused: the state store does not record outcomes",
+    DEAD_LETTERS: "paused: the dead-letter sink does not store letters",
+}
 RECORD_RETRY_CAP = 2.0
 
 
@@ -48,16 +54,23 @@ class Recorder:
         self._metrics = metrics
         self._owner = owner
         self.summary: Counter[str] = Counter()
-        # Outcomes that wait for the part that records them ("state", "dead letters") to
-        # answer again: readiness is off meanwhile.
+        # Outcomes waiting for the part that records them to answer again (see stalled).
         self.waiting: Counter[str] = Counter()
+
+    @property
+    def stalled(self) -> str | None:
+        """Why readiness is off while outcomes wait for a part to record them, or None."""
+        for part, why in STALLED.items():
+            if self.waiting[part]:
+                return why
+        return None
 
     async def done(
         self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
     ) -> None:
         """CDP holds the order's contact: record `done`, ack, count `outcome`."""
         await self._durably(
-            "state", lambda: self._state.complete(event.order_ref, self._owner, contact_ref, href)
+            STATE, lambda: self._state.complete(event.order_ref, self._owner, contact_ref, href)
         )
         await self._source.ack(message)
         self._metrics.mark_success()
@@ -90,7 +103,7 @@ class Recorder:
             raw=message.body,  # kept only if the event cannot be written back as JSON
         )
         await self._store(letter)
-        await self._durably("state", lambda: self._state.fail(event.order_ref, self._owner, reason))
+        await self._durably(STATE, lambda: self._state.fail(event.order_ref, self._owner, reason))
         # CDP's error text (detail) stays out of the log: it may quote the contact.
         await self._acked_dead(message, reason, status=status)
 
@@ -151,7 +164,7 @@ class Recorder:
 
     async def _store(self, letter: dict[str, Any]) -> None:
         """Store a dead letter, however long the sink is away (see `_durably`)."""
-        await self._durably("dead letters", lambda: self._dead_letters.put(letter))
+        await self._durably(DEAD_LETTERS, lambda: self._dead_letters.put(letter))
 
     async def _durably(self, part: str, write: Callable[[], Awaitable[None]]) -> None:
         """Write an outcome, however long the part that keeps it (`part`) is away.

@@ -178,10 +178,8 @@ class Worker:
             return False, paused
         if not self.source.connected:
             return False, "source disconnected"
-        if self.recorder.waiting["state"]:
-            return False, "paused: the state store does not record outcomes"
-        if self.recorder.waiting["dead letters"]:
-            return False, "paused: the dead-letter sink does not store letters"
+        if (stalled := self.recorder.stalled) is not None:
+            return False, stalled
         if not self.gate.limiter.available:
             return False, LIMIT_UNAVAILABLE
         return True, "consuming"
