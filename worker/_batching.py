@@ -1,7 +1,8 @@
 """Group commit: what many callers ask for at about the same time, done in one round.
 
-Acks to a broker, dead letters to a file, operations on the SQLite file: each caller wants
-"done and durable when I return", and one round trip, write or fsync per caller would
+Acks to a broker, a file source's checkpoint, dead letters to a file, operations on the
+SQLite file: each caller wants "done and durable when I return", and one round trip,
+write or fsync per caller would
 cost far more than one per burst. `Batcher.submit(item)` queues the item and waits; a
 single flusher task takes everything queued, hands it to `flush` as one list, and
 settles every caller with its own result. Items that arrive while a flush is under way

@@ -128,9 +128,8 @@ class FileSource(Source):
         self._offset = 0
         self._done = _Checkpoint()
         self._redeliveries = Redeliveries()
-        self._version = 0  # bumped by every ack; the checkpoint writer saves the newest
-        self._saved_version = 0
-        self._save_lock = asyncio.Lock()
+        # Acks arriving while a checkpoint is written share the next write.
+        self._saves: Batcher[None, None] = Batcher(self._write_checkpoint, name="checkpoint")
         self._identity_cache: tuple[int, dict[str, Any]] | None = None  # (head_bytes, it)
         # --follow: the file's first bytes as read (to see it rewritten in place), and a
         # change seen ("truncated", "rotated") that waits for every line read to finish.
@@ -223,9 +222,8 @@ class FileSource(Source):
         self._done, self._next_line, self._offset = _Checkpoint(), 1, 0
         self._head, self._switch, self._old_drained = b"", None, False
         self._identity_cache = None
-        self._version += 1
         try:
-            await self._save(self._version)
+            await self._save()
         except StateError as exc:  # the next ack saves again; until then a restart reads it all
             log.warning("source.checkpoint_failed", error=str(exc))
 
@@ -330,19 +328,18 @@ class FileSource(Source):
 
     async def ack(self, message: Message) -> None:
         self._done.finish(message.token)
-        self._version += 1
-        await self._save(self._version)
+        await self._save()
 
-    async def _save(self, version: int) -> None:
-        """Commit the checkpoint if `version` is not saved yet; one write serves many acks."""
-        if self._state is None or self._stdin:
-            return
-        async with self._save_lock:
-            if self._saved_version >= version:
-                return
-            newest, snapshot = self._version, self._done.dumps(self._identity_now())
-            await self._state.set_checkpoint(self._key, snapshot)
-            self._saved_version = newest
+    async def _save(self) -> None:
+        """Commit the checkpoint, as it is now or newer; one write serves many acks."""
+        if self._state is not None and not self._stdin:
+            await self._saves.submit(None)
+
+    async def _write_checkpoint(self, acks: list[None]) -> list[None]:
+        assert self._state is not None
+        snapshot = self._done.dumps(self._identity_now())  # every ack of the batch is in it
+        await self._state.set_checkpoint(self._key, snapshot)
+        return acks
 
     def _identity_now(self) -> dict[str, Any] | None:
         """The open file's identity, its head covering at most the finished bytes."""
