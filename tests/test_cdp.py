@@ -79,7 +79,7 @@ def created(ref: str = CONTACT_REF, version: str = "v2") -> dict[str, Any]:
 @pytest.mark.parametrize("status", [200, 201])
 def test_success_with_a_body_is_created_with_ref_and_href(status: int) -> None:
     outcome = classify(status, CIMultiDict(), orjson.dumps(created()))
-    assert outcome.verdict is Verdict.CREATED
+    assert outcome.verdict is Verdict.OK
     assert outcome.contact_ref == CONTACT_REF
     assert outcome.href == f"{BASE}/v2/orderContacts/{CONTACT_REF}"
     assert (outcome.status, outcome.label) == (status, str(status))
@@ -250,7 +250,7 @@ async def test_create_posts_the_body_with_auth_and_json_headers(
         outcome = await client.create_contact(ORDER.upper(), BODY)  # any case; sent canonical
     finally:
         await client.close()
-    assert outcome.verdict is Verdict.CREATED
+    assert outcome.verdict is Verdict.OK
     assert outcome.contact_ref == CONTACT_REF
     assert outcome.href == f"{BASE}/{version}/orderContacts/{CONTACT_REF}"
     assert outcome.duration > 0
@@ -268,7 +268,7 @@ async def test_list_sends_auth_and_json_headers(mocked: aioresponses, version: s
         outcome = await client.list_contacts(ORDER)
     finally:
         await client.close()
-    assert (outcome.verdict, outcome.contacts) == (Verdict.CREATED, ())
+    assert (outcome.verdict, outcome.contacts) == (Verdict.OK, ())
     assert outcome.duration > 0
     assert_cdp_headers(only_request(mocked, "GET", contacts_url(version)))
 
@@ -300,7 +300,7 @@ async def test_list_reads_refs_from_v2_hrefs(mocked: aioresponses, client: CdpCl
     first, second = f"{BASE}/v2/orderContacts/c-1", f"{BASE}/v2/orderContacts/c-2/"
     mocked.get(contacts_url(), payload={"offset": 0, "items": [{"href": first}, {"href": second}]})
     outcome = await client.list_contacts(ORDER)
-    assert outcome.verdict is Verdict.CREATED
+    assert outcome.verdict is Verdict.OK
     assert outcome.contacts == (("c-1", first), ("c-2", second))
 
 
@@ -319,7 +319,7 @@ async def test_list_reads_v21_refs(mocked: aioresponses) -> None:
 @pytest.mark.parametrize(
     ("status", "payload", "verdict"),
     [
-        (404, cdp_error(404, "Not Found"), Verdict.CREATED),  # no order: no contacts
+        (404, cdp_error(404, "Not Found"), Verdict.OK),  # no order: no contacts
         (401, cdp_error(401, "Unauthorized"), Verdict.AUTH),
         (403, cdp_error(403, "Forbidden"), Verdict.AUTH),
         (409, cdp_error(409, "Conflict"), Verdict.RETRY),
@@ -425,8 +425,8 @@ async def test_real_create_and_list_round_trip(emulator_default: Emulator, versi
         listed = await client.list_contacts(order.upper())
     finally:
         await client.close()
-    assert (before.verdict, before.contacts) == (Verdict.CREATED, ())
-    assert made.verdict is Verdict.CREATED, made
+    assert (before.verdict, before.contacts) == (Verdict.OK, ())
+    assert made.verdict is Verdict.OK, made
     assert made.contact_ref is not None
     assert made.href == f"{emulator_default.url}/{version}/orderContacts/{made.contact_ref}"
     assert listed.contacts == ((made.contact_ref, made.href),)

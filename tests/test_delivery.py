@@ -24,9 +24,9 @@ from worker.demo import contact_event
 from worker.errors import Draining
 from worker.sources import Message
 
-CREATED = Outcome(Verdict.CREATED, "201", 201, contact_ref="c-1", href="https://cdp/c-1")
-LISTED_NONE = Outcome(Verdict.CREATED, "200", 200)
-LISTED_ONE = Outcome(Verdict.CREATED, "200", 200, contacts=(("c-9", "https://cdp/c-9"),))
+CREATED = Outcome(Verdict.OK, "201", 201, contact_ref="c-1", href="https://cdp/c-1")
+LISTED_NONE = Outcome(Verdict.OK, "200", 200)
+LISTED_ONE = Outcome(Verdict.OK, "200", 200, contacts=(("c-9", "https://cdp/c-9"),))
 UNAVAILABLE = Outcome(Verdict.RETRY, "503", 503)
 TIMEOUT = Outcome(Verdict.IN_DOUBT, "timeout")
 CONFLICT = Outcome(Verdict.CONFLICT, "409", 409)
@@ -241,7 +241,7 @@ async def test_a_401_pauses_at_the_gate_without_counting_an_attempt() -> None:
     assert run.ended[0][:2] == ("done", "delivered")
     assert run.gate.probe is not None  # the probe lists this order's contacts
     run.client.script.append(LISTED_NONE)
-    assert (await run.gate.probe()).verdict is Verdict.CREATED
+    assert (await run.gate.probe()).verdict is Verdict.OK
     assert run.client.calls[-1] == "list"
 
 

@@ -17,7 +17,7 @@ from worker.limits import RateLimiter
 from worker.observability import Metrics
 from worker.pauses import WHY, Pause, Recent
 
-OK = Outcome(Verdict.CREATED, "201", 201, contact_ref="c", href="h", duration=0.01)
+OK = Outcome(Verdict.OK, "201", 201, contact_ref="c", href="h", duration=0.01)
 REFUSED = Outcome(Verdict.AUTH, "401", 401)
 
 

@@ -33,7 +33,7 @@ ERROR_DETAIL_LIMIT = 500
 
 
 class Verdict(enum.StrEnum):
-    CREATED = "created"  # 201/200: record done
+    OK = "ok"  # 2xx: done as asked (created, updated, deleted, listed, read)
     REJECTED = "rejected"  # 4xx that will never succeed: dead-letter cdp_rejected
     NOT_FOUND = "not_found"  # 404: the order may not exist yet; retry within the grace period
     AUTH = "auth"  # 401/403: wrong credentials for every event; pause the whole worker
@@ -108,7 +108,7 @@ def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
         except (orjson.JSONDecodeError, KeyError, TypeError):
             # Created, but we cannot tell which contact: ask CDP rather than guess.
             return Outcome(Verdict.IN_DOUBT, label, status, message="unreadable success body")
-        return Outcome(Verdict.CREATED, label, status, contact_ref=ref, href=href)
+        return Outcome(Verdict.OK, label, status, contact_ref=ref, href=href)
     message = _error_message(body)
     if status in (401, 403):
         verdict = Verdict.AUTH
@@ -242,7 +242,7 @@ class CdpClient:
                     outcome = classify(status, response.headers, payload)
                     if outcome.verdict is Verdict.NOT_FOUND:
                         # An unknown order has no contacts; some proxies say so with a 404.
-                        outcome = Outcome(Verdict.CREATED, "404", status)
+                        outcome = Outcome(Verdict.OK, "404", status)
                     elif outcome.verdict in (Verdict.CONFLICT, Verdict.IN_DOUBT):
                         outcome = Outcome(Verdict.RETRY, outcome.label, status)
                 else:
@@ -261,7 +261,7 @@ def _listed(payload: bytes) -> Outcome:
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         return Outcome(Verdict.RETRY, "200", 200, message="unreadable contact list")
-    return Outcome(Verdict.CREATED, "200", 200, contacts=contacts)
+    return Outcome(Verdict.OK, "200", 200, contacts=contacts)
 
 
 def _timed(outcome: Outcome, started: float) -> Outcome:

@@ -176,7 +176,7 @@ class Delivery:
             # CDP answered that nothing was created. After CREATED or CONFLICT a contact
             # exists: until it is recorded, a claim given back must leave it in doubt.
             self.sent_in_doubt = False
-        if verdict is Verdict.CREATED:
+        if verdict is Verdict.OK:
             await self._done(outcome.contact_ref or "", outcome.href or "", "delivered")
             return True
         if verdict is Verdict.REJECTED:
@@ -235,7 +235,7 @@ class Delivery:
         """List the order's contacts: record one that exists (True), or clear the doubt."""
         order_ref = self.event.order_ref
         listing = await self.gate.request(order_ref, lambda: self.client.list_contacts(order_ref))
-        if listing.verdict is Verdict.CREATED:
+        if listing.verdict is Verdict.OK:
             self.reconcile = False
             if listing.contacts:
                 ref, href = listing.contacts[0]

@@ -185,7 +185,7 @@ class Pauses:
     def _after_auth_probe(self, outcome: Outcome, attempt: int) -> None:
         if outcome.verdict is Verdict.AUTH:
             log.error("cdp.auth_failed", probe=attempt, status=outcome.status)
-        elif outcome.verdict is Verdict.CREATED:  # a listing that worked
+        elif outcome.verdict is Verdict.OK:  # a listing that worked
             log.info("cdp.auth_recovered", probe=attempt)
             self._lift(outcome)
         else:  # CDP unreachable or busy: says nothing about the credentials
