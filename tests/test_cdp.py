@@ -1,8 +1,9 @@
 """The CDP client: what every answer means (DESIGN sections 1 and 3) and what goes on the wire.
 
 `classify`/`classify_error` are tested as a table; the client's requests with aioresponses
-(headers, URLs, bodies, no request for a bad orderRef); and a few round trips against the
-real emulator, where timeouts and dropped connections after a create are real.
+(headers, URLs, bodies, no request for a bad orderRef or contact ref, one status table per
+kind of request); and a few round trips against the real emulator, where timeouts and
+dropped connections after a create are real.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from worker.cdp import (
     Verdict,
     classify,
     classify_error,
+    contact_ref_path,
     parse_retry_after,
 )
 from worker.emulator import Emulator, EmulatorConfig
@@ -400,6 +402,289 @@ async def test_the_client_must_be_opened_and_closes_twice() -> None:
     await unopened.close()
 
 
+# -- reading, updating and deleting one contact ----------------------------------------------
+
+
+def contact_url(version: str = "v2", ref: str = CONTACT_REF) -> str:
+    return f"{BASE}/{version}/orderContacts/{ref}"
+
+
+def listing() -> dict[str, Any]:
+    return {"href": contacts_url(), "items": [{"href": contact_url()}]}
+
+
+# (HTTP method, URL) each operation sends under v2, and how to call it.
+OPERATIONS: dict[str, tuple[str, str, Any]] = {
+    "create": ("POST", contacts_url(), lambda c: c.create_contact(ORDER, BODY)),
+    "list": ("GET", contacts_url(), lambda c: c.list_contacts(ORDER)),
+    "get": ("GET", contact_url(), lambda c: c.get_contact(CONTACT_REF)),
+    "update": ("POST", contact_url(), lambda c: c.update_contact(CONTACT_REF, BODY)),
+    "delete": ("DELETE", contact_url(), lambda c: c.delete_contact(CONTACT_REF)),
+}
+OK, REJ, NF, AUTH, CONF, RETRY, DOUBT = (
+    Verdict.OK,
+    Verdict.REJECTED,
+    Verdict.NOT_FOUND,
+    Verdict.AUTH,
+    Verdict.CONFLICT,
+    Verdict.RETRY,
+    Verdict.IN_DOUBT,
+)
+# One row per status: the verdict of create, list, get, update, delete. 2xx answers carry a
+# contact (a listing for list), 204 nothing, errors CDP's error body.
+STATUS_TABLE: dict[int, tuple[Verdict, Verdict, Verdict, Verdict, Verdict]] = {
+    # status  create list   get    update delete
+    200: (OK, OK, OK, OK, OK),
+    201: (OK, OK, OK, OK, OK),
+    204: (DOUBT, RETRY, RETRY, OK, OK),  # created, but which? / nothing read / done
+    400: (REJ, REJ, REJ, REJ, REJ),
+    401: (AUTH, AUTH, AUTH, AUTH, AUTH),
+    403: (AUTH, AUTH, AUTH, AUTH, AUTH),
+    404: (NF, OK, NF, NF, NF),  # list: an unknown order has no contacts
+    408: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    409: (CONF, RETRY, RETRY, CONF, CONF),  # a read cannot conflict
+    413: (REJ, REJ, REJ, REJ, REJ),
+    422: (REJ, REJ, REJ, REJ, REJ),
+    429: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    500: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    502: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    503: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    504: (RETRY, RETRY, RETRY, RETRY, RETRY),
+}
+
+
+@pytest.mark.parametrize(
+    ("operation", "status", "verdict"),
+    [
+        (operation, status, row[column])
+        for status, row in STATUS_TABLE.items()
+        for column, operation in enumerate(OPERATIONS)
+    ],
+)
+async def test_status_table_per_kind_of_request(
+    mocked: aioresponses, client: CdpClient, operation: str, status: int, verdict: Verdict
+) -> None:
+    method, url, call = OPERATIONS[operation]
+    if status == 204:
+        payload = b""
+    elif status < 300:
+        payload = orjson.dumps(listing() if operation == "list" else created())
+    else:
+        payload = cdp_error(status, "Some reason")
+    mocked.add(url, method, status=status, body=payload, headers={"Retry-After": "3"})
+    outcome = await call(client)
+    assert outcome.verdict is verdict
+    assert (outcome.status, outcome.label) == (status, str(status))
+    assert outcome.duration > 0
+    only_request(mocked, method, url)
+    if status >= 400 and verdict is not OK:
+        assert outcome.message == "Some reason"
+        assert outcome.contact_ref is None
+        assert outcome.retry_after == 3.0
+    if verdict is OK and operation in ("get", "update", "delete", "create"):
+        assert (outcome.contact_ref, outcome.href) == (CONTACT_REF, contact_url())
+
+
+def test_classify_kind_keeps_one_status_table() -> None:
+    headers: CIMultiDict[str] = CIMultiDict({"Retry-After": "4"})
+    ref, href = CONTACT_REF, contact_url()
+    # The positional three-argument form is a create.
+    assert classify(204, headers, b"").verdict is Verdict.IN_DOUBT
+    assert classify(204, headers, b"", kind="create").verdict is Verdict.IN_DOUBT
+    updated = classify(200, headers, b"<html/>", kind="update", ref=ref, href=href)
+    assert (updated.verdict, updated.contact_ref, updated.href) == (Verdict.OK, ref, href)
+    deleted = classify(200, headers, orjson.dumps(created("other")), kind="delete", ref=ref)
+    assert (deleted.verdict, deleted.contact_ref) == (Verdict.OK, ref)  # not the body's ref
+    read = classify(200, headers, b"", kind="read")
+    assert (read.verdict, read.message) == (Verdict.RETRY, "unreadable contact")
+    assert classify(409, headers, b"").verdict is Verdict.CONFLICT
+    assert classify(409, headers, b"", kind="update").verdict is Verdict.CONFLICT
+    assert classify(409, headers, b"", kind="delete").verdict is Verdict.CONFLICT
+    assert classify(409, headers, b"", kind="read").verdict is Verdict.RETRY
+    assert classify(409, headers, b"", kind="read").retry_after == 4.0
+
+
+@pytest.mark.parametrize("version", ["v2", "v2.1"])
+async def test_contact_urls_per_version(version: str) -> None:
+    client = CdpClient(BASE + "/", KEY, TOKEN, api_version=version)
+    assert client.contact_url(CONTACT_REF) == contact_url(version)
+
+
+@pytest.mark.parametrize(
+    "ref", [CONTACT_REF, CONTACT_REF.upper(), "c-1", "a.b_c", "...", "x" * 128, "_", "0"]
+)
+def test_usable_contact_refs_pass_unchanged(ref: str) -> None:
+    assert contact_ref_path(ref) == ref
+
+
+BAD_REFS = [
+    "../x",
+    "a/b",
+    "",
+    "x" * 129,
+    "%2e",
+    ".",
+    "..",
+    "a b",
+    "x\n",
+    "c?x=1",
+    "c#f",
+    "é",
+    "c\\d",
+    f"{BASE}/v2/orderContacts/{CONTACT_REF}",
+]
+
+
+@pytest.mark.parametrize("ref", BAD_REFS)
+async def test_a_bad_contact_ref_is_rejected_without_any_request(
+    mocked: aioresponses, client: CdpClient, ref: str
+) -> None:
+    with pytest.raises(ValueError, match="URL"):
+        contact_ref_path(ref)
+    with pytest.raises(ValueError, match="URL"):
+        client.contact_url(ref)
+    expected = Outcome(Verdict.REJECTED, "bad_ref", message="contact ref is not usable in a URL")
+    assert await client.get_contact(ref) == expected
+    assert await client.update_contact(ref, BODY) == expected
+    assert await client.delete_contact(ref) == expected
+    assert mocked.requests == {}
+
+
+@pytest.mark.parametrize(("version", "method"), [("v2", "POST"), ("v2.1", "PUT")])
+async def test_update_replaces_the_contact_with_the_body_given(
+    mocked: aioresponses, version: str, method: str
+) -> None:
+    client = CdpClient(BASE, KEY, TOKEN, api_version=version)
+    await client.open()
+    body = {**BODY, "street": ["1 Main St", "Apt 2"], "city": "Dublin"} if method == "PUT" else BODY
+    try:
+        mocked.add(contact_url(version), method, status=200, payload=created(version=version))
+        outcome = await client.update_contact(CONTACT_REF, body)
+    finally:
+        await client.close()
+    assert (outcome.verdict, outcome.status) == (Verdict.OK, 200)
+    assert (outcome.contact_ref, outcome.href) == (CONTACT_REF, contact_url(version))
+    call = only_request(mocked, method, contact_url(version))  # one request, nothing else
+    assert_cdp_headers(call)
+    assert call.kwargs["data"] == orjson.dumps(body)
+    assert orjson.loads(call.kwargs["data"]) == body
+
+
+@pytest.mark.parametrize("version", ["v2", "v2.1"])
+async def test_get_and_delete_address_the_contact_without_a_body(
+    mocked: aioresponses, version: str
+) -> None:
+    client = CdpClient(BASE, KEY, TOKEN, api_version=version)
+    await client.open()
+    try:
+        mocked.get(contact_url(version), payload=created(version=version))
+        mocked.delete(contact_url(version), status=204 if version == "v2.1" else 200)
+        read = await client.get_contact(CONTACT_REF)
+        deleted = await client.delete_contact(CONTACT_REF)
+    finally:
+        await client.close()
+    assert (read.verdict, read.contact_ref, read.href) == (
+        Verdict.OK,
+        CONTACT_REF,
+        contact_url(version),
+    )
+    assert (deleted.verdict, deleted.contact_ref) == (Verdict.OK, CONTACT_REF)
+    for method in ("GET", "DELETE"):
+        (call,) = mocked.requests[(method, URL(contact_url(version)))]
+        assert_cdp_headers(call)
+        assert call.kwargs["data"] is None
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [b"", b"<html>ok</html>", b"[]", b'"updated"', b"null", b'{"ref": "x"}', b'{"href": "x"}'],
+)
+async def test_an_unreadable_update_echo_is_still_ok_with_the_ref(
+    mocked: aioresponses, client: CdpClient, payload: bytes
+) -> None:
+    mocked.post(contact_url(), status=200, body=payload)
+    outcome = await client.update_contact(CONTACT_REF, BODY)
+    assert outcome.verdict is Verdict.OK  # we know which contact we replaced
+    assert (outcome.contact_ref, outcome.href) == (CONTACT_REF, contact_url())
+
+
+@pytest.mark.parametrize("payload", [b"", b"<html>ok</html>", b"[]", b"null", b'{"ref": "x"}'])
+async def test_an_unreadable_contact_is_a_retry(
+    mocked: aioresponses, client: CdpClient, payload: bytes
+) -> None:
+    mocked.get(contact_url(), status=200, body=payload)
+    outcome = await client.get_contact(CONTACT_REF)
+    assert (outcome.verdict, outcome.message) == (Verdict.RETRY, "unreadable contact")
+    assert outcome.contact_ref is None
+
+
+@pytest.mark.parametrize("payload", [b"", b"{}", orjson.dumps(created("someone-else"))])
+async def test_a_delete_is_ok_with_the_ref_whatever_its_body(
+    mocked: aioresponses, client: CdpClient, payload: bytes
+) -> None:
+    mocked.delete(contact_url(), status=200, body=payload)
+    outcome = await client.delete_contact(CONTACT_REF)
+    assert (outcome.verdict, outcome.contact_ref) == (Verdict.OK, CONTACT_REF)
+
+
+async def test_update_honours_retry_after(mocked: aioresponses, client: CdpClient) -> None:
+    mocked.post(contact_url(), status=429, body=b"", headers={"Retry-After": "7"})
+    mocked.post(contact_url(), status=503, body=b"", headers={"Retry-After": http_date(60)})
+    mocked.post(contact_url(), status=429, body=b"", headers={"Retry-After": "86400"})
+    throttled = await client.update_contact(CONTACT_REF, BODY)
+    assert (throttled.verdict, throttled.retry_after) == (Verdict.RETRY, 7.0)
+    dated = await client.update_contact(CONTACT_REF, BODY)
+    assert dated.retry_after is not None
+    assert 57.0 <= dated.retry_after <= 61.0
+    capped = await client.update_contact(CONTACT_REF, BODY)
+    assert capped.retry_after == RETRY_AFTER_CAP
+
+
+@pytest.mark.parametrize(
+    ("exc", "changing_verdict", "label"),
+    [
+        (TimeoutError(), Verdict.IN_DOUBT, "timeout"),
+        (aiohttp.SocketTimeoutError("read"), Verdict.IN_DOUBT, "timeout"),
+        (aiohttp.ServerDisconnectedError(), Verdict.IN_DOUBT, "connection"),
+        (aiohttp.ClientOSError(104, "reset"), Verdict.IN_DOUBT, "connection"),
+        (connector_error(), Verdict.RETRY, "connection"),
+        (aiohttp.ConnectionTimeoutError(), Verdict.RETRY, "connection"),
+    ],
+)
+async def test_no_answer_is_in_doubt_for_update_and_delete_and_a_retry_for_get(
+    mocked: aioresponses,
+    client: CdpClient,
+    exc: BaseException,
+    changing_verdict: Verdict,
+    label: str,
+) -> None:
+    mocked.post(contact_url(), exception=exc)
+    mocked.delete(contact_url(), exception=exc)
+    mocked.get(contact_url(), exception=exc)
+    updated = await client.update_contact(CONTACT_REF, BODY)
+    deleted = await client.delete_contact(CONTACT_REF)
+    read = await client.get_contact(CONTACT_REF)
+    for outcome in (updated, deleted):
+        assert (outcome.verdict, outcome.label, outcome.status) == (changing_verdict, label, None)
+        assert outcome.duration > 0
+    assert (read.verdict, read.label, read.status) == (Verdict.RETRY, label, None)
+
+
+async def test_outcomes_never_show_credentials(mocked: aioresponses, client: CdpClient) -> None:
+    # A proxy's debug page that echoes the request's credentials back.
+    echo = f"denied: Authorization: {BASIC} for {KEY} / {TOKEN}".encode()
+    for method, url, _call in OPERATIONS.values():
+        mocked.add(url, method, status=401, body=echo, repeat=True)
+    outcomes = [await call(client) for _method, _url, call in OPERATIONS.values()]
+    outcomes.append(await client.get_contact("../x"))
+    for outcome in outcomes:
+        assert outcome.verdict in (Verdict.AUTH, Verdict.REJECTED)
+        for shown in (repr(outcome), str(outcome)):
+            for secret in (KEY, TOKEN, BASIC, BASIC.split()[1]):
+                assert secret not in shown
+    assert outcomes[0].message == "denied: Authorization: [redacted] for [redacted] / [redacted]"
+
+
 # -- the client against the real emulator ----------------------------------------------------
 
 
@@ -433,6 +718,20 @@ async def test_real_create_and_list_round_trip(emulator_default: Emulator, versi
     (stored,) = emulator_default.contacts_for(order)
     assert {k: stored[k] for k in BODY} == BODY  # the emulator validated and kept the body
     assert made.duration > 0
+
+
+async def test_real_get_reads_a_created_contact(emulator_default: Emulator) -> None:
+    client = real_client(emulator_default)
+    await client.open()
+    try:
+        made = await client.create_contact(ORDER, BODY)
+        assert made.contact_ref is not None
+        read = await client.get_contact(made.contact_ref)
+        missing = await client.get_contact("no-such-contact")
+    finally:
+        await client.close()
+    assert (read.verdict, read.contact_ref, read.href) == (Verdict.OK, made.contact_ref, made.href)
+    assert (missing.verdict, missing.status) == (Verdict.NOT_FOUND, 404)
 
 
 async def test_real_wrong_credentials_and_invalid_body(emulator_default: Emulator) -> None:

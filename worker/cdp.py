@@ -1,9 +1,12 @@
-"""The Sitecore CDP client: create and list an order's contacts, and classify every answer.
+"""The Sitecore CDP client: an order's contacts (create, list, read, update, delete), and
+what every answer means.
 
 One `aiohttp.ClientSession` per process, its connector sized to the concurrency, the Basic
 `Authorization` header built once. `classify` turns an HTTP answer (or the lack of one)
 into a `Verdict` the pipeline acts on, following DESIGN section 3; it is the one place
-where "what does this status mean" is decided.
+where "what does this status mean" is decided. The status table is the same for every
+kind of request; only what a success (2xx) carries, and whether a 409 can mean anything,
+depend on the kind.
 """
 
 from __future__ import annotations
@@ -12,12 +15,13 @@ import asyncio
 import base64
 import dataclasses
 import enum
+import re
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import orjson
@@ -31,15 +35,27 @@ CONNECT_TIMEOUT_CAP = 5.0
 # Bytes of an error body kept for the dead letter's detail; CDP's messages are short.
 ERROR_DETAIL_LIMIT = 500
 
+# What a request does, for `classify`: "read" covers a listing and a single contact.
+Kind = Literal["create", "update", "delete", "read"]
+
+# A contact ref comes from CDP's answers (a listing's hrefs, a 201 body), not from us: it
+# is put in a URL path only if it is one plain path segment (no "/", "%", "?", "#", no
+# dot segment), so a strange answer can never point a PUT or a DELETE somewhere else.
+_CONTACT_REF = re.compile(r"[A-Za-z0-9_.-]{1,128}")
+
 
 class Verdict(enum.StrEnum):
     OK = "ok"  # 2xx: done as asked (created, updated, deleted, listed, read)
     REJECTED = "rejected"  # 4xx that will never succeed: dead-letter cdp_rejected
-    NOT_FOUND = "not_found"  # 404: the order may not exist yet; retry within the grace period
+    # 404. Create: the order may not exist yet (retry within the grace period). Update:
+    # the contact was deleted at CDP. Delete: already gone. Read: no such contact.
+    NOT_FOUND = "not_found"
     AUTH = "auth"  # 401/403: wrong credentials for every event; pause the whole worker
     CONFLICT = "conflict"  # 409: reconcile
-    RETRY = "retry"  # 408/429/5xx/connection refused: nothing was created, try again
-    IN_DOUBT = "in_doubt"  # sent, fate unknown (timeout, connection lost): reconcile first
+    RETRY = "retry"  # 408/429/5xx/connection refused: nothing was changed, try again
+    # Sent, fate unknown (timeout, connection lost). Create: reconcile first; update and
+    # delete are idempotent: send them again.
+    IN_DOUBT = "in_doubt"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +63,9 @@ class Outcome:
     """What one CDP request came to.
 
     `status` is the HTTP status, or None when no answer came; `label` is the status as a
-    metric label ("201", "429", "timeout", "connection"); `message` is CDP's error message
-    (never a request body); `contacts` holds the refs a list call found.
+    metric label ("201", "429", "timeout", "connection", "bad_ref"); `message` is CDP's
+    error message (never a request body); `contact_ref`/`href` name the contact created,
+    read, updated or deleted; `contacts` holds the refs a list call found.
     """
 
     verdict: Verdict
@@ -60,6 +77,17 @@ class Outcome:
     href: str | None = None
     contacts: tuple[tuple[str, str], ...] = field(default=())  # (ref, href) pairs
     duration: float = 0.0
+
+
+# What a request for an unusable contact ref comes to, without sending anything.
+BAD_REF = Outcome(Verdict.REJECTED, "bad_ref", message="contact ref is not usable in a URL")
+
+
+def contact_ref_path(contact_ref: str) -> str:
+    """The contact ref for a URL path; ValueError unless it is one plain path segment."""
+    if contact_ref in (".", "..") or not _CONTACT_REF.fullmatch(contact_ref):
+        raise ValueError("contact ref is not usable in a URL")
+    return contact_ref
 
 
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
@@ -97,25 +125,61 @@ def _ref_from_href(href: str) -> str:
     return href.rstrip("/").rsplit("/", 1)[-1]
 
 
-def classify(status: int, headers: Mapping[str, str], body: bytes) -> Outcome:
-    """Classify an HTTP answer to a POST of a contact (DESIGN section 3)."""
+def _contact_in(body: bytes) -> tuple[str, str] | None:
+    """(ref, href) of a contact body (a 201's, a GET's), or None when it has neither."""
+    try:
+        contact = orjson.loads(body)
+        return str(contact["ref"]), str(contact["href"])
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        return None
+
+
+def _succeeded(status: int, body: bytes, kind: Kind, ref: str | None, href: str | None) -> Outcome:
+    """A 2xx: what it tells us depends on what was asked."""
+    label = str(status)
+    if kind == "delete":
+        # v2.1 answers 204, v2 200 with or without a body: we know which contact is gone.
+        return Outcome(Verdict.OK, label, status, contact_ref=ref, href=href)
+    contact = _contact_in(body)
+    if contact is not None:
+        return Outcome(Verdict.OK, label, status, contact_ref=contact[0], href=contact[1])
+    if kind == "update":
+        # Replaced; the body is just an echo, and we know which contact we addressed.
+        return Outcome(Verdict.OK, label, status, contact_ref=ref, href=href)
+    if kind == "read":
+        # Nothing was changed, so asking again is safe (a proxy's page, a cut body).
+        return Outcome(Verdict.RETRY, label, status, message="unreadable contact")
+    # Created, but we cannot tell which contact: ask CDP rather than guess.
+    return Outcome(Verdict.IN_DOUBT, label, status, message="unreadable success body")
+
+
+def classify(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes,
+    *,
+    kind: Kind = "create",
+    ref: str | None = None,
+    href: str | None = None,
+) -> Outcome:
+    """Classify an HTTP answer to a request of `kind` (DESIGN section 3).
+
+    `ref`/`href` name the contact an update or a delete addressed: the outcome carries
+    them when the answer does not say (a 204, an unreadable echo). A listing's 2xx body
+    is not a contact: `CdpClient.list_contacts` reads it itself.
+    """
+    if 200 <= status < 300:
+        return _succeeded(status, body, kind, ref, href)
     label = str(status)
     retry_after = parse_retry_after(headers.get("Retry-After"))
-    if status in (200, 201):
-        try:
-            created = orjson.loads(body)
-            ref, href = str(created["ref"]), str(created["href"])
-        except (orjson.JSONDecodeError, KeyError, TypeError):
-            # Created, but we cannot tell which contact: ask CDP rather than guess.
-            return Outcome(Verdict.IN_DOUBT, label, status, message="unreadable success body")
-        return Outcome(Verdict.OK, label, status, contact_ref=ref, href=href)
     message = _error_message(body)
     if status in (401, 403):
         verdict = Verdict.AUTH
     elif status == 404:
         verdict = Verdict.NOT_FOUND
     elif status == 409:
-        verdict = Verdict.CONFLICT
+        # A read changes nothing, so it cannot conflict: a proxy's oddity, ask again.
+        verdict = Verdict.RETRY if kind == "read" else Verdict.CONFLICT
     elif status in (408, 429) or status >= 500:
         verdict = Verdict.RETRY
     elif 400 <= status < 500:
@@ -129,7 +193,8 @@ def classify_error(exc: BaseException, *, sent_possible: bool) -> Outcome:
     """Classify a request that got no answer.
 
     A failure to connect means nothing was sent: plain retry. Anything after the request
-    may have left (a timeout, a dropped connection) is in doubt when the request was a POST.
+    may have left (a timeout, a dropped connection) is in doubt when the request changes
+    something (`sent_possible`: create, update, delete), a plain retry for a read.
     A TLS failure (`label` "tls") is a failure to connect too; `message` is then the
     certificate's verification error, for the `cdp.tls_failed` line.
     """
@@ -151,7 +216,11 @@ def basic_authorization(client_key: str, api_token: str) -> str:
 
 
 class CdpClient:
-    """Creates and lists order contacts. `open()` once, `close()` at the end."""
+    """Creates, lists, reads, updates and deletes order contacts.
+
+    `open()` once, `close()` at the end. No method raises for HTTP or network trouble
+    (see the `Outcome`); only an orderRef that is not a UUID raises ValueError.
+    """
 
     def __init__(
         self,
@@ -172,11 +241,16 @@ class CdpClient:
         )
         self._concurrency = concurrency
         # Built once: the header is a credential and must not be rebuilt (or logged) per call.
+        authorization = basic_authorization(client_key, api_token)
         self._headers = {
-            "Authorization": basic_authorization(client_key, api_token),
+            "Authorization": authorization,
             "Accept": "application/json",
             "Content-Type": "application/json",
         }
+        # An error body that echoes them (a proxy's debug page) must not carry them into an
+        # outcome's message, and from there into a dead letter or a log line.
+        secrets = (authorization, authorization.split()[-1], api_token, client_key)
+        self._secrets = tuple(secret for secret in secrets if secret)
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -217,42 +291,96 @@ class CdpClient:
         # order_ref_path raises unless order_ref is a UUID: nothing unvalidated reaches a URL.
         return f"{self.base_url}/{self.api_version}/orders/{order_ref_path(order_ref)}/contacts"
 
+    def contact_url(self, contact_ref: str) -> str:
+        # contact_ref_path raises unless the ref is one plain path segment.
+        return f"{self.base_url}/{self.api_version}/orderContacts/{contact_ref_path(contact_ref)}"
+
     async def create_contact(self, order_ref: str, body: Mapping[str, Any]) -> Outcome:
-        """POST the contact. Never raises for HTTP or network trouble: see the Outcome."""
-        url = self.contacts_url(order_ref)
-        data = orjson.dumps(body)
-        started = time.perf_counter()
-        try:
-            async with self.session.post(url, data=data) as response:
-                payload = await response.read()
-                outcome = classify(response.status, response.headers, payload)
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            outcome = classify_error(exc, sent_possible=True)
-        return _timed(outcome, started)
+        """POST the contact. OK with its ref and href; otherwise see `classify`."""
+        return await self._send("POST", self.contacts_url(order_ref), orjson.dumps(body), "create")
 
     async def list_contacts(self, order_ref: str) -> Outcome:
-        """GET the order's contacts. CREATED with `contacts` on success; otherwise as classify."""
-        url = self.contacts_url(order_ref)
+        """GET the order's contacts. OK with `contacts` on success; otherwise as classify."""
+        outcome = await self._send(
+            "GET", self.contacts_url(order_ref), None, "read", read_success=_listed
+        )
+        if outcome.verdict is Verdict.NOT_FOUND:
+            # An unknown order has no contacts; some proxies say so with a 404.
+            return Outcome(Verdict.OK, outcome.label, outcome.status, duration=outcome.duration)
+        return outcome
+
+    async def get_contact(self, contact_ref: str) -> Outcome:
+        """GET one contact: OK with its ref and href, NOT_FOUND when there is none."""
+        return await self._send_to_contact("GET", contact_ref, None, "read")
+
+    async def update_contact(self, contact_ref: str, body: Mapping[str, Any]) -> Outcome:
+        """Replace the whole contact with `body`: OK with its ref and href, NOT_FOUND when
+        it was deleted at CDP, IN_DOUBT when no answer came (send it again: a replace is
+        idempotent)."""
+        # v2 updates with a POST to the contact; v2.1 with PUT (its PATCH is partial, and
+        # we always send the whole resource).
+        method = "POST" if self.api_version == "v2" else "PUT"
+        return await self._send_to_contact(method, contact_ref, orjson.dumps(body), "update")
+
+    async def delete_contact(self, contact_ref: str) -> Outcome:
+        """DELETE the contact: OK with its ref, NOT_FOUND when it is already gone."""
+        return await self._send_to_contact("DELETE", contact_ref, None, "delete")
+
+    async def _send_to_contact(
+        self, method: str, contact_ref: str, data: bytes | None, kind: Kind
+    ) -> Outcome:
+        """A request to one contact, or BAD_REF (nothing sent) for a ref unfit for a URL."""
+        try:
+            url = self.contact_url(contact_ref)
+        except ValueError:
+            return BAD_REF
+        return await self._send(method, url, data, kind, ref=contact_ref)
+
+    async def _send(
+        self,
+        method: str,
+        url: str,
+        data: bytes | None,
+        kind: Kind,
+        *,
+        ref: str | None = None,
+        read_success: Callable[[int, bytes], Outcome] | None = None,
+    ) -> Outcome:
+        """Send one request and classify what came of it, timed; never raises for HTTP or
+        network trouble.
+
+        `ref` is the contact `url` addresses (for `classify`); `read_success` reads a 2xx
+        body that is not a contact (a listing).
+        """
         started = time.perf_counter()
         try:
-            async with self.session.get(url) as response:
+            async with self.session.request(method, url, data=data) as response:
                 payload = await response.read()
                 status = response.status
-                if status != 200:
-                    outcome = classify(status, response.headers, payload)
-                    if outcome.verdict is Verdict.NOT_FOUND:
-                        # An unknown order has no contacts; some proxies say so with a 404.
-                        outcome = Outcome(Verdict.OK, "404", status)
-                    elif outcome.verdict in (Verdict.CONFLICT, Verdict.IN_DOUBT):
-                        outcome = Outcome(Verdict.RETRY, outcome.label, status)
+                if read_success is not None and 200 <= status < 300:
+                    outcome = read_success(status, payload)
                 else:
-                    outcome = _listed(payload)
+                    href = url if ref is not None else None
+                    outcome = classify(
+                        status, response.headers, payload, kind=kind, ref=ref, href=href
+                    )
         except (TimeoutError, aiohttp.ClientError) as exc:
-            outcome = classify_error(exc, sent_possible=False)
-        return _timed(outcome, started)
+            # A read changes nothing: with no answer it is simply asked again.
+            outcome = classify_error(exc, sent_possible=kind != "read")
+        return dataclasses.replace(
+            outcome, message=self._redact(outcome.message), duration=time.perf_counter() - started
+        )
+
+    def _redact(self, message: str | None) -> str | None:
+        if message is None:
+            return None
+        for secret in self._secrets:
+            message = message.replace(secret, "[redacted]")
+        return message
 
 
-def _listed(payload: bytes) -> Outcome:
+def _listed(status: int, payload: bytes) -> Outcome:
+    label = str(status)
     try:
         items = orjson.loads(payload)["items"]
         contacts = tuple(
@@ -260,9 +388,5 @@ def _listed(payload: bytes) -> Outcome:
             for item in items
         )
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
-        return Outcome(Verdict.RETRY, "200", 200, message="unreadable contact list")
-    return Outcome(Verdict.OK, "200", 200, contacts=contacts)
-
-
-def _timed(outcome: Outcome, started: float) -> Outcome:
-    return dataclasses.replace(outcome, duration=time.perf_counter() - started)
+        return Outcome(Verdict.RETRY, label, status, message="unreadable contact list")
+    return Outcome(Verdict.OK, label, status, contacts=contacts)
