@@ -84,6 +84,28 @@ async def get(
         return response.status, orjson.loads(await response.read())
 
 
+async def send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, dict[str, str], Any]:
+    """Any request; returns (status, response headers, decoded JSON body or None if empty)."""
+    sent = headers if headers is not None else HEADERS
+    async with session.request(method, url, json=body, headers=sent) as response:
+        raw = await response.read()
+        return response.status, dict(response.headers), orjson.loads(raw) if raw else None
+
+
+def contact_url(emulator: Emulator, ref: str, version: str = "v2") -> str:
+    return f"{emulator.url}/{version}/orderContacts/{ref}"
+
+
+# The update of each version: (version, method).
+UPDATES = [("v2", "POST"), ("v2.1", "PUT")]
+
+
 def assert_cdp_error(body: Any, status: int) -> None:
     assert body["status"] == status
     assert body["code"] == status
@@ -552,6 +574,502 @@ async def test_seeded_faults_are_reproducible(session: aiohttp.ClientSession) ->
     assert any(status >= 500 for status in first)
 
 
+# --------------------------------------------------------------------------- updates, deletes
+
+
+async def created_contact(
+    session: aiohttp.ClientSession, emulator: Emulator, version: str = "v2", **extra: Any
+) -> tuple[str, dict[str, Any]]:
+    """A new order with one contact: (orderRef, the 201 body)."""
+    order = new_order()
+    status, _, created = await post(session, emulator, order, contact(**extra), version=version)
+    assert status == 201
+    return order, created
+
+
+@pytest.mark.parametrize(("version", "method"), UPDATES)
+async def test_update_replaces_the_whole_contact(
+    emulator: Emulator, session: aiohttp.ClientSession, version: str, method: str
+) -> None:
+    order, created = await created_contact(
+        session,
+        emulator,
+        version,
+        emails=["john@example.com"],
+        guest={"href": f"https://api.example/{version}/guests/{GUEST}"},
+    )
+    ref = created["ref"]
+    replacement = {"firstName": "Jane", "lastName": "Roe", "gender": "female", "country": "FR"}
+    status, _, updated = await send(
+        session, method, contact_url(emulator, ref, version), replacement
+    )
+    assert status == 200
+    # The whole resource is the new body: emails, title and guest, absent from it, are gone.
+    fields = {
+        k: v
+        for k, v in updated.items()
+        if k not in ("href", "ref", "createdAt", "modifiedAt", "order")
+    }
+    assert fields == replacement
+    assert updated["ref"] == ref
+    assert updated["href"] == contact_url(emulator, ref, version)
+    assert updated["order"] == {"href": f"{emulator.url}/{version}/orders/{order}"}
+    assert updated["createdAt"] == created["createdAt"]
+    assert ISO_MS.fullmatch(updated["modifiedAt"])
+    assert updated["modifiedAt"] >= created["modifiedAt"]
+    status, fetched = await get(session, contact_url(emulator, ref, version))
+    assert (status, fetched) == (200, updated)
+    assert emulator.contacts_for(order) == [updated]
+    _, listing = await get(session, f"{emulator.url}/{version}/orders/{order}/contacts")
+    assert len(listing["items"]) == 1  # replaced in place, not a second contact
+
+
+async def test_v2_1_put_accepts_address_fields(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    _, created = await created_contact(session, emulator, "v2.1")
+    address = {"street": ["1 Main St"], "city": "Dublin", "state": "Leinster"}
+    url = contact_url(emulator, created["ref"], "v2.1")
+    status, _, updated = await send(session, "PUT", url, contact(**address))
+    assert status == 200
+    assert {name: updated[name] for name in address} == address
+
+
+@pytest.mark.parametrize(("version", "method"), UPDATES)
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"lastName": "Doe"},
+        contact(lastName=""),
+        contact(orderRef="d680c9be-4c07-4731-857e-9602034b15f2"),
+        contact(dateOfBirth="1985-12-24"),
+        contact(country="ie"),
+        contact(guest=GUEST),
+        contact(ref=GUEST),
+        contact(createdAt="2026-01-01T00:00:00.000Z"),
+        [],
+    ],
+    ids=[
+        "missing-firstName",
+        "empty-lastName",
+        "envelope-field",
+        "date-only",
+        "country-lowercase",
+        "guest-not-object",
+        "ref",
+        "createdAt",
+        "array",
+    ],
+)
+async def test_invalid_updates_are_400_and_change_nothing(
+    emulator: Emulator, session: aiohttp.ClientSession, version: str, method: str, body: Any
+) -> None:
+    order, created = await created_contact(session, emulator, version, emails=["j@example.com"])
+    url = contact_url(emulator, created["ref"], version)
+    status, _, answer = await send(session, method, url, body)
+    assert status == 400
+    assert_cdp_error(answer, 400)
+    assert emulator.contacts_for(order) == [created]
+    assert emulator.stats()["updates"] == 0
+
+
+async def test_v2_update_rejects_address_fields(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator)
+    url = contact_url(emulator, created["ref"])
+    status, _, answer = await send(session, "POST", url, contact(city="Dublin"))
+    assert status == 400
+    assert_cdp_error(answer, 400)
+    assert "city" in answer["message"]
+    assert emulator.contacts_for(order) == [created]
+
+
+async def test_update_body_must_be_json(emulator: Emulator, session: aiohttp.ClientSession) -> None:
+    order, created = await created_contact(session, emulator)
+    url = contact_url(emulator, created["ref"])
+    headers = {**HEADERS, "Content-Type": "text/plain"}
+    async with session.post(url, data=orjson.dumps(contact()), headers=headers) as response:
+        assert response.status == 415
+        assert_cdp_error(orjson.loads(await response.read()), 415)
+    headers = {**HEADERS, "Content-Type": "application/json"}
+    async with session.post(url, data=b"{not json", headers=headers) as response:
+        assert response.status == 400
+    assert emulator.contacts_for(order) == [created]
+
+
+async def test_patch_replaces_only_the_fields_given(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(
+        session, emulator, "v2.1", emails=["john@example.com"], city="Dublin"
+    )
+    url = contact_url(emulator, created["ref"], "v2.1")
+    status, _, patched = await send(session, "PATCH", url, {"lastName": "Smith", "city": "Cork"})
+    assert status == 200
+    expected = {**created, "lastName": "Smith", "city": "Cork", "modifiedAt": patched["modifiedAt"]}
+    assert patched == expected
+    assert (patched["title"], patched["emails"]) == ("Mr", ["john@example.com"])  # kept
+    assert emulator.contacts_for(order) == [patched]
+
+    # Each field given is checked as a create checks it; a bad one changes nothing.
+    for bad in ({"lastName": ""}, {"firstName": None}, {"title": "Mister"}, {"eventId": "e"}):
+        status, _, answer = await send(session, "PATCH", url, bad)
+        assert status == 400, bad
+        assert_cdp_error(answer, 400)
+    assert emulator.contacts_for(order) == [patched]
+    assert emulator.stats()["updates"] == 1
+
+
+@pytest.mark.parametrize(
+    ("version", "method"),
+    [("v2", "PUT"), ("v2", "PATCH"), ("v2.1", "POST")],
+)
+async def test_the_other_versions_update_method_is_405(
+    emulator: Emulator, session: aiohttp.ClientSession, version: str, method: str
+) -> None:
+    order, created = await created_contact(session, emulator, version)
+    url = contact_url(emulator, created["ref"], version)
+    status, headers, answer = await send(session, method, url, contact(lastName="Roe"))
+    assert status == 405
+    assert_cdp_error(answer, 405)
+    allowed = {name.strip() for name in headers["Allow"].split(",")}
+    assert method not in allowed
+    assert {"GET", "DELETE"} <= allowed
+    assert ("POST" if version == "v2" else "PUT") in allowed
+    assert emulator.contacts_for(order) == [created]
+
+
+@pytest.mark.parametrize(
+    ("version", "method"),
+    [*UPDATES, ("v2.1", "PATCH"), ("v2", "DELETE"), ("v2.1", "DELETE")],
+)
+async def test_update_and_delete_of_an_unknown_ref_are_404(
+    emulator: Emulator, session: aiohttp.ClientSession, version: str, method: str
+) -> None:
+    url = contact_url(emulator, new_order(), version)
+    body = None if method == "DELETE" else contact()
+    status, _, answer = await send(session, method, url, body)
+    assert status == 404
+    assert_cdp_error(answer, 404)
+    stats = emulator.stats()
+    assert (stats["contacts"], stats["updates"], stats["deletes"]) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("version", ["v2", "v2.1"])
+async def test_delete_removes_the_contact_everywhere(
+    emulator: Emulator, session: aiohttp.ClientSession, version: str
+) -> None:
+    order, created = await created_contact(session, emulator, version)
+    url = contact_url(emulator, created["ref"], version)
+    async with session.delete(url, headers=HEADERS) as response:
+        assert response.status == 204
+        assert await response.read() == b""
+    _, listing = await get(session, f"{emulator.url}/{version}/orders/{order}/contacts")
+    assert listing["items"] == []
+    status, answer = await get(session, url)
+    assert status == 404
+    assert_cdp_error(answer, 404)
+    assert emulator.contacts_for(order) == []
+    # Already gone: a second delete, and any update, are 404 and bring nothing back.
+    status, _, answer = await send(session, "DELETE", url)
+    assert status == 404
+    assert_cdp_error(answer, 404)
+    for update_version, method in [*UPDATES, ("v2.1", "PATCH")]:
+        update_url = contact_url(emulator, created["ref"], update_version)
+        status, _, answer = await send(session, method, update_url, contact())
+        assert status == 404, (update_version, method)
+        assert_cdp_error(answer, 404)
+    stats = emulator.stats()
+    assert (stats["contacts"], stats["orders"], stats["contacts_per_order"]) == (0, 0, {})
+    assert stats["per_order"] == {order: {"live": [], "creates": 1, "updates": 0, "deletes": 1}}
+
+
+async def test_delete_of_a_duplicate_leaves_the_other_contact(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order = new_order()
+    refs = [(await post(session, emulator, order, contact()))[2]["ref"] for _ in range(2)]
+    assert emulator.stats()["duplicate_orders"] == 1
+    status, _, _ = await send(session, "DELETE", contact_url(emulator, refs[0]))
+    assert status == 204
+    _, listing = await get(session, f"{emulator.url}/v2.1/orders/{order}/contacts")
+    assert [item["ref"] for item in listing["items"]] == [refs[1]]
+    assert [stored["ref"] for stored in emulator.contacts_for(order)] == [refs[1]]
+    stats = emulator.stats()
+    assert (stats["contacts"], stats["duplicate_orders"]) == (1, 0)
+    assert stats["contacts_per_order"] == {order: 1}
+
+
+async def test_stats_count_writes_per_order_and_requests_by_kind(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    kept, erased = new_order(), new_order()
+    _, _, first = await post(session, emulator, kept, contact())
+    _, _, second = await post(session, emulator, kept, contact())
+    _, _, gone = await post(session, emulator, erased, contact(), version="v2.1")
+    await send(session, "POST", contact_url(emulator, first["ref"]), contact(lastName="Roe"))
+    await send(session, "PATCH", contact_url(emulator, first["ref"], "v2.1"), {"title": "Dr"})
+    await send(session, "DELETE", contact_url(emulator, second["ref"]))
+    await send(session, "DELETE", contact_url(emulator, gone["ref"], "v2.1"))
+    await send(session, "DELETE", contact_url(emulator, gone["ref"], "v2.1"))  # 404
+    await get(session, f"{emulator.url}/v2/orders/{kept}/contacts")
+    await get(session, contact_url(emulator, first["ref"]))
+    await send(session, "PUT", contact_url(emulator, first["ref"]), contact())  # 405 on v2
+
+    stats = emulator.stats()
+    assert stats["per_order"] == {
+        kept: {"live": [first["ref"]], "creates": 2, "updates": 2, "deletes": 1},
+        erased: {"live": [], "creates": 1, "updates": 0, "deletes": 1},
+    }
+    assert (stats["creates"], stats["updates"], stats["deletes"]) == (3, 2, 2)
+    assert (stats["contacts"], stats["orders"], stats["duplicate_orders"]) == (1, 1, 0)
+    assert stats["contacts_per_order"] == {kept: 1}
+    assert stats["requests"] == {"POST": 4, "PATCH": 1, "DELETE": 3, "GET": 2, "PUT": 1}
+    assert stats["requests_by_kind"] == {
+        "create": 3, "update": 2, "delete": 3, "list": 1, "get": 1, "other": 1
+    }  # fmt: skip
+    assert stats["responses_by_kind"] == {
+        "create": {"201": 3},
+        "update": {"200": 2},
+        "delete": {"204": 2, "404": 1},
+        "list": {"200": 1},
+        "get": {"200": 1},
+        "other": {"405": 1},
+    }
+    assert stats["responses"] == {"201": 3, "200": 4, "204": 2, "404": 1, "405": 1}
+    status, over_http = await get(session, f"{emulator.url}/_emulator/stats", headers={})
+    assert status == 200
+    assert over_http["per_order"] == stats["per_order"]
+    assert over_http["responses_by_kind"] == stats["responses_by_kind"]
+
+
+async def test_stats_list_every_kind_before_any_request(emulator: Emulator) -> None:
+    stats = emulator.stats()
+    assert stats["requests_by_kind"] == dict.fromkeys(
+        ("create", "update", "delete", "list", "get"), 0
+    )
+    assert stats["responses_by_kind"] == {kind: {} for kind in stats["requests_by_kind"]}
+    assert (stats["per_order"], stats["creates"], stats["updates"], stats["deletes"]) == (
+        {},
+        0,
+        0,
+        0,
+    )
+
+
+async def test_contacts_for_returns_copies(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator)
+    (copy,) = emulator.contacts_for(order)
+    copy["lastName"] = "Changed"
+    assert emulator.contacts_for(order) == [created]
+
+
+async def update_or_delete(
+    session: aiohttp.ClientSession,
+    emulator: Emulator,
+    kind: str,
+    ref: str,
+    *,
+    timeout: float | None = None,
+) -> int:
+    """A v2.1 update (PUT) or delete of `ref`; returns the status."""
+    url = contact_url(emulator, ref, "v2.1")
+    body = contact(lastName="Roe") if kind == "update" else None
+    method = "PUT" if kind == "update" else "DELETE"
+    client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout else aiohttp.ClientTimeout()
+    async with session.request(
+        method, url, json=body, headers=HEADERS, timeout=client_timeout
+    ) as response:
+        await response.read()
+        return response.status
+
+
+async def assert_applied(
+    session: aiohttp.ClientSession, emulator: Emulator, kind: str, order: str, ref: str
+) -> None:
+    """What the worker will see when it looks after a write it got no answer to."""
+    status, fetched = await get(session, contact_url(emulator, ref, "v2.1"))
+    _, listing = await get(session, f"{emulator.url}/v2.1/orders/{order}/contacts")
+    if kind == "update":
+        assert (status, fetched["lastName"]) == (200, "Roe")
+        assert [item["ref"] for item in listing["items"]] == [ref]
+    else:
+        assert status == 404
+        assert listing["items"] == []
+        assert emulator.contacts_for(order) == []
+
+
+@pytest.mark.parametrize("kind", ["update", "delete"])
+async def test_timeout_after_a_write_applies_it_then_hangs(
+    emulator: Emulator, session: aiohttp.ClientSession, kind: str
+) -> None:
+    order, created = await created_contact(session, emulator, "v2.1")
+    setattr(emulator.config, f"timeout_after_{kind}_rate", 1.0)
+    emulator.config.hang_seconds = 2.0
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await update_or_delete(session, emulator, kind, created["ref"], timeout=0.3)
+    assert time.monotonic() - started < 1.5
+    await assert_applied(session, emulator, kind, order, created["ref"])
+    stats = emulator.stats()
+    assert stats["faults"] == {f"timeout_after_{kind}": 1}
+    assert stats[f"{kind}s"] == 1
+
+
+@pytest.mark.parametrize("kind", ["update", "delete"])
+async def test_hanging_write_ends_with_its_answer_for_a_patient_client(
+    emulator: Emulator, session: aiohttp.ClientSession, kind: str
+) -> None:
+    _, created = await created_contact(session, emulator, "v2.1")
+    setattr(emulator.config, f"timeout_after_{kind}_rate", 1.0)
+    emulator.config.hang_seconds = 0.2
+    started = time.monotonic()
+    status = await update_or_delete(session, emulator, kind, created["ref"])
+    assert status == (200 if kind == "update" else 204)
+    assert time.monotonic() - started >= 0.2
+
+
+async def raw_exchange(emulator: Emulator, method: str, path: str, body: Any = None) -> bytes:
+    """One request on a connection of its own, written by hand: every byte the emulator
+    sent back before closing. (aiohttp's client would resend a PUT or DELETE once after a
+    dropped connection, hiding the drop.)"""
+    payload = orjson.dumps(body) if body is not None else b""
+    head = (
+        f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{emulator.port}\r\n"
+        f"Authorization: {basic()}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(payload)}\r\nConnection: close\r\n\r\n"
+    )
+    reader, writer = await asyncio.open_connection("127.0.0.1", emulator.port)
+    try:
+        writer.write(head.encode() + payload)
+        await writer.drain()
+        try:
+            async with asyncio.timeout(5):
+                return await reader.read()  # until the emulator closes the connection
+        except ConnectionResetError:
+            return b""
+    finally:
+        writer.close()
+
+
+@pytest.mark.parametrize(
+    ("kind", "version", "method"),
+    [("update", "v2", "POST"), ("update", "v2.1", "PUT"), ("delete", "v2", "DELETE")],
+)
+async def test_reset_after_a_write_applies_it_then_drops_the_connection(
+    emulator: Emulator, session: aiohttp.ClientSession, kind: str, version: str, method: str
+) -> None:
+    order, created = await created_contact(session, emulator, "v2.1")
+    ref = created["ref"]
+    # A control first: the same exchange, unfaulted, is answered.
+    _, control = await created_contact(session, emulator, "v2.1")
+    body = contact(lastName="Roe") if kind == "update" else None
+    answer = await raw_exchange(
+        emulator, method, f"/{version}/orderContacts/{control['ref']}", body
+    )
+    assert answer.startswith(b"HTTP/1.1 20")
+    setattr(emulator.config, f"reset_after_{kind}_rate", 1.0)
+    answer = await raw_exchange(emulator, method, f"/{version}/orderContacts/{ref}", body)
+    assert answer == b""  # the connection closed without a byte of answer
+    setattr(emulator.config, f"reset_after_{kind}_rate", 0.0)
+    await assert_applied(session, emulator, kind, order, ref)
+    stats = emulator.stats()
+    assert stats["faults"] == {f"reset_after_{kind}": 1}
+    assert stats[f"{kind}s"] == 2  # the control's and the dropped one's
+    assert sum(stats["responses_by_kind"][kind].values()) == 1  # only the control answered
+
+
+async def test_after_write_knobs_are_per_kind(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator, "v2.1")
+    # Faults of creates and deletes leave updates alone, and those of updates leave deletes.
+    emulator.config.update(
+        {"timeout_after_create_rate": 1.0, "reset_after_create_rate": 1.0}
+        | {"timeout_after_delete_rate": 1.0, "reset_after_delete_rate": 1.0}
+    )
+    assert await update_or_delete(session, emulator, "update", created["ref"], timeout=1) == 200
+    emulator.config.update(
+        {"timeout_after_delete_rate": 0.0, "reset_after_delete_rate": 0.0}
+        | {"timeout_after_update_rate": 1.0, "reset_after_update_rate": 1.0}
+    )
+    assert await update_or_delete(session, emulator, "delete", created["ref"], timeout=1) == 204
+    assert emulator.stats()["faults"] == {}
+    assert emulator.contacts_for(order) == []
+
+
+async def test_error_orders_fail_updates_and_deletes_too(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator, "v2.1")
+    _, other = await created_contact(session, emulator, "v2.1")
+    emulator.config.error_orders = [order.upper()]  # any case
+    for method, body in (("PUT", contact(lastName="Roe")), ("PATCH", {"city": "Cork"})):
+        status, _, answer = await send(
+            session, method, contact_url(emulator, created["ref"], "v2.1"), body
+        )
+        assert status == 500
+        assert_cdp_error(answer, 500)
+    status, _, answer = await send(session, "DELETE", contact_url(emulator, created["ref"]))
+    assert status == 500
+    assert_cdp_error(answer, 500)
+    status, fetched = await get(session, contact_url(emulator, created["ref"], "v2.1"))
+    assert (status, fetched) == (200, created)  # reads are not affected, nothing changed
+    # The other orders' contacts still update and delete.
+    assert await update_or_delete(session, emulator, "update", other["ref"]) == 200
+    assert await update_or_delete(session, emulator, "delete", other["ref"]) == 204
+    stats = emulator.stats()
+    assert stats["faults"] == {"error_order": 3}
+    assert (stats["updates"], stats["deletes"]) == (1, 1)
+
+
+async def test_error_rate_answers_updates_and_deletes_5xx_before_applying(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator, "v2.1")
+    emulator.config.error_rate = 1.0
+    assert await update_or_delete(session, emulator, "update", created["ref"]) in (500, 502, 503)
+    assert await update_or_delete(session, emulator, "delete", created["ref"]) in (500, 502, 503)
+    assert emulator.contacts_for(order) == [created]
+
+
+async def test_rate_limit_and_auth_apply_to_updates_and_deletes(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator)
+    url = contact_url(emulator, created["ref"])
+    emulator.config.rate_limit = 1  # the create above used this second's request
+    for method, body in (("POST", contact(lastName="Roe")), ("DELETE", None)):
+        status, headers, answer = await send(session, method, url, body)
+        assert status == 429
+        assert headers["Retry-After"] == "1"
+        assert_cdp_error(answer, 429)
+    emulator.config.rate_limit = 0
+    for method, body in (("POST", contact(lastName="Roe")), ("DELETE", None)):
+        status, headers, answer = await send(session, method, url, body, headers={})
+        assert status == 401
+        assert_cdp_error(answer, 401)
+        assert headers["WWW-Authenticate"].startswith("Basic")
+    emulator.config.forbidden = True
+    v21 = contact_url(emulator, created["ref"], "v2.1")
+    for method, target, body in (
+        ("POST", url, contact(lastName="Roe")),
+        ("PUT", v21, contact(lastName="Roe")),
+        ("PATCH", v21, {"city": "Cork"}),
+        ("DELETE", url, None),
+    ):
+        status, _, answer = await send(session, method, target, body)
+        assert status == 403, method
+        assert_cdp_error(answer, 403)
+    assert emulator.contacts_for(order) == [created]
+    responses = emulator.stats()["responses_by_kind"]
+    assert responses["update"] == {"429": 1, "401": 1, "403": 3}
+    assert responses["delete"] == {"429": 1, "401": 1, "403": 1}
+
+
 # --------------------------------------------------------------------------- runtime config
 
 
@@ -576,11 +1094,30 @@ async def test_patch_config_changes_behaviour_at_runtime(
     assert (status, config["rate_limit"], config["forbidden"]) == (200, 3.0, False)
 
 
+async def test_patch_config_sets_after_write_faults(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    order, created = await created_contact(session, emulator)
+    changes = {"timeout_after_delete_rate": 1, "hang_seconds": 0.1, "error_orders": []}
+    async with session.patch(f"{emulator.url}/_emulator/config", json=changes) as response:
+        assert response.status == 200
+        shown = orjson.loads(await response.read())
+    assert shown["timeout_after_delete_rate"] == 1.0
+    assert isinstance(emulator.config.timeout_after_delete_rate, float)
+    assert (shown["timeout_after_update_rate"], shown["reset_after_update_rate"]) == (0.0, 0.0)
+    status, _, _ = await send(session, "DELETE", contact_url(emulator, created["ref"]))
+    assert status == 204  # after the hang
+    assert emulator.stats()["faults"] == {"timeout_after_delete": 1}
+    assert emulator.contacts_for(order) == []
+
+
 @pytest.mark.parametrize(
     "changes",
     [
         {"no_such_knob": 1},
         {"error_rate": 1.5},
+        {"reset_after_update_rate": 1.5},
+        {"timeout_after_delete_rate": -0.1},
         {"latency": -1},
         {"forbidden": "yes"},
         {"rate_limit": True},
@@ -629,10 +1166,31 @@ def test_cli_defaults_flags_and_environment(monkeypatch: pytest.MonkeyPatch) -> 
     assert config_from_args(parse(["--rate-limit", "7"])).rate_limit == 7.0  # flag wins
 
 
+def test_cli_after_write_fault_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMULATOR_RESET_AFTER_UPDATE", "0.25")
+    flags = "--timeout-after-update 0.1 --timeout-after-delete 0.2 --reset-after-delete 0.3"
+    args = parse([*flags.split(), "--timeout-after-create", "0.4"])
+    config = config_from_args(args)
+    assert (config.timeout_after_update_rate, config.reset_after_update_rate) == (0.1, 0.25)
+    assert (config.timeout_after_delete_rate, config.reset_after_delete_rate) == (0.2, 0.3)
+    assert (config.timeout_after_create_rate, config.reset_after_create_rate) == (0.4, 0.0)
+
+
+def test_cli_describes_the_routes() -> None:
+    parser = argparse.ArgumentParser(prog="worker emulator")
+    add_cli_arguments(parser)
+    text = parser.format_help()
+    for route in ("PUT", "PATCH", "DELETE", "/_emulator/stats", "--reset-after-delete"):
+        assert route in text
+
+
 def test_cli_rejects_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse(["--error-rate", "2"])
     assert "error-rate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse(["--reset-after-delete", "2"])
+    assert "reset-after-delete" in capsys.readouterr().err
 
 
 def test_run_from_args_serves_until_sigterm() -> None:

@@ -1,5 +1,5 @@
-"""`worker emulator`: its flags (each with an EMULATOR_<NAME> environment variable) and
-the command that serves the emulator until SIGTERM/SIGINT.
+"""`worker emulator`: its description and flags (each with an EMULATOR_<NAME> environment
+variable), and the command that serves the emulator until SIGTERM/SIGINT.
 
 Only argparse and the standard library at import time: the `worker` command line adds
 these flags to its parser for every command, `worker check` included, and the server
@@ -18,6 +18,18 @@ if TYPE_CHECKING:
     import ssl
 
     from .config import EmulatorConfig
+
+
+DESCRIPTION = (
+    "Serve a local, strict Sitecore CDP order-contact API (v2 and v2.1) until SIGTERM: "
+    "create (POST /{v}/orders/{orderRef}/contacts), list (GET the same path), get "
+    "(GET /{v}/orderContacts/{ref}), update (v2 POST, v2.1 PUT or partial PATCH on "
+    "/{v}/orderContacts/{ref}) and delete (DELETE it, 204). HTTP Basic auth, CDP's body "
+    "validation and error bodies, no deduplication; faults on demand (rate limit, latency, "
+    "5xx, hangs and dropped connections after a create, update or delete, orders that 404 "
+    "for a while); statistics at GET /_emulator/stats, knobs at PATCH /_emulator/config. "
+    "Prints one JSON line with its URL once listening."
+)
 
 
 def _fraction(text: str) -> float:
@@ -67,8 +79,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `worker emulator`; each defaults to its EMULATOR_<NAME> environment variable.
 
     String defaults go through argparse's `type`, so a bad environment value is reported
-    like a bad flag, and only when the emulator command is the one being parsed.
+    like a bad flag, and only when the emulator command is the one being parsed. A parser
+    without a description gets `DESCRIPTION`, for `worker emulator --help`.
     """
+    if parser.description is None:
+        parser.description = DESCRIPTION
 
     def option(flag: str, kind: Callable[[str], Any], default: str | None, text: str) -> None:
         env = "EMULATOR_" + flag.removeprefix("--").replace("-", "_").upper()
@@ -84,7 +99,11 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     option("--error-rate", _fraction, "0", "fraction of requests answered 500/502/503")
     option("--timeout-after-create", _fraction, "0", "fraction of POSTs that hang after creating")
     option("--reset-after-create", _fraction, "0", "fraction of POSTs dropped after creating")
-    option("--hang-seconds", _non_negative, "30", "how long a hanging POST hangs")
+    option("--timeout-after-update", _fraction, "0", "fraction of updates that hang once applied")
+    option("--reset-after-update", _fraction, "0", "fraction of updates dropped once applied")
+    option("--timeout-after-delete", _fraction, "0", "fraction of deletes that hang once applied")
+    option("--reset-after-delete", _fraction, "0", "fraction of deletes dropped once applied")
+    option("--hang-seconds", _non_negative, "30", "how long a hanging write hangs")
     option("--not-found-for", _non_negative, "0", "seconds an order 404s after its first POST")
     option("--client-key", str, "emulator-key", "HTTP Basic user (client key)")
     option("--api-token", str, "emulator-token", "HTTP Basic password (API token)")
@@ -119,6 +138,10 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
         error_rate=args.error_rate,
         timeout_after_create_rate=args.timeout_after_create,
         reset_after_create_rate=args.reset_after_create,
+        timeout_after_update_rate=args.timeout_after_update,
+        reset_after_update_rate=args.reset_after_update,
+        timeout_after_delete_rate=args.timeout_after_delete,
+        reset_after_delete_rate=args.reset_after_delete,
         hang_seconds=args.hang_seconds,
         forbidden=args.forbidden,
         auth_failure=args.auth_failure,

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+# The kinds of write that change contacts; each has its pair of after-write fault knobs.
+WRITE_KINDS = ("create", "update", "delete")
+
 
 @dataclass
 class EmulatorConfig:
@@ -18,15 +21,26 @@ class EmulatorConfig:
     latency: float = 0.0  # seconds added to every API answer
     latency_jitter: float = 0.0  # uniform +- seconds around `latency`
     error_rate: float = 0.0  # fraction of API requests answered 500/502/503
+    # Faults *after* a write is applied: the change is made at the emulator, then the
+    # client gets no answer. `timeout_...` hangs for `hang_seconds` before answering (a
+    # client with a shorter timeout sees a timeout), `reset_...` drops the connection.
+    # One pair per kind of write, so a test can fault creates, updates or deletes alone.
     timeout_after_create_rate: float = 0.0  # fraction of creating POSTs that then hang
     reset_after_create_rate: float = 0.0  # fraction of creating POSTs whose connection drops
-    hang_seconds: float = 30.0  # how long a "timeout after create" POST hangs
+    # updates: v2 POST /v2/orderContacts/{ref}, v2.1 PUT and PATCH /v2.1/orderContacts/{ref}
+    timeout_after_update_rate: float = 0.0  # fraction of applied updates that then hang
+    reset_after_update_rate: float = 0.0  # fraction of applied updates whose connection drops
+    # deletes: DELETE /{version}/orderContacts/{ref}
+    timeout_after_delete_rate: float = 0.0  # fraction of applied deletes that then hang
+    reset_after_delete_rate: float = 0.0  # fraction of applied deletes whose connection drops
+    hang_seconds: float = 30.0  # how long a "timeout after create/update/delete" write hangs
     forbidden: bool = False  # valid credentials are answered 403
     auth_failure: bool = False  # every API request is answered 401
     not_found_for: float = 0.0  # an order 404s to POST this long after its first POST
     seed: int | None = None  # seed of the random choices (faults, jitter)
-    # orderRefs (any case) whose POSTs are always answered 500: a fault of one event's,
-    # while the others succeed.
+    # orderRefs (any case) whose writes are always answered 500, before anything changes:
+    # creating POSTs, and updates and deletes of the order's contacts. A fault of one
+    # event's, while the others succeed. Reads (GET, listing) are not affected.
     error_orders: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -45,7 +59,10 @@ class EmulatorConfig:
 
 _STR_KNOBS = frozenset({"client_key", "api_token"})
 _BOOL_KNOBS = frozenset({"forbidden", "auth_failure"})
-_RATE_KNOBS = frozenset({"error_rate", "timeout_after_create_rate", "reset_after_create_rate"})
+_RATE_KNOBS = frozenset(
+    {"error_rate"}
+    | {f"{fault}_after_{kind}_rate" for fault in ("timeout", "reset") for kind in WRITE_KINDS}
+)
 _FLOAT_KNOBS = frozenset(
     {"rate_limit", "latency", "latency_jitter", "hang_seconds", "not_found_for"} | _RATE_KNOBS
 )

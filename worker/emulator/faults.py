@@ -2,11 +2,12 @@
 survive (DESIGN section 3), each switched by a knob of `EmulatorConfig`.
 
 Every API request passes `Faults.refusal` first: authentication (401/403), the rate limit
-(429, over a sliding second), injected 5xx and latency. A creating POST may then be
-answered by `after_create` with a dropped connection or a hang: the contact exists, the
-client cannot know. Orders can 404 for a while after their first POST ("the booking is
-not in CDP yet"). The random choices come from one seeded generator, so a run with a
-`seed` is repeatable.
+(429, over a sliding second), injected 5xx and latency. A write (create, update or
+delete) that was applied may then be answered by `after_write` with a dropped connection
+or a hang: the change is made, the client cannot know. Writes to the orders of
+`error_orders` always fail (`fails_always`), and orders can 404 to creating POSTs for a
+while after their first POST ("the booking is not in CDP yet"). The random choices come
+from one seeded generator, so a run with a `seed` is repeatable.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ import hmac
 import random
 from collections import Counter, deque
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
 
 from .config import EmulatorConfig
+
+WriteKind = Literal["create", "update", "delete"]
 
 MORE_INFO_URL = "https://doc.sitecore.com/cdp"
 INJECTED_REASONS = {500: "Internal Server Error", 502: "Bad Gateway", 503: "Service Unavailable"}
@@ -186,10 +189,11 @@ class Faults:
         self.admitted.append(now)
         return True
 
-    # -- creating POSTs --------------------------------------------------------------------
+    # -- writes ---------------------------------------------------------------------------
 
     def order_not_found_yet(self, order_key: str, now: float) -> bool:
-        """True while the order 404s: `not_found_for` seconds after its first POST."""
+        """True while the order 404s to creating POSTs: `not_found_for` seconds after its
+        first POST."""
         first = self.first_post_at.setdefault(order_key, now)
         grace = self.config.not_found_for
         if grace > 0 and now - first < grace:
@@ -198,23 +202,33 @@ class Faults:
         return False
 
     def fails_always(self, order_key: str) -> bool:
-        """True for an order of `error_orders`: its POSTs fail, whatever the others do."""
+        """True for an order of `error_orders`: its writes (creates, and updates and deletes
+        of its contacts) fail, whatever the others do."""
         if any(order_key == ref.lower() for ref in self.config.error_orders):
             self.injected["error_order"] += 1
             return True
         return False
 
-    async def after_create(
-        self, request: web.Request, contact: dict[str, Any]
+    async def after_write(
+        self, request: web.Request, kind: WriteKind, answer: web.Response
     ) -> web.StreamResponse:
-        """201, unless a knob drops the connection or hangs *after* the contact exists."""
-        config = self.config
-        if self.chance(config.reset_after_create_rate):
-            self.injected["reset_after_create"] += 1
+        """`answer` to a write already applied, unless a knob drops the connection or hangs
+        first (`reset_after_<kind>_rate`, `timeout_after_<kind>_rate`)."""
+        reset_rate, timeout_rate = self._after_write_rates(kind)
+        if self.chance(reset_rate):
+            self.injected[f"reset_after_{kind}"] += 1
             if request.transport is not None:
                 request.transport.abort()
-            return Dropped(status=201)
-        if self.chance(config.timeout_after_create_rate):
-            self.injected["timeout_after_create"] += 1
-            await self.pause(config.hang_seconds)
-        return json_response(contact, 201)
+            return Dropped(status=answer.status)
+        if self.chance(timeout_rate):
+            self.injected[f"timeout_after_{kind}"] += 1
+            await self.pause(self.config.hang_seconds)
+        return answer
+
+    def _after_write_rates(self, kind: WriteKind) -> tuple[float, float]:
+        config = self.config
+        if kind == "create":
+            return config.reset_after_create_rate, config.timeout_after_create_rate
+        if kind == "update":
+            return config.reset_after_update_rate, config.timeout_after_update_rate
+        return config.reset_after_delete_rate, config.timeout_after_delete_rate

@@ -1,4 +1,5 @@
-"""Strict validation of an order contact's body, field by field, as CDP documents it.
+"""Strict validation of an order contact's body, field by field, as CDP documents it: the
+same rules for a create, an update (the whole body) and a v2.1 PATCH (the fields given).
 
 Messages name the field but never quote its value: values are personal data and the
 worker keeps CDP's message in its dead letters.
@@ -141,11 +142,13 @@ FIELDS_BY_VERSION = {"v2": V2_FIELDS, "v2.1": V21_FIELDS}
 REQUIRED_FIELDS = ("firstName", "lastName")
 
 
-def validate_contact(body: dict[str, Any], version: str) -> str | None:
+def validate_contact(body: dict[str, Any], version: str, *, partial: bool = False) -> str | None:
     """Return why `body` is not a valid contact for `version`, or None if it is.
 
-    The message names the field but never quotes its value: values are personal data and
-    the worker keeps CDP's message in its dead letters.
+    `partial` (a v2.1 PATCH) checks each field given as a create would, but requires none:
+    the fields left out keep their values. The message names the field but never quotes
+    its value: values are personal data and the worker keeps CDP's message in its dead
+    letters.
     """
     validators = FIELDS_BY_VERSION[version]
     for name, value in body.items():
@@ -155,6 +158,8 @@ def validate_contact(body: dict[str, Any], version: str) -> str | None:
         problem = validator(value)
         if problem is not None:
             return f"{name}: {problem}"
+    if partial:
+        return None
     for name in REQUIRED_FIELDS:
         if name not in body:
             return f"{name}: is required"
