@@ -12,16 +12,20 @@ import pytest
 
 from worker.contact import (
     API_VERSIONS,
+    DELETE,
     GENDERS,
     TITLES,
+    UPSERT,
     Event,
     build_body,
     event_json_schema,
+    fingerprint,
     is_blank,
     order_ref_path,
     parse_event,
 )
 from worker.errors import InvalidEvent
+from worker.versions import INSTANT, MAX_VERSION, NUMBER, Version
 
 ORDER_REF = "d680c9be-4c07-4731-857e-9602034b15f2"
 GUEST_REF = "9d94ee11-7043-4b71-980c-a777d00a7b46"
@@ -711,7 +715,8 @@ def test_schema_shape(api_version: str) -> None:
     schema = event_json_schema(api_version)
     assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
     assert schema["type"] == "object"
-    assert schema["required"] == ["orderRef", "contact"]
+    assert schema["required"] == ["orderRef"]
+    assert schema["else"] == {"required": ["contact"]}  # unless an erasure
     contact = schema["properties"]["contact"]
     assert contact["additionalProperties"] is False
     assert contact["required"] == ["firstName", "lastName"]
@@ -744,3 +749,92 @@ def test_schema_agrees_with_the_parser_on_examples() -> None:
     assert not conforms(envelope(identifiers=[{"id": "x"}]), schema)
     assert not conforms({"orderRef": "nope", "contact": {}}, schema)
     assert conforms(envelope(street=["x"]), event_json_schema("v2.1"))
+
+
+# --- version, op and fingerprint (convergent sync) ----------------------------------------
+
+
+def test_the_version_is_version_else_occurred_at() -> None:
+    assert parse(envelope()).version is None
+    assert parse({**envelope(), "version": 7}).version == Version(NUMBER, 7)
+    at = parse({**envelope(), "occurredAt": "2026-11-26T11:00:00+01:00"}).version
+    assert at == parse({**envelope(), "occurredAt": "2026-11-26T10:00:00Z"}).version
+    assert at == Version(INSTANT, 1_795_687_200_000_000)
+    both = {**envelope(), "version": 3, "occurredAt": "2026-11-26T10:00:00Z"}
+    assert parse(both).version == Version(NUMBER, 3)  # version decides
+    assert str(Version(NUMBER, 3)) == "3"
+    assert str(at) == "2026-11-26T10:00:00Z"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (-1, "version: expected an integer from 0 to 2^53-1"),
+        (MAX_VERSION + 1, "version: expected an integer from 0 to 2^53-1"),
+        (1.5, "version: expected an integer, got number"),
+        (2.0, "version: expected an integer, got number"),
+        ("3", "version: expected an integer, got string"),
+        (True, "version: expected an integer, got boolean"),
+    ],
+)
+def test_a_bad_version_is_an_invalid_event(value: Any, message: str) -> None:
+    invalid = reject({**envelope(), "version": value})
+    assert (invalid.reason, invalid.message) == ("invalid_event", message)
+    assert parse({**envelope(), "version": MAX_VERSION}).version == Version(NUMBER, MAX_VERSION)
+
+
+def test_op_is_upsert_by_default_and_delete_needs_no_contact() -> None:
+    assert parse(envelope()).op == UPSERT
+    assert parse({**envelope(), "op": "upsert"}).op == UPSERT
+    erasure = parse({"orderRef": ORDER_REF, "op": "delete", "version": 4})
+    assert (erasure.op, erasure.erasure, dict(erasure.contact)) == (DELETE, True, {})
+    # Whatever contact an erasure carries is ignored, not validated.
+    ignored = parse({**envelope(firstName=""), "op": "delete"})
+    assert dict(ignored.contact) == {}
+    assert ignored.guest_ref is None
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("DELETE", 'op: expected "upsert" or "delete", got another string'),
+        ("erase", 'op: expected "upsert" or "delete", got another string'),
+        (1, 'op: expected "upsert" or "delete", got number'),
+        ([], 'op: expected "upsert" or "delete", got array'),
+    ],
+)
+def test_a_bad_op_is_an_invalid_event(value: Any, message: str) -> None:
+    invalid = reject({**envelope(), "op": value})
+    assert (invalid.reason, invalid.message) == ("invalid_event", message)
+    assert "erase" not in invalid.message  # values are never quoted
+
+
+def test_an_upsert_without_contact_is_still_invalid() -> None:
+    invalid = reject({"orderRef": ORDER_REF, "op": "upsert"})
+    assert invalid.reason == "invalid_event"
+
+
+def test_the_fingerprint_is_of_the_normalised_body_and_holds_no_personal_data() -> None:
+    def body(contact: dict[str, Any]) -> dict[str, Any]:
+        event = parse({"orderRef": ORDER_REF, "contact": contact})
+        return build_body(event, base_url="https://cdp.example")
+
+    plain = body({"firstName": "John", "lastName": "Doe", "title": "Mr", "country": "IE"})
+    messy = body({"country": "ie", "lastName": " Doe ", "title": "mr.", "firstName": "John"})
+    assert fingerprint(plain) == fingerprint(messy)  # same body after normalisation
+    assert fingerprint(plain) != fingerprint(body({"firstName": "Jon", "lastName": "Doe"}))
+    assert len(fingerprint(plain)) == 32
+    assert all(part not in fingerprint(plain) for part in PERSONAL)
+
+
+def test_the_schema_knows_version_op_and_erasures() -> None:
+    import jsonschema
+
+    schema = event_json_schema("v2")
+    validator = jsonschema.Draft202012Validator(schema)
+    assert validator.is_valid({"orderRef": ORDER_REF, "op": "delete"})
+    assert not validator.is_valid({"orderRef": ORDER_REF})  # an upsert needs its contact
+    assert not validator.is_valid({"orderRef": ORDER_REF, "op": "erase"})
+    assert validator.is_valid({**envelope(), "version": 3})
+    assert not validator.is_valid({**envelope(), "version": -1})
+    assert not validator.is_valid({**envelope(), "version": 1.5})

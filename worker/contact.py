@@ -16,6 +16,7 @@ bad event costs one dead letter and never a call to CDP. Rules worth knowing:
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 
 from .errors import FieldRejected, InvalidEvent
+from .versions import MAX_VERSION, Version, event_version
 
 API_VERSIONS: tuple[str, ...] = ("v2", "v2.1")
 
@@ -43,6 +45,13 @@ TITLES: tuple[str, ...] = (
     "Shaikha", "Sheikh", "Sir", "Sister", "Sr",
 )  # fmt: skip
 GENDERS: tuple[str, ...] = ("male", "female", "unknown")
+# The envelope's `op`: create or update the order's contact, or erase it.
+UPSERT, DELETE = "upsert", "delete"
+OPS: tuple[str, ...] = (UPSERT, DELETE)
+# The fingerprint of an erasure (it has no body); no body's fingerprint looks like it.
+DELETE_FINGERPRINT = "delete"
+# Hex digits of a body's sha256 kept as its fingerprint: 128 bits, no collision in sight.
+FINGERPRINT_HEX = 32
 
 _TITLE_BY_KEY = {title.lower(): title for title in TITLES}
 _TITLE_LIST = ", ".join(TITLES)
@@ -72,7 +81,9 @@ class Event:
 
     `contact` holds CDP body fields in CDP's formats (without `guestRef`, kept apart as
     `guest_ref` because CDP wants it as a `guest.href` built from the base URL); `raw` is
-    the original object, kept for dead letters.
+    the original object, kept for dead letters. `version` is the event's (`version`, else
+    `occurredAt`; None without either); `op` is UPSERT or DELETE (an erasure, whose
+    `contact` is empty).
     """
 
     event_id: str
@@ -81,6 +92,12 @@ class Event:
     contact: Mapping[str, Any]
     guest_ref: str | None
     raw: dict[str, Any]
+    version: Version | None = None
+    op: str = UPSERT
+
+    @property
+    def erasure(self) -> bool:
+        return self.op == DELETE
 
     def __repr__(self) -> str:
         # Identifiers only: a repr ends up in logs and tracebacks, the contact must not.
@@ -398,6 +415,25 @@ def _occurred_at(value: object) -> datetime | None:
         raise FieldRejected(f"occurredAt: {_DATE_MESSAGE}") from None
 
 
+def _version(value: object) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise FieldRejected(f"version: expected an integer, got {_json_type(value)}")
+    if not 0 <= value <= MAX_VERSION:
+        raise FieldRejected("version: expected an integer from 0 to 2^53-1")
+    return value
+
+
+def _op(value: object) -> str:
+    if value is None:
+        return UPSERT
+    if value not in OPS:
+        kind = "another string" if isinstance(value, str) else _json_type(value)
+        raise FieldRejected(f'op: expected "upsert" or "delete", got {kind}')
+    return str(value)
+
+
 def parse_event(raw: bytes | str, *, default_event_id: str, api_version: str = "v2") -> Event:
     """Parse one message into an `Event`, or raise `InvalidEvent` naming the dead-letter reason.
 
@@ -417,12 +453,19 @@ def parse_event(raw: bytes | str, *, default_event_id: str, api_version: str = "
         )
     try:
         occurred_at = _occurred_at(obj.get("occurredAt"))
-        contact, guest_ref = _contact(obj.get("contact"), api_version)
+        version = event_version(_version(obj.get("version")), occurred_at)
+        op = _op(obj.get("op"))
+        # An erasure needs no contact, and whatever it carries is ignored.
+        contact, guest_ref = (
+            ({}, None) if op == DELETE else _contact(obj.get("contact"), api_version)
+        )
     except FieldRejected as exc:
         raise InvalidEvent(
             INVALID_EVENT, str(exc), event=obj, order_ref=order_ref, event_id=event_id
         ) from None
-    return Event(event_id, order_ref, occurred_at, MappingProxyType(contact), guest_ref, obj)
+    return Event(
+        event_id, order_ref, occurred_at, MappingProxyType(contact), guest_ref, obj, version, op
+    )
 
 
 def order_ref_path(order_ref: str) -> str:
@@ -462,6 +505,16 @@ def build_body(event: Event, *, base_url: str, api_version: str = "v2") -> dict[
         guest_ref = order_ref_path(event.guest_ref)
         body["guest"] = {"href": f"{base_url.rstrip('/')}/{api_version}/guests/{guest_ref}"}
     return body
+
+
+def fingerprint(body: Mapping[str, Any]) -> str:
+    """The fingerprint of a CDP body: what the state store keeps instead of the contact.
+
+    A hash of the canonical JSON (sorted keys), so the same normalised body always gives
+    the same fingerprint and the record never holds personal data.
+    """
+    canonical = orjson.dumps(body, option=orjson.OPT_SORT_KEYS)
+    return hashlib.sha256(canonical).hexdigest()[:FINGERPRINT_HEX]
 
 
 # --- JSON Schema -------------------------------------------------------------------------
@@ -521,7 +574,10 @@ def event_json_schema(api_version: str = "v2") -> dict[str, Any]:
         "$id": f"urn:cdp-sync:order-contact-event:{api_version}",
         "title": f"cdp-sync order-contact event (CDP API {api_version})",
         "type": "object",
-        "required": ["orderRef", "contact"],
+        "required": ["orderRef"],
+        # An erasure (op "delete") needs no contact; every other event does.
+        "if": {"required": ["op"], "properties": {"op": {"const": DELETE}}},
+        "else": {"required": ["contact"]},
         "additionalProperties": True,  # producers may add metadata; it is ignored
         "properties": {
             "eventId": {
@@ -531,7 +587,23 @@ def event_json_schema(api_version: str = "v2") -> dict[str, Any]:
                 "description": "defaults to the transport's message id",
             },
             "orderRef": {**uuid, "description": "any case; sent lowercase"},
-            "occurredAt": instant,
+            "occurredAt": {
+                **instant,
+                "description": "the event's version when `version` is absent; compared as "
+                "instants (any UTC offset)",
+            },
+            "version": {
+                "type": ["integer", "null"],
+                "minimum": 0,
+                "maximum": MAX_VERSION,
+                "description": "the event's version (e.g. the booking's revision); decides "
+                "over occurredAt; an older event than the order's last is skipped as stale",
+            },
+            "op": {
+                "enum": [*OPS, None],
+                "description": "upsert (default): create the order's contact, or update it "
+                "when it changed; delete: erase it at CDP (contact not required)",
+            },
             "contact": {
                 "type": "object",
                 "required": list(_REQUIRED),
