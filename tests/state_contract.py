@@ -15,12 +15,54 @@ from typing import Any, ClassVar, TypeVar
 
 import pytest
 
-from worker.errors import StateError
+from worker.errors import NotOwner, StateError
 from worker.state import base, open_state_store
-from worker.state.base import Claim, ClaimStatus, StateStore
+from worker.state.base import (
+    DEAD,
+    DELETE,
+    DELETE_FINGERPRINT,
+    DELETED,
+    DONE,
+    IN_FLIGHT,
+    UPSERT,
+    Claim,
+    ClaimStatus,
+    StateStore,
+    Want,
+)
+from worker.versions import INSTANT, MAX_VERSION, NUMBER, Version
 
 LEASE = 60.0
 DAY = 86400.0
+
+
+UPSERT_A = Want("fp-a")
+UPSERT_B = Want("fp-b")
+
+
+def v(number: int) -> Version:
+    """An event's `version` field."""
+    return Version(NUMBER, number)
+
+
+async def done(
+    store: StateStore, order_ref: str, want: Want, contact_ref: str, **fields: Any
+) -> None:
+    """Claim and complete `order_ref` with `want`'s content, as worker "w1"."""
+    claim = await store.claim(order_ref, "w1", LEASE, want)
+    assert claim.held, claim
+    fields.setdefault("fingerprint", want.fingerprint)
+    await store.complete(
+        order_ref, "w1", contact_ref, f"h-{contact_ref}", version=want.version, **fields
+    )
+
+
+async def contact_of(store: StateStore, order_ref: str) -> tuple[str | None, str | None]:
+    """The contact a done record knows, read through the claim of a change (which
+    takes the order: call it last)."""
+    claim = await store.claim(order_ref, "reader", LEASE, Want("fp-probe-a-change"))
+    assert claim.status is ClaimStatus.UPDATE, claim
+    return claim.contact_ref, claim.href
 
 
 class FakeClock:
@@ -110,8 +152,8 @@ class StateStoreContract:
 
     # -- claim ---------------------------------------------------------------------------
 
-    async def test_fresh_claim_is_claimed_with_one_attempt(self, store: StateStore) -> None:
-        assert await store.claim("ORD-1", "w1", LEASE) == Claim(ClaimStatus.CLAIMED, attempts=1)
+    async def test_fresh_claim_is_create_with_one_attempt(self, store: StateStore) -> None:
+        assert await store.claim("ORD-1", "w1", LEASE) == Claim(ClaimStatus.CREATE, attempts=1)
 
     async def test_live_lease_of_another_owner_is_busy(self, store: StateStore) -> None:
         await store.claim("ORD-1", "w1", LEASE)
@@ -125,23 +167,27 @@ class StateStoreContract:
         self, store: StateStore, clock: FakeClock
     ) -> None:
         await store.claim("ORD-1", "w1", LEASE)
-        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.BUSY)
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(
+            ClaimStatus.BUSY, previous=IN_FLIGHT
+        )
         clock.advance(LEASE + 1)
         assert (await store.claim("ORD-1", "w2", LEASE)).attempts == 2
 
     async def test_expired_lease_is_in_doubt_and_transfers_ownership(
         self, store: StateStore, clock: FakeClock
     ) -> None:
-        await store.claim("ORD-1", "w1", LEASE)
+        await store.claim("ORD-1", "w1", LEASE, UPSERT_A)
         clock.advance(LEASE + 1)
-        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.IN_DOUBT, attempts=2)
+        assert await store.claim("ORD-1", "w2", LEASE, UPSERT_A) == Claim(
+            ClaimStatus.IN_DOUBT, attempts=2, previous=IN_FLIGHT
+        )
         # w2 owns it now: w1 may no longer finish it, and w2's new lease is live.
         assert await store.renew("ORD-1", "w1", LEASE) is False
-        with pytest.raises(StateError):
-            await store.complete("ORD-1", "w1", "c-1", "h-1")
+        with pytest.raises(NotOwner):
+            await store.complete("ORD-1", "w1", "c-1", "h-1", fingerprint="fp-a")
         assert (await store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
-        await store.complete("ORD-1", "w2", "c-2", "h-2")
-        assert (await store.claim("ORD-1", "w3", LEASE)).contact_ref == "c-2"
+        await store.complete("ORD-1", "w2", "c-2", "h-2", fingerprint="fp-a")
+        assert await contact_of(store, "ORD-1") == ("c-2", "h-2")
 
     async def test_lease_expiry_in_real_time(self, store: StateStore) -> None:
         # Without the fake clock: backends that compare times elsewhere (a database server)
@@ -156,62 +202,74 @@ class StateStoreContract:
         for n in range(2, 6):
             clock.advance(LEASE + 1)
             claim = await store.claim("ORD-1", f"w{n}", LEASE)
-            assert claim == Claim(ClaimStatus.IN_DOUBT, attempts=n)
+            assert (claim.status, claim.attempts) == (ClaimStatus.IN_DOUBT, n)
 
     async def test_the_same_owner_reclaiming_after_expiry_is_in_doubt(
         self, store: StateStore, clock: FakeClock
     ) -> None:
         await store.claim("ORD-1", "w1", LEASE)
         clock.advance(LEASE + 1)
-        assert await store.claim("ORD-1", "w1", LEASE) == Claim(ClaimStatus.IN_DOUBT, attempts=2)
+        claim = await store.claim("ORD-1", "w1", LEASE)
+        assert (claim.status, claim.attempts) == (ClaimStatus.IN_DOUBT, 2)
 
     # -- complete / fail -----------------------------------------------------------------
 
-    async def test_complete_makes_later_claims_done(self, store: StateStore) -> None:
-        await store.claim("ORD-1", "w1", LEASE)
-        await store.complete("ORD-1", "w1", "contact-1", "https://cdp/v2/guests/contact-1")
-        expected = Claim(
-            ClaimStatus.DONE, contact_ref="contact-1", href="https://cdp/v2/guests/contact-1"
-        )
-        assert await store.claim("ORD-1", "w2", LEASE) == expected
-        assert await store.claim("ORD-1", "w1", LEASE) == expected
+    async def test_complete_makes_the_same_content_a_duplicate(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE, UPSERT_A)
+        await store.complete("ORD-1", "w1", "contact-1", "https://cdp/c-1", fingerprint="fp-a")
+        expected = Claim(ClaimStatus.DUPLICATE, previous=DONE)
+        assert await store.claim("ORD-1", "w2", LEASE, UPSERT_A) == expected
+        assert await store.claim("ORD-1", "w1", LEASE) == expected  # content unknown
+        assert await contact_of(store, "ORD-1") == ("contact-1", "https://cdp/c-1")
 
-    async def test_fail_makes_later_claims_dead(self, store: StateStore) -> None:
-        await store.claim("ORD-1", "w1", LEASE)
-        await store.fail("ORD-1", "w1", "cdp_rejected")
-        assert await store.claim("ORD-1", "w2", LEASE) == Claim(
-            ClaimStatus.DEAD, reason="cdp_rejected"
+    async def test_fail_makes_the_same_content_a_duplicate(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE, UPSERT_A)
+        await store.fail("ORD-1", "w1", "cdp_rejected", fingerprint="fp-a")
+        assert await store.claim("ORD-1", "w2", LEASE, UPSERT_A) == Claim(
+            ClaimStatus.DUPLICATE, previous=DEAD, reason="cdp_rejected"
         )
 
     async def test_complete_or_fail_by_a_non_owner_raises(self, store: StateStore) -> None:
         await store.claim("ORD-1", "w1", LEASE)
-        with pytest.raises(StateError):
+        with pytest.raises(NotOwner):
             await store.complete("ORD-1", "w2", "c", "h")
-        with pytest.raises(StateError):
+        with pytest.raises(NotOwner):
             await store.fail("ORD-1", "w2", "cdp_rejected")
+        with pytest.raises(NotOwner):
+            await store.mark_deleted("ORD-1", "w2")
         # Nothing changed: w1 still holds it.
         assert (await store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
 
     async def test_complete_or_fail_without_a_claim_raises(self, store: StateStore) -> None:
-        with pytest.raises(StateError):
+        with pytest.raises(NotOwner):
             await store.complete("ORD-1", "w1", "c", "h")
-        with pytest.raises(StateError):
+        with pytest.raises(NotOwner):
             await store.fail("ORD-2", "w1", "cdp_rejected")
+        with pytest.raises(NotOwner):
+            await store.mark_deleted("ORD-3", "w1")
 
-    async def test_completing_twice_keeps_the_first_contact(self, store: StateStore) -> None:
-        await store.claim("ORD-1", "w1", LEASE)
-        await store.complete("ORD-1", "w1", "first", "h-first")
-        await store.complete("ORD-1", "w1", "second", "h-second")
-        await store.complete("ORD-1", "someone-else", "third", "h-third")
-        claim = await store.claim("ORD-1", "w2", LEASE)
-        assert (claim.contact_ref, claim.href) == ("first", "h-first")
+    async def test_completing_again_is_harmless_only_with_the_same_outcome(
+        self, store: StateStore
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE, UPSERT_A)
+        await store.complete("ORD-1", "w1", "first", "h-first", fingerprint="fp-a")
+        # A retried write that had landed, by anyone: nothing changes.
+        await store.complete("ORD-1", "w1", "first", "h-first", fingerprint="fp-a")
+        await store.complete("ORD-1", "someone-else", "first", "h-first", fingerprint="fp-a")
+        # Another outcome from someone who no longer holds it is refused: its sender must
+        # not ack an event whose effect may have been overwritten since.
+        with pytest.raises(NotOwner):
+            await store.complete("ORD-1", "w1", "second", "h-second", fingerprint="fp-a")
+        with pytest.raises(NotOwner):
+            await store.complete("ORD-1", "w1", "first", "h-first", fingerprint="fp-b")
+        assert await contact_of(store, "ORD-1") == ("first", "h-first")
 
     async def test_fail_does_not_overwrite_done(self, store: StateStore) -> None:
         await store.claim("ORD-1", "w1", LEASE)
         await store.complete("ORD-1", "w1", "c", "h")
-        with pytest.raises(StateError):
+        with pytest.raises(NotOwner):
             await store.fail("ORD-1", "w1", "retries_exhausted")
-        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DONE
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DUPLICATE
 
     async def test_owner_may_finish_after_expiry_if_nobody_took_over(
         self, store: StateStore, clock: FakeClock
@@ -221,20 +279,220 @@ class StateStoreContract:
         clock.advance(LEASE + 1)
         await store.complete("ORD-1", "w1", "c", "h")
         await store.fail("ORD-2", "w1", "cdp_rejected")
-        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DONE
-        assert (await store.claim("ORD-2", "w2", LEASE)).status is ClaimStatus.DEAD
+        assert (await store.claim("ORD-1", "w2", LEASE)).previous == DONE
+        assert (await store.claim("ORD-2", "w2", LEASE)).previous == DEAD
+
+    # -- convergence: updates, deletes, versions -------------------------------------------
+
+    async def test_other_content_on_a_done_order_is_an_update_of_its_contact(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await done(store, "ORD-1", UPSERT_A, "c-1")
+        claim = await store.claim("ORD-1", "w2", LEASE, UPSERT_B)
+        assert claim == Claim(ClaimStatus.UPDATE, 1, "c-1", "h-c-1", previous=DONE)
+        assert (await store.claim("ORD-1", "w3", LEASE, UPSERT_B)).status is ClaimStatus.BUSY
+        await store.complete("ORD-1", "w2", "c-1", "h-c-1", fingerprint="fp-b")
+        assert (await store.claim("ORD-1", "w3", LEASE, UPSERT_B)).status is ClaimStatus.DUPLICATE
+        assert (await store.claim("ORD-1", "w3", LEASE, UPSERT_A)).status is ClaimStatus.UPDATE
+
+    async def test_on_change_ignore_answers_changed_and_takes_nothing(
+        self, store: StateStore
+    ) -> None:
+        await done(store, "ORD-1", UPSERT_A, "c-1")
+        ignore = Want("fp-b", None, UPSERT, "ignore")
+        assert await store.claim("ORD-1", "w2", LEASE, ignore) == Claim(
+            ClaimStatus.CHANGED, previous=DONE
+        )
+        assert (await store.claim("ORD-1", "w3", LEASE, UPSERT_B)).status is ClaimStatus.UPDATE
+
+    async def test_an_older_event_is_stale_and_a_newer_duplicate_moves_the_version(
+        self, store: StateStore
+    ) -> None:
+        await done(store, "ORD-1", Want("fp-a", v(1)), "c-1")
+        # A v1, A v3 (a duplicate, but newer), then B v2: B is stale.
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-a", v(3)))).status is (
+            ClaimStatus.DUPLICATE
+        )
+        assert await store.claim("ORD-1", "w", LEASE, Want("fp-b", v(2))) == Claim(
+            ClaimStatus.STALE, previous=DONE
+        )
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-b", v(3)))).status is (
+            ClaimStatus.UPDATE  # equal versions, other content: the later worked wins
+        )
+
+    async def test_versions_of_another_kind_or_none_are_never_older(
+        self, store: StateStore
+    ) -> None:
+        await done(store, "ORD-1", Want("fp-a", v(1_000_000)), "c-1")
+        instant = Want("fp-b", Version(INSTANT, 5))
+        assert (await store.claim("ORD-1", "w", LEASE, instant)).status is ClaimStatus.UPDATE
+        await done(store, "ORD-2", Want("fp-a", v(7)), "c-2")
+        assert (await store.claim("ORD-2", "w", LEASE, UPSERT_B)).status is ClaimStatus.UPDATE
+
+    async def test_versions_compare_as_integers_up_to_two_to_the_53(
+        self, store: StateStore
+    ) -> None:
+        big = MAX_VERSION
+        await done(store, "ORD-1", Want("fp-a", v(big)), "c-1")
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-b", v(big - 1)))).status is (
+            ClaimStatus.STALE
+        )
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-b", v(9)))).status is (
+            ClaimStatus.STALE  # not a string comparison: "9" > "9007..."
+        )
+
+    async def test_an_erasure_deletes_the_contact_and_leaves_a_tombstone(
+        self, store: StateStore
+    ) -> None:
+        await done(store, "ORD-1", Want("fp-a", v(1)), "c-1")
+        erase = Want(DELETE_FINGERPRINT, v(2), DELETE)
+        assert await store.claim("ORD-1", "w2", LEASE, erase) == Claim(
+            ClaimStatus.DELETE, 1, "c-1", "h-c-1", previous=DONE
+        )
+        await store.mark_deleted("ORD-1", "w2", version=v(2))
+        await store.mark_deleted("ORD-1", "w2", version=v(2))  # a retried write: harmless
+        assert await store.claim("ORD-1", "w", LEASE, erase) == Claim(
+            ClaimStatus.DUPLICATE, previous=DELETED
+        )
+        # An older upsert stays away; a newer one creates the contact again.
+        stale = await store.claim("ORD-1", "w", LEASE, Want("fp-a", v(1)))
+        assert stale == Claim(ClaimStatus.STALE, previous=DELETED)
+        again = await store.claim("ORD-1", "w3", LEASE, Want("fp-c", v(3)))
+        assert again == Claim(ClaimStatus.CREATE, attempts=1, previous=DELETED)
+
+    async def test_an_erasure_of_an_unknown_order_deletes_whatever_cdp_holds(
+        self, store: StateStore
+    ) -> None:
+        erase = Want(DELETE_FINGERPRINT, None, DELETE)
+        assert await store.claim("ORD-1", "w1", LEASE, erase) == Claim(
+            ClaimStatus.DELETE, attempts=1
+        )
+        await store.mark_deleted("ORD-1", "w1")
+        assert (await store.claim("ORD-1", "w", LEASE, UPSERT_A)).status is ClaimStatus.CREATE
+
+    async def test_a_dead_order_with_other_content_is_worked_again_in_doubt(
+        self, store: StateStore
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE, UPSERT_A)
+        await store.fail("ORD-1", "w1", "cdp_rejected", fingerprint="fp-a")
+        # The producer fixed it: work it again, listing first (a create may have landed).
+        assert await store.claim("ORD-1", "w2", LEASE, UPSERT_B) == Claim(
+            ClaimStatus.IN_DOUBT, attempts=1, previous=DEAD, reason="cdp_rejected"
+        )
+        await store.complete("ORD-1", "w2", "c-1", "h-1", fingerprint="fp-b")
+        assert (await store.claim("ORD-1", "w", LEASE, UPSERT_B)).status is ClaimStatus.DUPLICATE
+
+    async def test_an_erasure_of_a_dead_order_is_always_carried_out(
+        self, store: StateStore
+    ) -> None:
+        erase = Want(DELETE_FINGERPRINT, None, DELETE)
+        await done(store, "ORD-1", UPSERT_A, "c-1")
+        await store.claim("ORD-1", "w2", LEASE, erase)
+        await store.fail("ORD-1", "w2", "retries_exhausted", fingerprint=DELETE_FINGERPRINT)
+        # The same erasure again: not a duplicate, the contact may still be there.
+        claim = await store.claim("ORD-1", "w3", LEASE, erase)
+        assert (claim.status, claim.contact_ref) == (ClaimStatus.IN_DOUBT, "c-1")
+        await store.claim("ORD-2", "w1", LEASE, UPSERT_A)
+        await store.fail("ORD-2", "w1", "cdp_rejected")  # no fingerprint: before fingerprints
+        assert (await store.claim("ORD-2", "w", LEASE, erase)).status is ClaimStatus.IN_DOUBT
+
+    async def test_a_late_retried_write_by_a_former_owner_changes_nothing(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        erase5 = Want(DELETE_FINGERPRINT, v(5), DELETE)
+        await store.claim("ORD-1", "w1", LEASE, erase5)
+        clock.advance(LEASE + 1)  # w1's lease ran out while it kept retrying its write
+        await store.claim("ORD-1", "w2", LEASE, Want(DELETE_FINGERPRINT, v(7), DELETE))
+        await store.mark_deleted("ORD-1", "w2", version=v(7))
+        await store.mark_deleted("ORD-1", "w1", version=v(5))  # lands late: harmless
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-a", v(6)))).status is (
+            ClaimStatus.STALE  # the record still says v7
+        )
+        await store.claim("ORD-2", "w1", LEASE, Want("fp-a", v(5)))
+        clock.advance(LEASE + 1)
+        await store.claim("ORD-2", "w2", LEASE, Want("fp-a", v(7)))
+        await store.complete("ORD-2", "w2", "c-2", "h-2", fingerprint="fp-a", version=v(7))
+        await store.complete("ORD-2", "w1", "c-2", "h-old", fingerprint="fp-a", version=v(5))
+        assert (await store.claim("ORD-2", "w", LEASE, Want("fp-b", v(6)))).status is (
+            ClaimStatus.STALE
+        )
+
+    async def test_a_failed_update_keeps_the_contact_it_knew(self, store: StateStore) -> None:
+        await done(store, "ORD-1", UPSERT_A, "c-1")
+        await store.claim("ORD-1", "w2", LEASE, UPSERT_B)
+        await store.fail("ORD-1", "w2", "cdp_rejected", fingerprint="fp-b")
+        claim = await store.claim("ORD-1", "w3", LEASE, Want("fp-c"))
+        assert (claim.status, claim.contact_ref) == (ClaimStatus.IN_DOUBT, "c-1")
+
+    async def test_records_without_a_fingerprint_are_content_unknown(
+        self, store: StateStore
+    ) -> None:
+        # What the release before convergent sync wrote: done, no fingerprint.
+        await done(store, "ORD-1", Want(), "c-1", fingerprint=None)
+        assert (
+            await store.claim("ORD-1", "w", LEASE, Want("fp-a", None, UPSERT, "ignore"))
+        ).status is (
+            ClaimStatus.DUPLICATE  # create-once: it may hold this very content
+        )
+        claim = await store.claim("ORD-1", "w2", LEASE, UPSERT_A)
+        assert (claim.status, claim.contact_ref) == (ClaimStatus.UPDATE, "c-1")  # once
+        await store.complete("ORD-1", "w2", "c-1", "h-c-1", fingerprint="fp-a")
+        assert (await store.claim("ORD-1", "w", LEASE, UPSERT_A)).status is ClaimStatus.DUPLICATE
+
+    async def test_a_stale_event_does_not_take_an_abandoned_claim(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await done(store, "ORD-1", Want("fp-a", v(5)), "c-1")
+        await store.claim("ORD-1", "w2", LEASE, Want("fp-b", v(6)))
+        clock.advance(LEASE + 1)
+        assert (await store.claim("ORD-1", "w3", LEASE, Want("fp-c", v(4)))).status is (
+            ClaimStatus.STALE
+        )
+        claim = await store.claim("ORD-1", "w3", LEASE, Want("fp-b", v(6)))
+        # An abandoned update: the contact holds either body.
+        assert claim == Claim(ClaimStatus.IN_DOUBT, 2, "c-1", "h-c-1", previous=IN_FLIGHT)
 
     # -- release -------------------------------------------------------------------------
 
     async def test_release_unsent_makes_it_claimable_afresh(self, store: StateStore) -> None:
         await store.claim("ORD-1", "w1", LEASE)
         await store.release("ORD-1", "w1", sent=False)
-        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.CLAIMED, attempts=1)
+        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.CREATE, attempts=1)
 
     async def test_release_sent_makes_the_next_claim_in_doubt(self, store: StateStore) -> None:
         await store.claim("ORD-1", "w1", LEASE)
         await store.release("ORD-1", "w1", sent=True)
-        assert await store.claim("ORD-1", "w2", LEASE) == Claim(ClaimStatus.IN_DOUBT, attempts=2)
+        claim = await store.claim("ORD-1", "w2", LEASE)
+        assert (claim.status, claim.attempts) == (ClaimStatus.IN_DOUBT, 2)
+
+    async def test_release_unsent_puts_back_what_was_there(self, store: StateStore) -> None:
+        await done(store, "ORD-1", Want("fp-a", v(1)), "c-1")
+        await store.claim("ORD-1", "w2", LEASE, Want("fp-b", v(2)))  # an update
+        await store.release("ORD-1", "w2", sent=False)
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-a", v(1)))).status is (
+            ClaimStatus.DUPLICATE
+        )
+        await store.claim("ORD-1", "w2", LEASE, Want(DELETE_FINGERPRINT, v(2), DELETE))
+        await store.release("ORD-1", "w2", sent=False)
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-a", v(1)))).status is (
+            ClaimStatus.DUPLICATE
+        )
+        await store.claim("ORD-1", "w2", LEASE, Want(DELETE_FINGERPRINT, v(2), DELETE))
+        await store.mark_deleted("ORD-1", "w2", version=v(2))
+        await store.claim("ORD-1", "w3", LEASE, Want("fp-c", v(3)))  # a re-create
+        await store.release("ORD-1", "w3", sent=False)
+        assert (await store.claim("ORD-1", "w", LEASE, Want("fp-a", v(1)))).status is (
+            ClaimStatus.STALE  # the tombstone is back
+        )
+
+    async def test_release_unsent_of_an_in_doubt_claim_stays_in_doubt(
+        self, store: StateStore, clock: FakeClock
+    ) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        clock.advance(LEASE + 1)
+        await store.claim("ORD-1", "w2", LEASE)
+        await store.release("ORD-1", "w2", sent=False)  # w1's request may still have landed
+        assert (await store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.IN_DOUBT
 
     async def test_release_by_a_non_owner_is_a_no_op(self, store: StateStore) -> None:
         await store.claim("ORD-1", "w1", LEASE)
@@ -247,7 +505,7 @@ class StateStoreContract:
         await store.claim("ORD-1", "w1", LEASE)
         await store.complete("ORD-1", "w1", "c", "h")
         await store.release("ORD-1", "w1", sent=False)
-        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DONE
+        assert (await store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.DUPLICATE
 
     # -- renew ---------------------------------------------------------------------------
 
@@ -303,12 +561,12 @@ class StateStoreContract:
 
         assert await store.sweep(5 * DAY) == 2
 
-        assert (await store.claim("old-done", "w2", LEASE)).status is ClaimStatus.CLAIMED
-        assert (await store.claim("old-dead", "w2", LEASE)).status is ClaimStatus.CLAIMED
+        assert (await store.claim("old-done", "w2", LEASE)).status is ClaimStatus.CREATE
+        assert (await store.claim("old-dead", "w2", LEASE)).status is ClaimStatus.CREATE
         # An abandoned in-flight record is never swept: its POST may have happened.
         assert (await store.claim("old-in-flight", "w2", LEASE)).status is ClaimStatus.IN_DOUBT
-        assert (await store.claim("new-done", "w2", LEASE)).status is ClaimStatus.DONE
-        assert (await store.claim("new-dead", "w2", LEASE)).status is ClaimStatus.DEAD
+        assert (await store.claim("new-done", "w2", LEASE)).previous == DONE
+        assert (await store.claim("new-dead", "w2", LEASE)).previous == DEAD
         assert await store.sweep(5 * DAY) == 0
 
     # -- concurrency ---------------------------------------------------------------------
@@ -316,12 +574,12 @@ class StateStoreContract:
     async def test_concurrent_claims_of_one_order_have_one_winner(self, store: StateStore) -> None:
         claims = await asyncio.gather(*(store.claim("ORD-1", f"w{i}", LEASE) for i in range(50)))
         statuses = [c.status for c in claims]
-        assert statuses.count(ClaimStatus.CLAIMED) == 1
+        assert statuses.count(ClaimStatus.CREATE) == 1
         assert statuses.count(ClaimStatus.BUSY) == 49
 
     async def test_concurrent_claims_of_many_orders_all_win(self, store: StateStore) -> None:
         claims = await asyncio.gather(*(store.claim(f"ORD-{i}", "w1", LEASE) for i in range(200)))
-        assert all(c == Claim(ClaimStatus.CLAIMED, attempts=1) for c in claims)
+        assert all(c == Claim(ClaimStatus.CREATE, attempts=1) for c in claims)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -372,8 +630,8 @@ class StateStoreContract:
         assert await store.forget("done") is False
         assert await store.forget("in-flight") is False
         assert await store.forget("never-seen") is False
-        assert (await store.claim("dead", "w2", LEASE)).status is ClaimStatus.CLAIMED
-        assert (await store.claim("done", "w2", LEASE)).status is ClaimStatus.DONE
+        assert (await store.claim("dead", "w2", LEASE)).status is ClaimStatus.CREATE
+        assert (await store.claim("done", "w2", LEASE)).status is ClaimStatus.DUPLICATE
         assert (await store.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
 
     # -- several replicas ----------------------------------------------------------------
@@ -388,9 +646,9 @@ class StateStoreContract:
         )
         for i, ref in enumerate(refs):
             statuses = [c.status for c in claims[4 * i : 4 * i + 4]]
-            assert statuses.count(ClaimStatus.CLAIMED) == 1, ref
+            assert statuses.count(ClaimStatus.CREATE) == 1, ref
             assert statuses.count(ClaimStatus.BUSY) == 3, ref
-            winner = contenders[statuses.index(ClaimStatus.CLAIMED)][1]
+            winner = contenders[statuses.index(ClaimStatus.CREATE)][1]
             for s, owner in contenders:
                 assert await s.renew(ref, owner, LEASE) is (owner == winner)
 
@@ -427,14 +685,9 @@ class StateStoreContract:
         await store.close()
 
         second = await open_again(None)
-        done = await second.claim("done", "w2", LEASE)
-        assert (done.status, done.contact_ref, done.href) == (
-            ClaimStatus.DONE,
-            "contact-1",
-            "href-1",
-        )
+        assert await contact_of(second, "done") == ("contact-1", "href-1")
         dead = await second.claim("dead", "w2", LEASE)
-        assert dead == Claim(ClaimStatus.DEAD, reason="cdp_rejected")
+        assert dead == Claim(ClaimStatus.DUPLICATE, previous=DEAD, reason="cdp_rejected")
         assert (await second.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
         assert await second.get_checkpoint("file:a.jsonl") == "42"
 
@@ -448,4 +701,4 @@ class StateStoreContract:
         await store.close()
         clock.advance(6 * DAY)
         second = await open_again(5 * DAY)
-        assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
+        assert (await second.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CREATE

@@ -24,6 +24,7 @@ from state_contract import LEASE, StateStoreContract, closing, opened  # noqa: E
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, open_state_store  # noqa: E402
+from worker.state.base import DELETE, DELETE_FINGERPRINT, Want  # noqa: E402
 from worker.state.postgres import PostgresStateStore  # noqa: E402
 
 StoreFactory = Callable[..., PostgresStateStore]
@@ -33,6 +34,7 @@ async def _drop_tables(prefix: str) -> None:
     conn = await asyncpg.connect(POSTGRES_URL)
     try:
         await conn.execute(f"DROP TABLE IF EXISTS {prefix}orders, {prefix}checkpoints")
+        await conn.execute(f"DROP FUNCTION IF EXISTS {prefix}orders_claim, {prefix}orders_release")
     finally:
         await conn.close()
 
@@ -75,7 +77,7 @@ async def test_replicas_starting_together_create_the_tables_once(
 ) -> None:
     stores = [make_store() for _ in range(4)]
     await asyncio.gather(*(store.open() for store in stores))
-    assert (await stores[0].claim("ORD-1", "w0", LEASE)).status is ClaimStatus.CLAIMED
+    assert (await stores[0].claim("ORD-1", "w0", LEASE)).status is ClaimStatus.CREATE
     assert (await stores[3].claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
 
 
@@ -131,7 +133,34 @@ async def test_the_tables_carry_the_prefix(pg_store: PostgresStateStore, table_p
         )
     finally:
         await conn.close()
-    assert tuple(row) == ("done", "w1", 1, "contact-1")
+    assert tuple(row) == ("done", None, 1, "contact-1")
+
+
+async def test_tables_of_the_first_release_are_migrated(
+    make_store: StoreFactory, table_prefix: str
+) -> None:
+    """Created by the release before convergent sync: columns added, the status check
+    widened, and its done records read as content unknown (updated once)."""
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(
+            f"CREATE TABLE {table_prefix}orders (order_ref text PRIMARY KEY,"
+            " status text NOT NULL CHECK (status IN ('in_flight', 'done', 'dead')),"
+            " owner text, lease_until double precision NOT NULL DEFAULT 0,"
+            " attempts integer NOT NULL DEFAULT 0, contact_ref text, href text,"
+            " reason text, updated_at double precision NOT NULL)"
+        )
+        await conn.execute(
+            f"INSERT INTO {table_prefix}orders VALUES"
+            " ('ORD-1', 'done', NULL, 0, 1, 'c-1', 'h-1', NULL, 1.0)"
+        )
+    finally:
+        await conn.close()
+    store = await opened(make_store)
+    claim = await store.claim("ORD-1", "w1", LEASE, Want("fp-a"))
+    assert (claim.status, claim.contact_ref) == (ClaimStatus.UPDATE, "c-1")
+    await store.claim("ORD-2", "w1", LEASE, Want(DELETE_FINGERPRINT, None, DELETE))
+    await store.mark_deleted("ORD-2", "w1")  # the new status passes the check
 
 
 # -- errors ----------------------------------------------------------------------------------
@@ -170,7 +199,7 @@ async def test_losing_the_server_is_a_state_error(make_store: StoreFactory) -> N
     netloc = f"{parts.username or 'postgres'}:s3cret@127.0.0.1:{port}"
     store = make_store(url=urlunsplit(parts._replace(netloc=netloc)))
     await store.open()
-    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CLAIMED
+    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CREATE
     await relay.cut()
     with pytest.raises(StateError, match="renew failed") as info:
         await store.renew("ORD-1", "w1", LEASE)

@@ -24,7 +24,9 @@ from state_contract import DAY, LEASE, FakeClock, StateStoreContract, closing, o
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, open_state_store  # noqa: E402
+from worker.state.base import Want  # noqa: E402
 from worker.state.redis import RedisStateStore  # noqa: E402
+from worker.versions import NUMBER, Version  # noqa: E402
 
 StoreFactory = Callable[..., RedisStateStore]
 
@@ -123,9 +125,9 @@ async def test_finished_records_expire_after_the_retention_in_flight_ones_never(
         assert 3590_000 < ttl_ms <= 3600_000, ref
     for ref in ("in-flight", "released"):
         assert await raw.pttl(store.order_prefix + ref) == -1, ref  # no expiry at all
-    # Completing again keeps the first contact and does not extend its life.
+    # Completing again (a retried write that had landed) does not extend its life.
     await raw.pexpire(store.order_prefix + "done", 1000_000)
-    await store.complete("done", "w1", "c2", "h2")
+    await store.complete("done", "w1", "c", "h")
     assert await raw.pttl(store.order_prefix + "done") <= 1000_000
 
 
@@ -142,12 +144,53 @@ async def test_the_record_layout(redis_store: RedisStateStore, raw: aioredis.Red
     await redis_store.complete("ORD-1", "w1", "contact-1", "href-1")
     record = await raw.hgetall(redis_store.order_prefix + "ORD-1")
     assert record["status"] == "done"
-    assert (record["owner"], record["contact_ref"], record["href"]) == ("w1", "contact-1", "href-1")
+    assert (record["contact_ref"], record["href"]) == ("contact-1", "href-1")
+    assert "owner" not in record  # finished: nobody holds it
     assert record["attempts"] == "1"
     assert float(record["updated_at"]) > 0
     assert await raw.zscore(redis_store.finished_key, "ORD-1") == float(record["updated_at"])
     await redis_store.set_checkpoint("file:a.jsonl", "42")
     assert await raw.hget(redis_store.checkpoints_key, "file:a.jsonl") == "42"
+
+
+async def test_versions_and_fingerprints_are_stored_exactly(
+    redis_store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    version = Version(NUMBER, 2**53 - 1)
+    await redis_store.claim("ORD-1", "w1", LEASE, Want("fp-a", version))
+    await redis_store.complete("ORD-1", "w1", "c-1", "h-1", fingerprint="fp-a", version=version)
+    record = await raw.hgetall(redis_store.order_prefix + "ORD-1")
+    assert (record["fingerprint"], record["version_kind"], record["version"]) == (
+        "fp-a",
+        "n",
+        "9007199254740991",  # not 9.007e15: Lua writes back what it was given
+    )
+    assert "sending" not in record
+    assert "op" not in record
+
+
+async def test_a_hash_of_the_first_release_is_content_unknown(
+    redis_store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    await raw.hset(
+        redis_store.order_prefix + "ORD-1",
+        mapping={"status": "done", "owner": "old", "lease_until": 0, "attempts": 1,
+                 "contact_ref": "c-1", "href": "h-1", "updated_at": 1.0},
+    )  # fmt: skip
+    claim = await redis_store.claim("ORD-1", "w1", LEASE, Want("fp-a"))
+    assert (claim.status, claim.contact_ref) == (ClaimStatus.UPDATE, "c-1")
+
+
+async def test_taking_a_finished_record_removes_its_expiry(
+    make_store: StoreFactory, raw: aioredis.Redis
+) -> None:
+    store = make_store(retention_seconds=3600)
+    await store.open()
+    await store.claim("ORD-1", "w1", LEASE, Want("fp-a"))
+    await store.complete("ORD-1", "w1", "c", "h", fingerprint="fp-a")
+    assert await raw.pttl(store.order_prefix + "ORD-1") > 0
+    await store.claim("ORD-1", "w2", LEASE, Want("fp-b"))  # an update is in flight
+    assert await raw.pttl(store.order_prefix + "ORD-1") == -1
 
 
 async def test_sweep_tidies_the_index_of_records_redis_expired(
@@ -173,7 +216,7 @@ async def test_sweep_keeps_an_order_claimed_again_after_its_record_expired(
     await redis_store.complete("ORD-1", "w1", "c", "h")
     await raw.delete(redis_store.order_prefix + "ORD-1")  # expired
     clock.advance(10 * DAY)
-    assert (await redis_store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CLAIMED
+    assert (await redis_store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CREATE
     assert await redis_store.sweep(5 * DAY) == 0
     assert (await redis_store.claim("ORD-1", "w3", LEASE)).status is ClaimStatus.BUSY
 
@@ -227,7 +270,7 @@ async def test_losing_the_server_is_a_state_error(make_store: StoreFactory) -> N
     port = await proxy.start()
     store = make_store(_test_server(port=port))
     await store.open()
-    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CLAIMED
+    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CREATE
     await proxy.cut()
     started = asyncio.get_running_loop().time()
     with pytest.raises(StateError, match="release failed"):

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from state_contract import LEASE, StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
+from worker.state.base import Want  # noqa: E402
 
 
 class TestSqliteState(StateStoreContract):
@@ -59,7 +61,7 @@ async def test_concurrent_completes_share_commits(sqlite_store: SqliteStateStore
     commits = sqlite_store.commits - before
     assert 1 <= commits <= 20, f"{commits} commits for 200 completes: no group commit"
     claims = await asyncio.gather(*(sqlite_store.claim(ref, "w2", LEASE) for ref in refs))
-    assert all(c.status is ClaimStatus.DONE for c in claims)
+    assert all(c.status is ClaimStatus.DUPLICATE for c in claims)
 
 
 async def test_a_failing_op_fails_only_itself(sqlite_store: SqliteStateStore) -> None:
@@ -76,7 +78,7 @@ async def test_a_failing_op_fails_only_itself(sqlite_store: SqliteStateStore) ->
     assert [isinstance(r, StateError) for r in results] == [i % 2 == 1 for i in range(20)]
     claims = await asyncio.gather(*(sqlite_store.claim(ref, "w2", LEASE) for ref in refs))
     assert [c.status for c in claims] == [
-        ClaimStatus.DONE if i % 2 == 0 else ClaimStatus.BUSY for i in range(20)
+        ClaimStatus.DUPLICATE if i % 2 == 0 else ClaimStatus.BUSY for i in range(20)
     ]
 
 
@@ -106,7 +108,7 @@ async def test_waits_for_another_process_holding_the_write_lock(tmp_path: Path) 
     assert not claim.done()
     other.execute("COMMIT")
     other.close()
-    assert (await claim).status is ClaimStatus.CLAIMED
+    assert (await claim).status is ClaimStatus.CREATE
     await store.close()
 
 
@@ -124,7 +126,7 @@ async def test_a_lock_held_too_long_fails_the_batch_not_the_store(tmp_path: Path
     assert all(isinstance(r, StateError) for r in results)
     other.execute("ROLLBACK")
     other.close()
-    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CLAIMED
+    assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CREATE
     await store.close()
 
 
@@ -163,8 +165,32 @@ async def test_complete_is_durable_when_it_returns(tmp_path: Path) -> None:
     assert await proc.wait() == -signal.SIGKILL
     store = SqliteStateStore(path)
     await store.open()
-    claim = await store.claim("ORD-1", "w2", LEASE)
-    assert (claim.status, claim.contact_ref) == (ClaimStatus.DONE, "contact-1")
+    claim = await store.claim("ORD-1", "w2", LEASE, Want("changed"))
+    assert (claim.status, claim.contact_ref) == (ClaimStatus.UPDATE, "contact-1")
+    await store.close()
+
+
+async def test_a_file_of_the_first_release_is_migrated(tmp_path: Path) -> None:
+    """Its done records have no fingerprint: content unknown, updated once."""
+    path = tmp_path / "state.db"
+    old = sqlite3.connect(path)
+    old.execute(
+        "CREATE TABLE orders (order_ref TEXT PRIMARY KEY, status TEXT NOT NULL, owner TEXT,"
+        " lease_until REAL, attempts INTEGER NOT NULL DEFAULT 0, contact_ref TEXT,"
+        " href TEXT, reason TEXT, updated_at REAL NOT NULL)"
+    )
+    old.execute(
+        "INSERT INTO orders VALUES ('ORD-1', 'done', NULL, 0, 1, 'c-1', 'h-1', NULL, ?)",
+        (time.time(),),
+    )
+    old.commit()
+    old.close()
+    store = SqliteStateStore(path)
+    await store.open()
+    claim = await store.claim("ORD-1", "w1", LEASE, Want("fp-a"))
+    assert (claim.status, claim.contact_ref) == (ClaimStatus.UPDATE, "c-1")
+    await store.complete("ORD-1", "w1", "c-1", "h-1", fingerprint="fp-a")
+    assert (await store.claim("ORD-1", "w2", LEASE, Want("fp-a"))).status is ClaimStatus.DUPLICATE
     await store.close()
 
 

@@ -1,11 +1,16 @@
 """The state store contract: one record per orderRef, atomic in every backend.
 
-A record moves `in_flight(owner, lease_until, attempts)` -> `done(contact_ref, href, at)` or
-`dead(reason, at)` (DESIGN section 4). The pipeline claims an orderRef before it sends
-anything, renews the lease while it works, and records the outcome before it acks.
+A record is `in_flight(owner, lease_until, attempts, op)` while a worker holds the order,
+and otherwise `done(contact_ref, href, fingerprint, version)`, `deleted(version)` or
+`dead(reason, fingerprint)` (DESIGN section 4). The pipeline claims an orderRef with what
+its event wants (`Want`: the body's fingerprint, the version, upsert or delete); the
+answer (`Claim`) says what to do at CDP: create, update, delete, nothing (duplicate,
+stale, changed but ignored), later (busy), or look first (in doubt). It renews the lease
+while it works, and records the outcome before it acks.
 
-Backends: memory (tests), sqlite (default, group commits), and later redis and postgres.
-Every backend passes the same contract suite, `tests/state_contract.py`.
+The rules are written once, in Python, in `rules.py` (memory and sqlite run them); redis
+(Lua) and postgres (PL/pgSQL) carry a translation, and one contract suite,
+`tests/state_contract.py`, holds all four to the same answers.
 """
 
 from __future__ import annotations
@@ -15,36 +20,85 @@ import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+# The envelope's ops, re-exported: the backends and their tests speak of them here.
+from worker.contact import DELETE as DELETE
+from worker.contact import DELETE_FINGERPRINT as DELETE_FINGERPRINT
+from worker.contact import UPSERT as UPSERT
 from worker.errors import NotOwner
+from worker.versions import Version
 
 # A record's status, as every backend stores it.
 IN_FLIGHT = "in_flight"
 DONE = "done"
+DELETED = "deleted"
 DEAD = "dead"
+FINISHED = (DONE, DELETED, DEAD)  # swept after the retention
+
+# What an in-flight record's owner is doing, as stored (`op`): it tells `release` what
+# the record was before the claim. DELETE is also the envelope's erasure, whose other op
+# is UPSERT.
+CREATE, UPDATE, RECONCILE = "create", "update", "reconcile"
+# --on-change: update a changed contact, or leave it as first created.
+ON_CHANGE = ("update", "ignore")
 
 
 class ClaimStatus(enum.StrEnum):
-    CLAIMED = "claimed"  # the caller now owns the orderRef: go
-    DONE = "done"  # a contact was already created: skip, ack, count as duplicate
-    DEAD = "dead"  # already dead-lettered: skip, ack, count as duplicate
+    CREATE = "create"  # the caller holds the order: POST its contact
+    UPDATE = "update"  # the caller holds it: replace contact_ref's body with the event's
+    DELETE = "delete"  # the caller holds it: delete contact_ref (None: list and delete all)
+    DUPLICATE = "duplicate"  # finished with this content before: skip, ack
+    STALE = "stale"  # the record holds a newer version: skip, ack
+    CHANGED = "changed"  # the content changed but --on-change ignore: skip, ack
     BUSY = "busy"  # another owner holds a live lease: retry later, do not ack
-    IN_DOUBT = "in_doubt"  # an earlier lease ran out or was given back after a send: reconcile
+    IN_DOUBT = "in_doubt"  # the caller holds it, but CDP's side is unknown: list first
+
+
+# The answers under which the caller holds the order (and must finish or release it).
+HELD = frozenset((ClaimStatus.CREATE, ClaimStatus.UPDATE, ClaimStatus.DELETE, ClaimStatus.IN_DOUBT))
+
+
+@dataclass(frozen=True, slots=True)
+class Want:
+    """What an event asks of its order: the claim's question.
+
+    `fingerprint`: of the CDP body the event would send (`DELETE_FINGERPRINT` for an
+    erasure; None: unknown, which never counts as a change). `version`: the event's, or
+    None (it applies in the order worked). `op`: UPSERT or DELETE. `on_change`: "update"
+    or "ignore" (`--on-change`).
+    """
+
+    fingerprint: str | None = None
+    version: Version | None = None
+    op: str = UPSERT
+    on_change: str = "update"
+
+
+# The default question: an upsert whose content is unknown (a done record is a duplicate).
+ANY_UPSERT = Want()
 
 
 @dataclass(frozen=True, slots=True)
 class Claim:
     """The answer to `claim`.
 
-    `attempts` counts claims of this orderRef so far, this one included (for CLAIMED and
-    IN_DOUBT; 0 for the other statuses): a poison event that kills its worker every time
-    is caught by it. For DONE, `contact_ref`/`href` are set; for DEAD, `reason`.
+    `attempts` counts the claims of this order's current operation, this one included
+    (0 unless the caller holds it): a poison event that kills its worker every time is
+    caught by it. `contact_ref`/`href`: the contact the record knows (UPDATE, DELETE,
+    IN_DOUBT; None when it knows none). `previous`: the record's status before the
+    claim (None: no record), for the skipped event's log line. `reason`: a dead
+    record's.
     """
 
     status: ClaimStatus
     attempts: int = 0
     contact_ref: str | None = None
     href: str | None = None
+    previous: str | None = None
     reason: str | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.status in HELD
 
 
 def not_owner(order_ref: str, owner: str, action: str) -> NotOwner:
@@ -80,15 +134,29 @@ class StateStore(ABC):
         """Flush pending writes and disconnect. Idempotent."""
 
     @abstractmethod
-    async def claim(self, order_ref: str, owner: str, lease_seconds: float) -> Claim:
-        """Take the orderRef for `owner` for `lease_seconds`, or say why not.
+    async def claim(
+        self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
+    ) -> Claim:
+        """Take the orderRef for `owner` for `lease_seconds` to do what `want` needs, or
+        say why not. The rules (`rules.claim`), by the record found:
 
-        No record -> CLAIMED (attempts=1). in_flight with a live lease of another owner ->
-        BUSY. in_flight whose lease ran out, or that was released with `sent=True`, ->
-        IN_DOUBT (owner becomes `owner`, attempts+1). done -> DONE. dead -> DEAD.
-        in_flight held by the same owner with a live lease -> BUSY as well: the pipeline
-        serialises events of one orderRef itself, so a re-claim by the same owner is a bug
-        or a duplicate in flight.
+        - none: CREATE (DELETE without a contact_ref for an erasure).
+        - done: STALE if the event is older; DELETE for an erasure; DUPLICATE for the
+          same fingerprint (or an unknown one); for another, or a record that has none
+          (written before fingerprints), UPDATE, or CHANGED under on_change "ignore"
+          (which leaves a record without a fingerprint a DUPLICATE).
+        - deleted: STALE if older; DUPLICATE for an erasure; CREATE otherwise.
+        - dead: STALE if older; IN_DOUBT for an erasure (always carried out) and for
+          another fingerprint (the producer fixed it; what CDP holds is unknown: a
+          create may have arrived before it gave up); DUPLICATE otherwise, and for a
+          record without a fingerprint.
+        - in_flight with a live lease (of anyone, the caller too): BUSY.
+        - in_flight whose lease ran out, or that was released after a send: STALE if
+          older than the record's version; otherwise IN_DOUBT (owner becomes `owner`).
+
+        DUPLICATE, STALE and CHANGED move the record's version forward to the event's
+        (A v1, A v3, then B v2: B is stale). Versions of another kind, or missing, are
+        never older. A held answer counts an attempt.
         """
 
     @abstractmethod
@@ -100,27 +168,57 @@ class StateStore(ABC):
         """
 
     @abstractmethod
-    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
-        """Record `done`. Durable when this returns. Raises StateError if not the owner.
+    async def complete(
+        self,
+        order_ref: str,
+        owner: str,
+        contact_ref: str,
+        href: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        """Record `done`: CDP's contact `contact_ref` holds the body of `fingerprint`.
 
-        A record already done keeps its first contact (completing twice is harmless, whoever
-        calls it). A dead record is not owned: completing it raises StateError.
+        Durable when this returns. The record's version moves to `version` (unless None).
+        Raises NotOwner unless `owner` holds it; completing a done record again with the
+        same contact and fingerprint is harmless (a retried write that had landed).
         """
 
     @abstractmethod
-    async def fail(self, order_ref: str, owner: str, reason: str) -> None:
-        """Record `dead(reason)`. Durable when this returns. Raises StateError if not the owner.
+    async def mark_deleted(
+        self, order_ref: str, owner: str, *, version: Version | None = None
+    ) -> None:
+        """Record `deleted` (a tombstone: an older event is stale, a newer one creates).
 
-        A done or dead record is not owned: failing it raises StateError (done stays done).
+        Durable when this returns. Raises NotOwner unless `owner` holds it, or the record
+        is deleted already.
+        """
+
+    @abstractmethod
+    async def fail(
+        self,
+        order_ref: str,
+        owner: str,
+        reason: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        """Record `dead(reason)` for the event of `fingerprint`; the contact the record
+        knew (if any) is kept. Durable when this returns. Raises NotOwner unless `owner`
+        holds it.
         """
 
     @abstractmethod
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         """Give the claim back without an outcome (shutdown, or busy retried elsewhere).
 
-        sent=False: nothing reached CDP, the record is removed (next claim: CLAIMED).
-        sent=True: a POST's fate is unknown, the lease is expired now (next claim: IN_DOUBT).
-        A no-op if `owner` does not hold it.
+        sent=True: a request's fate is unknown, the lease is expired now (next claim:
+        IN_DOUBT). sent=False: nothing of this owner's reached CDP, so the record is what
+        it was before the claim: none again after a CREATE from nothing, deleted after one
+        over a tombstone, done after an UPDATE or a DELETE of a known contact; a claim
+        that was IN_DOUBT stays in doubt. A no-op if `owner` does not hold it.
         """
 
     @abstractmethod
@@ -151,4 +249,4 @@ class StateStore(ABC):
 
     @abstractmethod
     async def sweep(self, retention_seconds: float) -> int:
-        """Delete done/dead records older than retention; return how many went."""
+        """Delete done, deleted and dead records older than retention; return how many went."""

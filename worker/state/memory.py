@@ -1,43 +1,30 @@
-"""`memory:` state store: dicts behind one asyncio.Lock, for tests and `worker demo`.
+"""`memory:` state store: a dict behind one asyncio.Lock, for tests and `worker demo`.
 
-Nothing survives the process. It follows the contract of `base.StateStore` exactly, so
-it is also the readable reference for what the sqlite store does in SQL.
+Nothing survives the process. It runs the rules of `rules.py` directly, so it is also
+the readable reference for what the other stores do in SQL and Lua.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
 
 from worker.errors import StateError
-from worker.state import base
-from worker.state.base import DEAD, DONE, IN_FLIGHT, Claim, ClaimStatus, StateStore, not_owner
-
-
-@dataclass(slots=True)
-class _Record:
-    """One orderRef's row; the same columns as the sqlite `orders` table."""
-
-    status: str
-    owner: str | None
-    lease_until: float
-    attempts: int
-    updated_at: float
-    contact_ref: str | None = None
-    href: str | None = None
-    reason: str | None = None
+from worker.state import base, rules
+from worker.state.base import ANY_UPSERT, FINISHED, Claim, StateStore, Want
+from worker.state.rules import Record
+from worker.versions import Version
 
 
 class MemoryStateStore(StateStore):
     """In-process state store.
 
-    `retention_seconds`: done/dead records older than this are swept by `open()`;
+    `retention_seconds`: finished records older than this are swept by `open()`;
     None sweeps nothing there (callers can still call `sweep`).
     """
 
     def __init__(self, *, retention_seconds: float | None = None) -> None:
         self._retention = retention_seconds
-        self._orders: dict[str, _Record] = {}
+        self._orders: dict[str, Record] = {}
         self._checkpoints: dict[str, str] = {}
         # Every method body is free of awaits, so the event loop alone would make it atomic;
         # the lock keeps that true if one ever gains an await (and documents the intent).
@@ -59,84 +46,89 @@ class MemoryStateStore(StateStore):
         if not self._opened or self._closed:
             raise StateError("state store is not open")
 
-    async def claim(self, order_ref: str, owner: str, lease_seconds: float) -> Claim:
+    def _store(self, order_ref: str, rec: Record | None) -> None:
+        if rec is None:
+            self._orders.pop(order_ref, None)
+        else:
+            self._orders[order_ref] = rec
+
+    def record(self, order_ref: str) -> Record | None:
+        """The order's record as stored (tests look at it)."""
+        return self._orders.get(order_ref)
+
+    async def claim(
+        self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
+    ) -> Claim:
         self._check_open()
         async with self._lock:
-            t = base.now()
-            rec = self._orders.get(order_ref)
-            if rec is None:
-                self._orders[order_ref] = _Record(IN_FLIGHT, owner, t + lease_seconds, 1, t)
-                return Claim(ClaimStatus.CLAIMED, attempts=1)
-            if rec.status == DONE:
-                return Claim(ClaimStatus.DONE, contact_ref=rec.contact_ref, href=rec.href)
-            if rec.status == DEAD:
-                return Claim(ClaimStatus.DEAD, reason=rec.reason)
-            if rec.lease_until > t:
-                return Claim(ClaimStatus.BUSY)
-            # Lease ran out (or was given back after a send): the previous owner may have
-            # POSTed, so the new owner must reconcile before sending.
-            rec.owner = owner
-            rec.lease_until = t + lease_seconds
-            rec.attempts += 1
-            rec.updated_at = t
-            return Claim(ClaimStatus.IN_DOUBT, attempts=rec.attempts)
+            answer, rec = rules.claim(
+                self._orders.get(order_ref), owner, base.now(), lease_seconds, want
+            )
+            self._store(order_ref, rec)
+            return answer
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         self._check_open()
         async with self._lock:
-            rec = self._orders.get(order_ref)
-            if rec is None or rec.status != IN_FLIGHT or rec.owner != owner:
-                return False
             t = base.now()
-            rec.lease_until = t + lease_seconds
-            rec.updated_at = t
+            renewed = rules.renew(self._orders.get(order_ref), owner, t, lease_seconds)
+            if renewed is None:
+                return False
+            self._orders[order_ref] = renewed
             return True
 
-    def _owned(self, order_ref: str, owner: str, action: str) -> _Record:
-        rec = self._orders.get(order_ref)
-        if rec is None or rec.status != IN_FLIGHT or rec.owner != owner:
-            raise not_owner(order_ref, owner, action)
-        return rec
-
-    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
+    async def complete(
+        self,
+        order_ref: str,
+        owner: str,
+        contact_ref: str,
+        href: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
         self._check_open()
         async with self._lock:
-            current = self._orders.get(order_ref)
-            if current is not None and current.status == DONE:
-                return  # the first contact stays: it is the one CDP holds
-            rec = self._owned(order_ref, owner, "complete")
-            rec.status = DONE
-            rec.contact_ref = contact_ref
-            rec.href = href
-            rec.lease_until = 0.0
-            rec.updated_at = base.now()
+            rec = self._orders.get(order_ref)
+            self._orders[order_ref] = rules.complete(
+                rec, order_ref, owner, base.now(), contact_ref, href, fingerprint, version
+            )
 
-    async def fail(self, order_ref: str, owner: str, reason: str) -> None:
+    async def mark_deleted(
+        self, order_ref: str, owner: str, *, version: Version | None = None
+    ) -> None:
         self._check_open()
         async with self._lock:
-            rec = self._owned(order_ref, owner, "fail")
-            rec.status = DEAD
-            rec.reason = reason
-            rec.lease_until = 0.0
-            rec.updated_at = base.now()
+            rec = self._orders.get(order_ref)
+            self._orders[order_ref] = rules.mark_deleted(rec, order_ref, owner, base.now(), version)
+
+    async def fail(
+        self,
+        order_ref: str,
+        owner: str,
+        reason: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        self._check_open()
+        async with self._lock:
+            rec = self._orders.get(order_ref)
+            self._orders[order_ref] = rules.fail(
+                rec, order_ref, owner, base.now(), reason, fingerprint, version
+            )
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         self._check_open()
         async with self._lock:
             rec = self._orders.get(order_ref)
-            if rec is None or rec.status != IN_FLIGHT or rec.owner != owner:
-                return
-            if sent:
-                rec.lease_until = 0.0
-                rec.updated_at = base.now()
-            else:
-                del self._orders[order_ref]
+            self._store(order_ref, rules.release(rec, owner, base.now(), sent=sent))
 
     async def forget(self, order_ref: str) -> bool:
         self._check_open()
         async with self._lock:
             rec = self._orders.get(order_ref)
-            if rec is None or rec.status != DEAD:
+            if rec is None or rec.status != base.DEAD:
                 return False
             del self._orders[order_ref]
             return True
@@ -164,7 +156,7 @@ class MemoryStateStore(StateStore):
             old = [
                 ref
                 for ref, rec in self._orders.items()
-                if rec.status in (DONE, DEAD) and rec.updated_at < cutoff
+                if rec.status in FINISHED and rec.updated_at < cutoff
             ]
             for ref in old:
                 del self._orders[ref]

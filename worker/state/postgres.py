@@ -25,7 +25,8 @@ import asyncpg
 from worker._urls import ParsedUrl, check_server_url
 from worker.errors import ConfigError, StateError
 from worker.state import base
-from worker.state.base import DEAD, DONE, Claim, ClaimStatus, StateStore, not_owner
+from worker.state.base import ANY_UPSERT, Claim, ClaimStatus, StateStore, Want, not_owner
+from worker.versions import Version
 
 OPTION = "--state / WORKER_STATE"
 DEFAULT_TABLE_PREFIX = "cdp_sync_"
@@ -55,17 +56,37 @@ _SCHEMA = """
     SELECT pg_advisory_xact_lock(hashtext('cdp-sync schema {orders}'));
     CREATE TABLE IF NOT EXISTS {orders} (
         order_ref text PRIMARY KEY,
-        status text NOT NULL CHECK (status IN ('in_flight', 'done', 'dead')),
+        status text NOT NULL CHECK (status IN ('in_flight', 'done', 'deleted', 'dead')),
         owner text,
         lease_until double precision NOT NULL DEFAULT 0,
         attempts integer NOT NULL DEFAULT 0,
         contact_ref text,
         href text,
         reason text,
-        updated_at double precision NOT NULL
+        updated_at double precision NOT NULL,
+        op text,
+        fingerprint text,
+        version_kind text,
+        version bigint
     );
-    CREATE INDEX IF NOT EXISTS {orders}_finished_idx
-        ON {orders} (updated_at) WHERE status IN ('done', 'dead');
+    -- Tables of the first release: add the columns of convergent sync, once.
+    DO $$ BEGIN
+        IF NOT EXISTS (SELECT 1 FROM information_schema.columns
+                        WHERE table_schema = current_schema()
+                          AND table_name = '{orders}' AND column_name = 'version') THEN
+            ALTER TABLE {orders}
+                ADD COLUMN IF NOT EXISTS op text,
+                ADD COLUMN IF NOT EXISTS fingerprint text,
+                ADD COLUMN IF NOT EXISTS version_kind text,
+                ADD COLUMN IF NOT EXISTS version bigint,
+                DROP CONSTRAINT IF EXISTS {orders}_status_check,
+                ADD CONSTRAINT {orders}_status_check
+                    CHECK (status IN ('in_flight', 'done', 'deleted', 'dead'));
+        END IF;
+    END $$;
+    DROP INDEX IF EXISTS {orders}_finished_idx;
+    CREATE INDEX IF NOT EXISTS {orders}_swept_idx
+        ON {orders} (updated_at) WHERE status <> 'in_flight';
     CREATE TABLE IF NOT EXISTS {checkpoints} (
         key text PRIMARY KEY,
         value text NOT NULL,
@@ -73,49 +94,153 @@ _SCHEMA = """
     );
 """
 
-# $1 order_ref, $2 owner, $3 now, $4 lease_until. ON CONFLICT locks the existing row, and
-# its WHERE sees the latest committed version: of two racing takeovers only one matches,
-# the other waits for the lock and then finds a live lease. Inserted rows have attempts = 1
-# and taken-over ones >= 2, which tells CLAIMED from IN_DOUBT.
-# When nothing was written, the second SELECT reports the row (BUSY, DONE or DEAD) as the
-# statement's snapshot shows it. A row another claimer committed after that snapshot is
-# invisible, hence the LEFT JOIN: no row there still means "someone else holds it" (BUSY),
-# in the same round trip. BUSY only ever makes the caller ask again later, so it is also a
-# safe answer when the holder has finished meanwhile.
-_CLAIM = """
-    WITH taken AS (
-        INSERT INTO {orders} AS o
-            (order_ref, status, owner, lease_until, attempts, updated_at)
-        VALUES ($1, 'in_flight', $2, $4, 1, $3)
-        ON CONFLICT (order_ref) DO UPDATE
-            SET owner = EXCLUDED.owner, lease_until = EXCLUDED.lease_until,
-                attempts = o.attempts + 1, updated_at = EXCLUDED.updated_at
-            WHERE o.status = 'in_flight' AND o.lease_until <= EXCLUDED.updated_at
-        RETURNING o.attempts
-    )
-    SELECT TRUE AS taken, attempts, NULL::text AS status,
-           NULL::text AS contact_ref, NULL::text AS href, NULL::text AS reason
-      FROM taken
-    UNION ALL
-    SELECT FALSE, 0, r.status, r.contact_ref, r.href, r.reason
-      FROM (SELECT 1) AS one
-      LEFT JOIN {orders} AS r ON r.order_ref = $1
-     WHERE NOT EXISTS (SELECT 1 FROM taken)
+# `rules.claim` in PL/pgSQL: read it first, this follows it line by line. One call is one
+# statement, so one round trip and one transaction; the row lock (FOR UPDATE) serialises
+# replicas claiming the same order. Two claims of an order nobody has a record of both
+# find no row: the INSERT of the second waits for the first's commit, does nothing (ON
+# CONFLICT), and answers BUSY, which only means "ask again later". Then `rules.release`:
+# back to what the record was before the claim, or in doubt.
+_FUNCTIONS = """
+    CREATE OR REPLACE FUNCTION {orders}_claim(
+        p_ref text, p_owner text, p_now double precision, p_lease_until double precision,
+        p_fp text, p_kind text, p_version bigint, p_op text, p_on_change text)
+    RETURNS TABLE (answer text, n integer, c_ref text, c_href text, previous text, why text)
+    LANGUAGE plpgsql AS $$
+    DECLARE
+        r {orders}%ROWTYPE;
+    BEGIN
+        n := 0;
+        SELECT * INTO r FROM {orders} WHERE order_ref = p_ref FOR UPDATE;
+        IF NOT FOUND THEN
+            answer := CASE WHEN p_op = 'delete' THEN 'delete' ELSE 'create' END;
+            INSERT INTO {orders} (order_ref, status, owner, lease_until, attempts, op,
+                                  updated_at)
+                VALUES (p_ref, 'in_flight', p_owner, p_lease_until, 1, answer, p_now)
+                ON CONFLICT (order_ref) DO NOTHING;
+            IF FOUND THEN
+                n := 1;
+            ELSE
+                answer := 'busy';
+                previous := 'in_flight';
+            END IF;
+            RETURN NEXT;
+            RETURN;
+        END IF;
+        previous := r.status;
+        why := r.reason;
+        IF r.status = 'in_flight' AND r.lease_until > p_now THEN
+            answer := 'busy';
+            why := NULL;
+        ELSIF p_kind IS NOT NULL AND r.version_kind = p_kind AND p_version < r.version THEN
+            answer := 'stale';
+        ELSIF r.status = 'in_flight' THEN
+            answer := 'in_doubt';
+            n := r.attempts + 1;
+        ELSIF r.status = 'done' THEN
+            IF p_op = 'delete' THEN
+                answer := 'delete';
+            ELSIF p_fp IS NULL OR p_fp = r.fingerprint THEN
+                answer := 'duplicate';
+            ELSIF p_on_change = 'ignore' THEN
+                answer := CASE WHEN r.fingerprint IS NULL THEN 'duplicate' ELSE 'changed' END;
+            ELSE
+                answer := 'update';
+            END IF;
+        ELSIF r.status = 'deleted' THEN
+            answer := CASE WHEN p_op = 'delete' THEN 'duplicate' ELSE 'create' END;
+        ELSIF p_op <> 'delete'
+              AND (r.fingerprint IS NULL OR p_fp IS NULL OR p_fp = r.fingerprint) THEN
+            answer := 'duplicate';
+        ELSE
+            answer := 'in_doubt';  -- dead: an erasure, or other content: worked again
+            n := 1;
+        END IF;
+        IF answer IN ('duplicate', 'changed') THEN
+            IF p_kind IS NOT NULL AND (r.version_kind IS DISTINCT FROM p_kind
+                                       OR r.version IS DISTINCT FROM p_version) THEN
+                UPDATE {orders} SET version_kind = p_kind, version = p_version,
+                                    updated_at = p_now
+                 WHERE order_ref = p_ref;
+            END IF;
+        ELSIF answer NOT IN ('busy', 'stale') THEN
+            IF answer <> 'in_doubt' THEN
+                n := 1;
+                why := NULL;
+            END IF;
+            c_ref := r.contact_ref;
+            c_href := r.href;
+            UPDATE {orders}
+               SET status = 'in_flight', owner = p_owner, lease_until = p_lease_until,
+                   attempts = n,
+                   op = CASE WHEN answer = 'in_doubt' THEN 'reconcile' ELSE answer END,
+                   updated_at = p_now
+             WHERE order_ref = p_ref;
+        END IF;
+        RETURN NEXT;
+    END
+    $$;
+    CREATE OR REPLACE FUNCTION {orders}_release(
+        p_ref text, p_owner text, p_now double precision, p_sent boolean)
+    RETURNS void LANGUAGE plpgsql AS $$
+    DECLARE
+        r {orders}%ROWTYPE;
+    BEGIN
+        SELECT * INTO r FROM {orders}
+         WHERE order_ref = p_ref AND status = 'in_flight' AND owner = p_owner FOR UPDATE;
+        IF NOT FOUND THEN
+            RETURN;
+        END IF;
+        IF p_sent OR r.op = 'reconcile' THEN
+            UPDATE {orders} SET lease_until = 0, updated_at = p_now WHERE order_ref = p_ref;
+        ELSIF (r.op = 'create' AND r.version_kind IS NULL)
+              OR (r.op IS DISTINCT FROM 'create' AND r.contact_ref IS NULL) THEN
+            DELETE FROM {orders} WHERE order_ref = p_ref;
+        ELSE
+            UPDATE {orders}
+               SET status = CASE WHEN r.op = 'create' THEN 'deleted' ELSE 'done' END,
+                   owner = NULL, lease_until = 0, op = NULL, updated_at = p_now
+             WHERE order_ref = p_ref;
+        END IF;
+    END
+    $$;
 """
 
-# The rest: $1 order_ref, $2 owner, then as listed. Only the in-flight owner matches.
+_CLAIM = "SELECT * FROM {orders}_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+_RELEASE = "SELECT {orders}_release($1, $2, $3, $4)"
+
+# The rest: $1 order_ref, $2 owner, $3 now, then as listed. Only the in-flight owner
+# matches; a version kind of NULL keeps the record's version (versions.forward).
 _OWNED = "order_ref = $1 AND status = 'in_flight' AND owner = $2"
+_FINISHED = "owner = NULL, lease_until = 0, op = NULL, updated_at = $3"
 _RENEW = "UPDATE {orders} SET lease_until = $4, updated_at = $3 WHERE {owned}"
+# $4 contact_ref, $5 href, $6 fingerprint, $7 version kind, $8 version. True if the owner
+# finished it, or it is done with this contact and fingerprint already (a retried write
+# that had landed: then nothing changes).
 _COMPLETE = (
-    "UPDATE {orders} SET status = 'done', contact_ref = $3, href = $4, lease_until = 0,"
-    " updated_at = $5 WHERE {owned}"
+    "WITH finished AS (UPDATE {orders} SET status = 'done', contact_ref = $4, href = $5,"
+    " fingerprint = $6, reason = NULL, {finished}, version = CASE WHEN $7::text IS NULL"
+    " THEN version ELSE $8::bigint END, version_kind = COALESCE($7::text, version_kind)"
+    " WHERE {owned} RETURNING 1)"
+    " SELECT EXISTS (SELECT 1 FROM finished) OR EXISTS (SELECT 1 FROM {orders}"
+    " WHERE order_ref = $1 AND status = 'done' AND contact_ref = $4"
+    " AND fingerprint IS NOT DISTINCT FROM $6)"
 )
+# $4 version kind, $5 version. True if the owner finished it, or it is deleted already.
+_MARK_DELETED = (
+    "WITH finished AS (UPDATE {orders} SET status = 'deleted', contact_ref = NULL,"
+    " href = NULL, fingerprint = NULL, reason = NULL, {finished}, version = CASE WHEN"
+    " $4::text IS NULL THEN version ELSE $5::bigint END,"
+    " version_kind = COALESCE($4::text, version_kind) WHERE {owned} RETURNING 1)"
+    " SELECT EXISTS (SELECT 1 FROM finished) OR EXISTS (SELECT 1 FROM {orders}"
+    " WHERE order_ref = $1 AND status = 'deleted')"
+)
+# $4 reason, $5 fingerprint, $6 version kind, $7 version. True if the owner finished it.
 _FAIL = (
-    "UPDATE {orders} SET status = 'dead', reason = $3, lease_until = 0, updated_at = $4"
-    " WHERE {owned}"
+    "WITH finished AS (UPDATE {orders} SET status = 'dead', reason = $4, fingerprint = $5,"
+    " {finished}, version = CASE WHEN $6::text IS NULL THEN version ELSE $7::bigint END,"
+    " version_kind = COALESCE($6::text, version_kind) WHERE {owned} RETURNING 1)"
+    " SELECT EXISTS (SELECT 1 FROM finished)"
 )
-_RELEASE_SENT = "UPDATE {orders} SET lease_until = 0, updated_at = $3 WHERE {owned}"
-_RELEASE_UNSENT = "DELETE FROM {orders} WHERE {owned}"
 _FORGET = "DELETE FROM {orders} WHERE order_ref = $1 AND status = 'dead'"
 _STATUS = "SELECT status FROM {orders} WHERE order_ref = $1"
 _ANY_ORDER = "SELECT EXISTS (SELECT 1 FROM {orders})"
@@ -125,7 +250,7 @@ _SET_CHECKPOINT = (
     " ON CONFLICT (key) DO UPDATE SET value = EXCLUDED.value, updated_at = EXCLUDED.updated_at"
 )
 # $1 cutoff. The partial index on updated_at of finished rows serves it.
-_SWEEP = "DELETE FROM {orders} WHERE status IN ('done', 'dead') AND updated_at < $1"
+_SWEEP = "DELETE FROM {orders} WHERE status <> 'in_flight' AND updated_at < $1"
 
 
 class _Sql:
@@ -136,16 +261,16 @@ class _Sql:
             "orders": f"{prefix}orders",
             "checkpoints": f"{prefix}checkpoints",
             "owned": _OWNED,
+            "finished": _FINISHED,
         }
-        self.schema = _SCHEMA.format_map(names)
+        self.schema = _SCHEMA.format_map(names) + _FUNCTIONS.format_map(names)
         self.claim = _CLAIM.format_map(names)
         self.renew = _RENEW.format_map(names)
         self.complete = _COMPLETE.format_map(names)
+        self.mark_deleted = _MARK_DELETED.format_map(names)
         self.fail = _FAIL.format_map(names)
-        self.release_sent = _RELEASE_SENT.format_map(names)
-        self.release_unsent = _RELEASE_UNSENT.format_map(names)
+        self.release = _RELEASE.format_map(names)
         self.forget = _FORGET.format_map(names)
-        self.status = _STATUS.format_map(names)
         self.get_checkpoint = _GET_CHECKPOINT.format_map(names)
         self.set_checkpoint = _SET_CHECKPOINT.format_map(names)
         self.sweep = _SWEEP.format_map(names)
@@ -281,37 +406,73 @@ class PostgresStateStore(StateStore):
 
     # -- the contract --------------------------------------------------------------------
 
-    async def claim(self, order_ref: str, owner: str, lease_seconds: float) -> Claim:
+    async def claim(
+        self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
+    ) -> Claim:
         t = base.now()
-        sql = self._sql.claim
-        row = await self._fetchrow("claim", sql, order_ref, owner, t, t + lease_seconds)
-        if row is None:  # the statement always yields one row; this would be a bug
+        kind, value = _version_args(want.version)
+        args = (want.fingerprint, kind, value, want.op, want.on_change)
+        row = await self._fetchrow(
+            "claim", self._sql.claim, order_ref, owner, t, t + lease_seconds, *args
+        )
+        if row is None:  # the function always yields one row; this would be a bug
             raise StateError(f"claim of order {order_ref!r} returned nothing")
-        return _to_claim(row)
+        return Claim(
+            ClaimStatus(row["answer"]),
+            attempts=int(row["n"]),
+            contact_ref=row["c_ref"],
+            href=row["c_href"],
+            previous=row["previous"],
+            reason=row["why"],
+        )
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         t = base.now()
         sql = self._sql.renew
         return await self._execute("renew", sql, order_ref, owner, t, t + lease_seconds) == 1
 
-    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
-        sql = self._sql.complete
-        if await self._execute("complete", sql, order_ref, owner, contact_ref, href, base.now()):
-            return
-        # Not ours to complete, unless it is done already: then the first contact stays.
-        # (A second statement only on this rare path; it sees what the UPDATE skipped.)
-        if await self._fetchval("complete", self._sql.status, order_ref) != DONE:
-            raise not_owner(order_ref, owner, "complete")
+    async def _finish(
+        self, action: str, sql: str, order_ref: str, owner: str, *args: object
+    ) -> None:
+        """Run a statement that finishes the record and says whether it did (or it had
+        been finished just so); NotOwner if not."""
+        if not await self._fetchval(action, sql, order_ref, owner, base.now(), *args):
+            raise not_owner(order_ref, owner, action.replace("_", " "))
 
-    async def fail(self, order_ref: str, owner: str, reason: str) -> None:
-        if not await self._execute("fail", self._sql.fail, order_ref, owner, reason, base.now()):
-            raise not_owner(order_ref, owner, "fail")
+    async def complete(
+        self,
+        order_ref: str,
+        owner: str,
+        contact_ref: str,
+        href: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        sql = self._sql.complete
+        args = (contact_ref, href, fingerprint, *_version_args(version))
+        await self._finish("complete", sql, order_ref, owner, *args)
+
+    async def mark_deleted(
+        self, order_ref: str, owner: str, *, version: Version | None = None
+    ) -> None:
+        sql = self._sql.mark_deleted
+        await self._finish("mark_deleted", sql, order_ref, owner, *_version_args(version))
+
+    async def fail(
+        self,
+        order_ref: str,
+        owner: str,
+        reason: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        args = (reason, fingerprint, *_version_args(version))
+        await self._finish("fail", self._sql.fail, order_ref, owner, *args)
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
-        if sent:
-            await self._execute("release", self._sql.release_sent, order_ref, owner, base.now())
-        else:
-            await self._execute("release", self._sql.release_unsent, order_ref, owner)
+        await self._fetchval("release", self._sql.release, order_ref, owner, base.now(), sent)
 
     async def forget(self, order_ref: str) -> bool:
         return await self._execute("forget", self._sql.forget, order_ref) == 1
@@ -334,16 +495,5 @@ class PostgresStateStore(StateStore):
         return await self._execute("sweep", self._sql.sweep, base.now() - retention_seconds)
 
 
-def _to_claim(row: Mapping[str, Any]) -> Claim:
-    if row["taken"]:
-        attempts = int(row["attempts"])
-        status = ClaimStatus.CLAIMED if attempts == 1 else ClaimStatus.IN_DOUBT
-        return Claim(status, attempts=attempts)
-    if row["status"] == DONE:
-        return Claim(ClaimStatus.DONE, contact_ref=row["contact_ref"], href=row["href"])
-    if row["status"] == DEAD:
-        return Claim(ClaimStatus.DEAD, reason=row["reason"])
-    # In flight and not taken over, or committed by another claimer after this statement's
-    # snapshot (status NULL): someone holds it. If they have finished meanwhile, asking
-    # again later gives the outcome.
-    return Claim(ClaimStatus.BUSY)
+def _version_args(version: Version | None) -> tuple[str | None, int | None]:
+    return (None, None) if version is None else (version.kind, version.value)

@@ -2,9 +2,10 @@
 
 Layout (`key_prefix` defaults to `cdp-sync:`):
 
-- `cdp-sync:order:<orderRef>`: a hash per orderRef with the fields status, owner,
-  lease_until, attempts, contact_ref, href, reason, updated_at (the sqlite columns).
-- `cdp-sync:finished`: a sorted set of the done/dead orderRefs scored by updated_at, so a
+- `cdp-sync:order:<orderRef>`: a hash per orderRef with the fields of `rules.Record`
+  (status, owner, lease_until, attempts, op, contact_ref, href, fingerprint, version_kind,
+  version, reason, updated_at); absent fields are None.
+- `cdp-sync:finished`: a sorted set of the finished orderRefs scored by updated_at, so a
   sweep finds old records without scanning the keyspace.
 - `cdp-sync:checkpoints`: a hash of source positions.
 
@@ -16,10 +17,11 @@ Why the client's clock: leases are compared with `base.now()` passed in ARGV, as
 other backend (and so the contract's fake clock works). Lease expiry therefore relies on
 the replicas' clocks agreeing (NTP), which DESIGN section 4 already assumes.
 
-Retention: done/dead hashes get a TTL of `retention_seconds` when recorded, so Redis drops
-them by itself; `sweep` removes what is older than its argument through the sorted set
-(and trims index entries whose hash already expired). In-flight hashes never get a TTL:
-an abandoned claim whose POST may have happened must stay in doubt, not vanish.
+Retention: finished (done, deleted, dead) hashes get a TTL of `retention_seconds` when
+recorded, so Redis drops them by itself; `sweep` removes what is older than its argument
+through the sorted set (and trims index entries whose hash already expired). In-flight
+hashes never get a TTL: an abandoned claim whose request may have happened must stay in
+doubt, not vanish.
 
 Scripts touch keys derived from their arguments (the sweep deletes order hashes it finds
 in the index), so this store targets a standalone Redis or a primary with replicas
@@ -43,7 +45,8 @@ from redis.exceptions import RedisError
 from worker._urls import ParsedUrl, check_server_url, scrub_password
 from worker.errors import ConfigError, StateError
 from worker.state import base
-from worker.state.base import Claim, ClaimStatus, StateStore, not_owner
+from worker.state.base import ANY_UPSERT, Claim, ClaimStatus, StateStore, Want, not_owner
+from worker.versions import Version
 
 T = TypeVar("T")
 
@@ -57,24 +60,90 @@ SWEEP_BATCH = 500
 # claim by the same owner would answer BUSY.
 RETRIES = 2
 
-# Claim: KEYS[1] = order hash; ARGV = owner, now, lease_until.
-# Replies {status, attempts, contact_ref, href, reason}; false becomes nil.
-_CLAIM = """
-local rec = redis.call('HMGET', KEYS[1], 'status', 'lease_until', 'contact_ref', 'href', 'reason')
-local status = rec[1]
-if not status then
-  redis.call('HSET', KEYS[1], 'status', 'in_flight', 'owner', ARGV[1], 'lease_until', ARGV[3],
-             'attempts', 1, 'updated_at', ARGV[2])
-  return {'claimed', 1, false, false, false}
+# The scripts below are `rules.py` translated: read it first, they follow it line by line.
+# Every script that finishes a record (done, deleted, dead) indexes it in the finished
+# set and gives it the retention's TTL; one that takes a record in flight removes the
+# TTL (PERSIST): an abandoned claim must stay in doubt, not vanish.
+_FINISH = """
+local function finish(key, index, now, ref, ttl)
+  redis.call('HDEL', key, 'owner', 'op')
+  redis.call('HSET', key, 'lease_until', 0, 'updated_at', now)
+  redis.call('ZADD', index, now, ref)
+  if tonumber(ttl) > 0 then redis.call('PEXPIRE', key, ttl) end
 end
-if status == 'done' then return {'done', 0, rec[3], rec[4], false} end
-if status == 'dead' then return {'dead', 0, false, false, rec[5]} end
-if tonumber(rec[2]) > tonumber(ARGV[2]) then return {'busy', 0, false, false, false} end
--- The lease ran out or was given back after a send: the previous owner may have POSTed.
-local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'lease_until', ARGV[3], 'updated_at', ARGV[2])
-return {'in_doubt', attempts, false, false, false}
+local function set_or_delete(key, field, value)
+  if value == '' then redis.call('HDEL', key, field) else redis.call('HSET', key, field, value) end
+end
+local function forward(key, kind, version)
+  if kind ~= '' then redis.call('HSET', key, 'version_kind', kind, 'version', version) end
+end
 """
+
+# Claim: KEYS[1] = order hash, KEYS[2] = finished index; ARGV = owner, now, lease_until,
+# fingerprint, version kind, version ('' for none), op, on_change, orderRef, ttl_ms.
+# Replies {answer, attempts, contact_ref, href, previous, reason}.
+_CLAIM = (
+    _FINISH
+    + """
+local key, now = KEYS[1], ARGV[2]
+local r = redis.call('HMGET', key, 'status', 'lease_until', 'attempts', 'contact_ref', 'href',
+                     'fingerprint', 'version_kind', 'version', 'reason')
+local status, lease, attempts, ref, href, fp, kind, version, reason = unpack(r)
+local want_fp, want_kind, want_version, want_op = ARGV[4], ARGV[5], ARGV[6], ARGV[7]
+local function take(new_op, n)
+  redis.call('HSET', key, 'status', 'in_flight', 'owner', ARGV[1], 'lease_until', ARGV[3],
+             'attempts', n, 'op', new_op, 'updated_at', now)
+  redis.call('PERSIST', key)
+end
+local function skip(answer)
+  if want_kind ~= '' and (kind ~= want_kind or version ~= want_version) then
+    forward(key, want_kind, want_version)
+    finish(key, KEYS[2], now, ARGV[9], ARGV[10])
+  end
+  return {answer, 0, false, false, status, reason}
+end
+local function in_doubt(n)
+  take('reconcile', n)
+  return {'in_doubt', n, ref, href, status, reason}
+end
+if not status then
+  local new_op = 'create'
+  if want_op == 'delete' then new_op = 'delete' end
+  take(new_op, 1)
+  return {new_op, 1, false, false, false, false}
+end
+if status == 'in_flight' and tonumber(lease) > tonumber(now) then
+  return {'busy', 0, false, false, status, false}
+end
+if want_kind ~= '' and kind == want_kind and tonumber(want_version) < tonumber(version) then
+  return {'stale', 0, false, false, status, reason}
+end
+if status == 'in_flight' then return in_doubt(tonumber(attempts) + 1) end
+if status == 'done' then
+  if want_op == 'delete' then
+    take('delete', 1)
+    return {'delete', 1, ref, href, status, false}
+  end
+  if want_fp == '' or want_fp == fp then return skip('duplicate') end
+  if ARGV[8] == 'ignore' then
+    if not fp then return skip('duplicate') end
+    return skip('changed')
+  end
+  take('update', 1)
+  return {'update', 1, ref, href, status, false}
+end
+if status == 'deleted' then
+  if want_op == 'delete' then return skip('duplicate') end
+  take('create', 1)
+  return {'create', 1, false, false, status, false}
+end
+-- dead: an erasure is always carried out; other content (the producer fixed it) too
+if want_op ~= 'delete' and (not fp or want_fp == '' or want_fp == fp) then
+  return skip('duplicate')
+end
+return in_doubt(1)
+"""
+)
 
 # Renew: KEYS[1] = order hash; ARGV = owner, now, lease_until. Replies 1 if renewed.
 _RENEW = """
@@ -84,42 +153,75 @@ redis.call('HSET', KEYS[1], 'lease_until', ARGV[3], 'updated_at', ARGV[2])
 return 1
 """
 
-# Complete: KEYS[1] = order hash, KEYS[2] = finished index;
-# ARGV = owner, now, orderRef, contact_ref, href, ttl_ms (0: none). Replies 0 if not owned.
-_COMPLETE = """
-local rec = redis.call('HMGET', KEYS[1], 'status', 'owner')
-if rec[1] == 'done' then return 1 end  -- the first contact stays: it is the one CDP holds
+# Complete: KEYS[1] = order hash, KEYS[2] = finished index; ARGV = owner, now, orderRef,
+# ttl_ms, contact_ref, href, fingerprint, version kind, version. Replies 0 if not owned.
+_COMPLETE = (
+    _FINISH
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'owner', 'contact_ref', 'fingerprint')
+if rec[1] == 'done' and rec[3] == ARGV[5] and (rec[4] or '') == ARGV[7] then return 1 end
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'done', 'contact_ref', ARGV[4], 'href', ARGV[5],
-           'lease_until', 0, 'updated_at', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-if tonumber(ARGV[6]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[6]) end
+redis.call('HSET', KEYS[1], 'status', 'done', 'contact_ref', ARGV[5], 'href', ARGV[6])
+redis.call('HDEL', KEYS[1], 'reason')
+set_or_delete(KEYS[1], 'fingerprint', ARGV[7])
+forward(KEYS[1], ARGV[8], ARGV[9])
+finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
+)
 
-# Fail: KEYS[1] = order hash, KEYS[2] = finished index;
-# ARGV = owner, now, orderRef, reason, ttl_ms (0: none). Replies 0 if not owned.
-_FAIL = """
+# Mark deleted: KEYS as complete; ARGV = owner, now, orderRef, ttl_ms, version kind,
+# version. Replies 0 if not owned.
+_MARK_DELETED = (
+    _FINISH
+    + """
 local rec = redis.call('HMGET', KEYS[1], 'status', 'owner')
+if rec[1] == 'deleted' then return 1 end
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'status', 'dead', 'reason', ARGV[4], 'lease_until', 0,
-           'updated_at', ARGV[2])
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[3])
-if tonumber(ARGV[5]) > 0 then redis.call('PEXPIRE', KEYS[1], ARGV[5]) end
+redis.call('HSET', KEYS[1], 'status', 'deleted')
+redis.call('HDEL', KEYS[1], 'contact_ref', 'href', 'fingerprint', 'reason')
+forward(KEYS[1], ARGV[5], ARGV[6])
+finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
+)
 
-# Release: KEYS[1] = order hash; ARGV = owner, now, sent ('1' or '0').
-_RELEASE = """
+# Fail: KEYS as complete; ARGV = owner, now, orderRef, ttl_ms, reason, fingerprint,
+# version kind, version. Replies 0 if not owned.
+_FAIL = (
+    _FINISH
+    + """
 local rec = redis.call('HMGET', KEYS[1], 'status', 'owner')
 if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] then return 0 end
-if ARGV[3] == '1' then
+redis.call('HSET', KEYS[1], 'status', 'dead', 'reason', ARGV[5])
+set_or_delete(KEYS[1], 'fingerprint', ARGV[6])
+forward(KEYS[1], ARGV[7], ARGV[8])
+finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+
+# Release: KEYS as complete; ARGV = owner, now, orderRef, ttl_ms, sent ('1' or '0').
+_RELEASE = (
+    _FINISH
+    + """
+local rec = redis.call('HMGET', KEYS[1], 'status', 'owner', 'op', 'version_kind',
+                       'contact_ref')
+if rec[1] ~= 'in_flight' or rec[2] ~= ARGV[1] then return 0 end
+local op = rec[3]
+if ARGV[5] == '1' or op == 'reconcile' then
   redis.call('HSET', KEYS[1], 'lease_until', 0, 'updated_at', ARGV[2])
-else
+elseif (op == 'create' and not rec[4]) or (op ~= 'create' and not rec[5]) then
   redis.call('DEL', KEYS[1])
+else
+  local before = 'done'
+  if op == 'create' then before = 'deleted' end
+  redis.call('HSET', KEYS[1], 'status', before)
+  finish(KEYS[1], KEYS[2], ARGV[2], ARGV[3], ARGV[4])
 end
 return 1
 """
+)
 
 # Forget a dead record: KEYS[1] = order hash, KEYS[2] = finished index; ARGV = orderRef.
 # Replies 1 if it was dead and is gone, 0 otherwise (done or in flight stay).
@@ -140,7 +242,7 @@ local deleted = 0
 for _, ref in ipairs(refs) do
   local key = ARGV[1] .. ref
   local rec = redis.call('HMGET', key, 'status', 'updated_at')
-  local finished = rec[1] == 'done' or rec[1] == 'dead'
+  local finished = rec[1] == 'done' or rec[1] == 'deleted' or rec[1] == 'dead'
   if finished and tonumber(rec[2]) < tonumber(ARGV[2]) then
     deleted = deleted + redis.call('DEL', key)
     redis.call('ZREM', KEYS[1], ref)
@@ -177,6 +279,11 @@ def _check_url(url: str) -> str:
         # redis-py would silently use DB 0 for `redis://host/name`: say so instead.
         raise ConfigError(f"{OPTION}: the redis URL's path is a database number, e.g. /0")
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
+
+
+def _version_args(version: Version | None) -> tuple[str, str]:
+    """A version as two script arguments (kind, integer as text), or two empty ones."""
+    return ("", "") if version is None else (version.kind, str(version.value))
 
 
 def _ttl_ms(retention_seconds: float | None) -> int:
@@ -261,6 +368,7 @@ class RedisStateStore(StateStore):
                 ("claim", _CLAIM),
                 ("renew", _RENEW),
                 ("complete", _COMPLETE),
+                ("mark_deleted", _MARK_DELETED),
                 ("fail", _FAIL),
                 ("release", _RELEASE),
                 ("forget", _FORGET),
@@ -303,15 +411,24 @@ class RedisStateStore(StateStore):
 
     # -- the contract --------------------------------------------------------------------
 
-    async def claim(self, order_ref: str, owner: str, lease_seconds: float) -> Claim:
+    async def claim(
+        self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
+    ) -> Claim:
         t = base.now()
-        reply = await self._script("claim", [self._key(order_ref)], [owner, t, t + lease_seconds])
-        status, attempts, contact_ref, href, reason = reply
+        keys = [self._key(order_ref), self.finished_key]
+        args = [
+            owner, t, t + lease_seconds, want.fingerprint or "", *_version_args(want.version),
+            want.op, want.on_change, order_ref, self._ttl_ms,
+        ]  # fmt: skip
+        answer, attempts, contact_ref, href, previous, reason = await self._script(
+            "claim", keys, args
+        )
         return Claim(
-            ClaimStatus(status),
+            ClaimStatus(answer),
             attempts=int(attempts),
             contact_ref=contact_ref,
             href=href,
+            previous=previous,
             reason=reason,
         )
 
@@ -320,21 +437,50 @@ class RedisStateStore(StateStore):
         renewed = await self._script("renew", [self._key(order_ref)], [owner, t, t + lease_seconds])
         return bool(renewed)
 
-    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
+    async def _finish(self, action: str, order_ref: str, owner: str, *fields: object) -> None:
+        """Run a script that finishes the record; NotOwner if `owner` did not hold it."""
         keys = [self._key(order_ref), self.finished_key]
-        args = [owner, base.now(), order_ref, contact_ref, href, self._ttl_ms]
-        if not await self._script("complete", keys, args):
-            raise not_owner(order_ref, owner, "complete")
+        args = (owner, base.now(), order_ref, self._ttl_ms, *fields)
+        if not await self._script(action, keys, args):
+            raise not_owner(order_ref, owner, action.replace("_", " "))
 
-    async def fail(self, order_ref: str, owner: str, reason: str) -> None:
-        keys = [self._key(order_ref), self.finished_key]
-        args = [owner, base.now(), order_ref, reason, self._ttl_ms]
-        if not await self._script("fail", keys, args):
-            raise not_owner(order_ref, owner, "fail")
+    async def complete(
+        self,
+        order_ref: str,
+        owner: str,
+        contact_ref: str,
+        href: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        await self._finish(
+            "complete", order_ref, owner, contact_ref, href, fingerprint or "",
+            *_version_args(version),
+        )  # fmt: skip
+
+    async def mark_deleted(
+        self, order_ref: str, owner: str, *, version: Version | None = None
+    ) -> None:
+        await self._finish("mark_deleted", order_ref, owner, *_version_args(version))
+
+    async def fail(
+        self,
+        order_ref: str,
+        owner: str,
+        reason: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        await self._finish(
+            "fail", order_ref, owner, reason, fingerprint or "", *_version_args(version)
+        )
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
-        args = [owner, base.now(), "1" if sent else "0"]
-        await self._script("release", [self._key(order_ref)], args)
+        keys = [self._key(order_ref), self.finished_key]
+        args = [owner, base.now(), order_ref, self._ttl_ms, "1" if sent else "0"]
+        await self._script("release", keys, args)
 
     async def forget(self, order_ref: str) -> bool:
         keys = [self._key(order_ref), self.finished_key]

@@ -24,8 +24,10 @@ from typing import Any, TypeVar
 
 from worker._batching import Batcher
 from worker.errors import ConfigError, StateError, WorkerError
-from worker.state import base
-from worker.state.base import DEAD, DONE, IN_FLIGHT, Claim, ClaimStatus, StateStore, not_owner
+from worker.state import base, rules
+from worker.state.base import ANY_UPSERT, FINISHED, Claim, StateStore, Want
+from worker.state.rules import Record
+from worker.versions import Version
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -42,13 +44,36 @@ _SCHEMA = (
         contact_ref TEXT,
         href TEXT,
         reason TEXT,
-        updated_at REAL NOT NULL
+        updated_at REAL NOT NULL,
+        op TEXT,
+        fingerprint TEXT,
+        version_kind TEXT,
+        version INTEGER
     )""",
     """CREATE TABLE IF NOT EXISTS checkpoints (
         key TEXT PRIMARY KEY,
         value TEXT NOT NULL,
         updated_at REAL NOT NULL
     )""",
+)
+
+
+# Columns added since the first release, for files written by it (ALTER TABLE at open).
+_ADDED_COLUMNS = (
+    ("op", "TEXT"),
+    ("fingerprint", "TEXT"),
+    ("version_kind", "TEXT"),
+    ("version", "INTEGER"),
+)
+# One row as rules.Record has it, in its field order.
+_SELECT = (
+    "SELECT status, updated_at, owner, lease_until, attempts, op, contact_ref, href,"
+    " fingerprint, version_kind, version, reason FROM orders WHERE order_ref = ?"
+)
+_REPLACE = (
+    "INSERT OR REPLACE INTO orders (order_ref, status, updated_at, owner, lease_until,"
+    " attempts, op, contact_ref, href, fingerprint, version_kind, version, reason)"
+    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -152,6 +177,10 @@ class SqliteStateStore(StateStore):
             conn.execute("BEGIN IMMEDIATE")
             for statement in _SCHEMA:
                 conn.execute(statement)
+            have = {row[1] for row in conn.execute("PRAGMA table_info(orders)")}
+            for name, kind in _ADDED_COLUMNS:
+                if name not in have:
+                    conn.execute(f"ALTER TABLE orders ADD COLUMN {name} {kind}")
             conn.execute("COMMIT")
         except sqlite3.Error as exc:
             conn.close()
@@ -202,66 +231,82 @@ class SqliteStateStore(StateStore):
 
     # -- the contract --------------------------------------------------------------------
 
-    async def claim(self, order_ref: str, owner: str, lease_seconds: float) -> Claim:
-        return await self._submit(lambda conn: _claim(conn, order_ref, owner, lease_seconds))
-
-    async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
-        def op(conn: sqlite3.Connection) -> bool:
-            t = base.now()
-            cur = conn.execute(
-                "UPDATE orders SET lease_until = ?, updated_at = ?"
-                " WHERE order_ref = ? AND status = ? AND owner = ?",
-                (t + lease_seconds, t, order_ref, IN_FLIGHT, owner),
-            )
-            return cur.rowcount == 1
+    async def claim(
+        self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
+    ) -> Claim:
+        def op(conn: sqlite3.Connection) -> Claim:
+            found = _read(conn, order_ref)
+            answer, rec = rules.claim(found, owner, base.now(), lease_seconds, want)
+            _write(conn, order_ref, rec, found)
+            return answer
 
         return await self._submit(op)
 
-    async def complete(self, order_ref: str, owner: str, contact_ref: str, href: str) -> None:
+    async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
+        def op(conn: sqlite3.Connection) -> bool:
+            rec = rules.renew(_read(conn, order_ref), owner, base.now(), lease_seconds)
+            if rec is None:
+                return False
+            _write(conn, order_ref, rec)
+            return True
+
+        return await self._submit(op)
+
+    async def complete(
+        self,
+        order_ref: str,
+        owner: str,
+        contact_ref: str,
+        href: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "UPDATE orders SET status = ?, contact_ref = ?, href = ?, lease_until = 0,"
-                " updated_at = ? WHERE order_ref = ? AND status = ? AND owner = ?",
-                (DONE, contact_ref, href, base.now(), order_ref, IN_FLIGHT, owner),
+            rec = _read(conn, order_ref)
+            done = rules.complete(
+                rec, order_ref, owner, base.now(), contact_ref, href, fingerprint, version
             )
-            # Completing a done record again keeps the first contact: the one CDP holds.
-            if cur.rowcount == 0 and _status(conn, order_ref) != DONE:
-                raise not_owner(order_ref, owner, "complete")
+            _write(conn, order_ref, done)
 
         await self._submit(op)
 
-    async def fail(self, order_ref: str, owner: str, reason: str) -> None:
+    async def mark_deleted(
+        self, order_ref: str, owner: str, *, version: Version | None = None
+    ) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            cur = conn.execute(
-                "UPDATE orders SET status = ?, reason = ?, lease_until = 0, updated_at = ?"
-                " WHERE order_ref = ? AND status = ? AND owner = ?",
-                (DEAD, reason, base.now(), order_ref, IN_FLIGHT, owner),
-            )
-            if cur.rowcount == 0:
-                raise not_owner(order_ref, owner, "fail")
+            rec = _read(conn, order_ref)
+            _write(conn, order_ref, rules.mark_deleted(rec, order_ref, owner, base.now(), version))
+
+        await self._submit(op)
+
+    async def fail(
+        self,
+        order_ref: str,
+        owner: str,
+        reason: str,
+        *,
+        fingerprint: str | None = None,
+        version: Version | None = None,
+    ) -> None:
+        def op(conn: sqlite3.Connection) -> None:
+            rec = _read(conn, order_ref)
+            dead = rules.fail(rec, order_ref, owner, base.now(), reason, fingerprint, version)
+            _write(conn, order_ref, dead)
 
         await self._submit(op)
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         def op(conn: sqlite3.Connection) -> None:
-            if sent:
-                conn.execute(
-                    "UPDATE orders SET lease_until = 0, updated_at = ?"
-                    " WHERE order_ref = ? AND status = ? AND owner = ?",
-                    (base.now(), order_ref, IN_FLIGHT, owner),
-                )
-            else:
-                conn.execute(
-                    "DELETE FROM orders WHERE order_ref = ? AND status = ? AND owner = ?",
-                    (order_ref, IN_FLIGHT, owner),
-                )
+            rec = _read(conn, order_ref)
+            _write(conn, order_ref, rules.release(rec, owner, base.now(), sent=sent), rec)
 
         await self._submit(op)
 
     async def forget(self, order_ref: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
             cur = conn.execute(
-                "DELETE FROM orders WHERE order_ref = ? AND status = ?", (order_ref, DEAD)
+                "DELETE FROM orders WHERE order_ref = ? AND status = ?", (order_ref, base.DEAD)
             )
             return cur.rowcount == 1
 
@@ -298,8 +343,8 @@ class SqliteStateStore(StateStore):
     async def sweep(self, retention_seconds: float) -> int:
         def op(conn: sqlite3.Connection) -> int:
             cur = conn.execute(
-                "DELETE FROM orders WHERE status IN (?, ?) AND updated_at < ?",
-                (DONE, DEAD, base.now() - retention_seconds),
+                "DELETE FROM orders WHERE status IN (?, ?, ?) AND updated_at < ?",
+                (*FINISHED, base.now() - retention_seconds),
             )
             return cur.rowcount
 
@@ -309,40 +354,46 @@ class SqliteStateStore(StateStore):
 # -- operations: run on the writer thread, inside the batch's transaction --------------------
 
 
-def _claim(conn: sqlite3.Connection, order_ref: str, owner: str, lease_seconds: float) -> Claim:
-    t = base.now()
-    row = conn.execute(
-        "SELECT status, lease_until, attempts, contact_ref, href, reason"
-        " FROM orders WHERE order_ref = ?",
-        (order_ref,),
-    ).fetchone()
+def _read(conn: sqlite3.Connection, order_ref: str) -> Record | None:
+    row = conn.execute(_SELECT, (order_ref,)).fetchone()
     if row is None:
-        conn.execute(
-            "INSERT INTO orders (order_ref, status, owner, lease_until, attempts, updated_at)"
-            " VALUES (?, ?, ?, ?, 1, ?)",
-            (order_ref, IN_FLIGHT, owner, t + lease_seconds, t),
-        )
-        return Claim(ClaimStatus.CLAIMED, attempts=1)
-    status, lease_until, attempts, contact_ref, href, reason = row
-    if status == DONE:
-        return Claim(ClaimStatus.DONE, contact_ref=contact_ref, href=href)
-    if status == DEAD:
-        return Claim(ClaimStatus.DEAD, reason=reason)
-    if lease_until > t:
-        return Claim(ClaimStatus.BUSY)
-    # Lease ran out (or was given back after a send): the previous owner may have POSTed,
-    # so the new owner must reconcile before sending.
-    conn.execute(
-        "UPDATE orders SET owner = ?, lease_until = ?, attempts = ?, updated_at = ?"
-        " WHERE order_ref = ?",
-        (owner, t + lease_seconds, attempts + 1, t, order_ref),
+        return None
+    (status, updated_at, owner, lease_until, attempts, op, contact_ref, href) = row[:8]
+    fingerprint, version_kind, version, reason = row[8:]
+    return Record(
+        status,
+        updated_at,
+        owner,
+        lease_until or 0.0,
+        attempts,
+        op,
+        contact_ref,
+        href,
+        fingerprint,
+        None if version_kind is None else Version(version_kind, version),
+        reason,
     )
-    return Claim(ClaimStatus.IN_DOUBT, attempts=attempts + 1)
 
 
-def _status(conn: sqlite3.Connection, order_ref: str) -> str | None:
-    row = conn.execute("SELECT status FROM orders WHERE order_ref = ?", (order_ref,)).fetchone()
-    return None if row is None else str(row[0])
+def _write(
+    conn: sqlite3.Connection, order_ref: str, rec: Record | None, was: Record | None = None
+) -> None:
+    """Store `rec` (None: delete the row); `was`, if given, is what was read: unchanged,
+    nothing is written."""
+    if rec is was:
+        return
+    if rec is None:
+        conn.execute("DELETE FROM orders WHERE order_ref = ?", (order_ref,))
+        return
+    kind, version = rec.version if rec.version is not None else (None, None)
+    conn.execute(
+        _REPLACE,
+        (
+            order_ref, rec.status, rec.updated_at, rec.owner, rec.lease_until, rec.attempts,
+            rec.op, rec.contact_ref, rec.href, rec.fingerprint, kind, version,
+            rec.reason,
+        ),
+    )  # fmt: skip
 
 
 def _close_connection(connecting: asyncio.Future[sqlite3.Connection]) -> None:
