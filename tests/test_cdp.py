@@ -130,9 +130,9 @@ def test_rejection_messages_are_deduplicated_or_a_short_prefix_of_a_foreign_body
         (408, Verdict.RETRY),
         (429, Verdict.RETRY),
         (500, Verdict.RETRY),
-        (502, Verdict.RETRY),
+        (502, Verdict.IN_DOUBT),
         (503, Verdict.RETRY),
-        (504, Verdict.RETRY),
+        (504, Verdict.IN_DOUBT),
     ],
 )
 def test_status_table(status: int, verdict: Verdict) -> None:
@@ -447,9 +447,9 @@ STATUS_TABLE: dict[int, tuple[Verdict, Verdict, Verdict, Verdict, Verdict]] = {
     422: (REJ, REJ, REJ, REJ, REJ),
     429: (RETRY, RETRY, RETRY, RETRY, RETRY),
     500: (RETRY, RETRY, RETRY, RETRY, RETRY),
-    502: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    502: (DOUBT, RETRY, RETRY, DOUBT, DOUBT),  # a gateway's: the write may have landed
     503: (RETRY, RETRY, RETRY, RETRY, RETRY),
-    504: (RETRY, RETRY, RETRY, RETRY, RETRY),
+    504: (DOUBT, RETRY, RETRY, DOUBT, DOUBT),
 }
 
 

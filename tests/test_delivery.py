@@ -18,11 +18,12 @@ import orjson
 import pytest
 
 from worker.cdp import Outcome, Verdict
-from worker.contact import Event, parse_event
+from worker.contact import DELETE_FINGERPRINT, Event, build_body, fingerprint, parse_event
 from worker.delivery import Delivery, Policy
 from worker.demo import contact_event
 from worker.errors import Draining
 from worker.sources import Message
+from worker.state import Claim, ClaimStatus
 
 CREATED = Outcome(Verdict.OK, "201", 201, contact_ref="c-1", href="https://cdp/c-1")
 LISTED_NONE = Outcome(Verdict.OK, "200", 200)
@@ -33,6 +34,14 @@ CONFLICT = Outcome(Verdict.CONFLICT, "409", 409)
 REJECTED = Outcome(Verdict.REJECTED, "400", 400, message="firstName too long")
 NOT_FOUND = Outcome(Verdict.NOT_FOUND, "404", 404, message="no such order")
 REFUSED = Outcome(Verdict.AUTH, "401", 401)
+UPDATED = Outcome(Verdict.OK, "200", 200, contact_ref="c-9", href="https://cdp/c-9")
+DELETED = Outcome(Verdict.OK, "204", 204, contact_ref="c-9")
+LISTED_TWO = Outcome(
+    Verdict.OK, "200", 200, contacts=(("c-9", "https://cdp/c-9"), ("c-8", "https://cdp/c-8"))
+)
+NEW = Claim(ClaimStatus.CREATE, attempts=1)
+IN_DOUBT = Claim(ClaimStatus.IN_DOUBT, attempts=2, previous="in_flight")
+UPDATE = Claim(ClaimStatus.UPDATE, 1, "c-9", "https://cdp/c-9", previous="done")
 
 
 class ScriptedClient:
@@ -53,6 +62,13 @@ class ScriptedClient:
 
     async def list_contacts(self, order_ref: str) -> Outcome:
         return self._next("list")
+
+    async def update_contact(self, contact_ref: str, body: Mapping[str, Any]) -> Outcome:
+        assert body["firstName"]
+        return self._next(f"update {contact_ref}")
+
+    async def delete_contact(self, contact_ref: str) -> Outcome:
+        return self._next(f"delete {contact_ref}")
 
 
 @dataclass
@@ -96,11 +112,22 @@ class FakeGate:
 @dataclass
 class FakeRecorder:
     ended: list[tuple[Any, ...]] = field(default_factory=list)
+    fingerprints: list[str | None] = field(default_factory=list)
 
     async def done(
-        self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
+        self,
+        message: Message,
+        event: Event,
+        contact: tuple[str, str],
+        outcome: str,
+        *,
+        fingerprint: str | None,
     ) -> None:
-        self.ended.append(("done", outcome, contact_ref, href))
+        self.ended.append(("done", outcome, *contact))
+        self.fingerprints.append(fingerprint)
+
+    async def deleted(self, message: Message, event: Event) -> None:
+        self.ended.append(("deleted",))
 
     async def dead(
         self,
@@ -111,8 +138,10 @@ class FakeRecorder:
         *,
         status: int | None,
         attempts: int,
+        fingerprint: str | None,
     ) -> None:
         self.ended.append(("dead", reason, detail, status, attempts))
+        self.fingerprints.append(fingerprint)
 
 
 @dataclass
@@ -127,37 +156,44 @@ class Run:
         return self.recorder.ended
 
 
-def event() -> Event:
-    raw = contact_event(random.Random(3), 1)
+def event(**fields: Any) -> Event:
+    raw = {**contact_event(random.Random(3), 1), **fields}
     return parse_event(orjson.dumps(raw), default_event_id="m-1")
 
 
 async def deliver(
     script: Iterable[Outcome],
     *,
-    in_doubt: bool = False,
+    claim: Claim = NEW,
     claims: int = 1,
     max_attempts: int = 4,
     not_found_grace: float = 300.0,
     gate: FakeGate | None = None,
+    erasure: bool = False,
+    on_change: str = "update",
+    verify_new: bool = False,
 ) -> Run:
     client, recorder = ScriptedClient(script), FakeRecorder()
     gate = gate or FakeGate()
     policy = Policy(
         max_attempts=max_attempts,
         not_found_grace=not_found_grace,
-        base_url="https://cdp.example",
-        api_version="v2",
         backoff_base=0.5,
+        on_change=on_change,
+        verify_new=verify_new,
     )
+    the_event = event(op="delete") if erasure else event()
+    body = None if erasure else build_body(the_event, base_url="https://cdp.example")
     delivery = Delivery(
         Message(id="m-1", body=b"{}"),
-        event(),
+        the_event,
+        body=body,
+        fingerprint=DELETE_FINGERPRINT if body is None else fingerprint(body),
+        claim=claim,
         gate=gate,
         recorder=recorder,
         client=client,
         policy=policy,
-        in_doubt=in_doubt,
         claims=claims,
     )
     run = Run(delivery, client, gate, recorder)
@@ -205,13 +241,20 @@ async def test_a_rejection_is_dead_lettered_with_cdps_message() -> None:
     assert run.ended == [("dead", "cdp_rejected", "firstName too long", 400, 1)]
 
 
-@pytest.mark.parametrize("unknown", [TIMEOUT, CONFLICT], ids=["timeout", "409"])
-async def test_an_unknown_fate_is_reconciled_and_an_existing_contact_adopted(
+@pytest.mark.parametrize(
+    "unknown",
+    [TIMEOUT, CONFLICT, Outcome(Verdict.IN_DOUBT, "504", 504)],
+    ids=["timeout", "409", "504"],
+)
+async def test_an_unknown_fate_is_reconciled_and_the_contact_found_updated(
     unknown: Outcome,
 ) -> None:
-    run = await deliver([unknown, LISTED_ONE])
-    assert run.client.calls == ["post", "list"]
+    # Even after our own POST timed out, the contact found may be another's (a lost or
+    # swept record): what it holds is unknown, so it gets this body (idempotently).
+    run = await deliver([unknown, LISTED_ONE, UPDATED])
+    assert run.client.calls == ["post", "list", "update c-9"]
     assert run.ended == [("done", "reconciled", "c-9", "https://cdp/c-9")]
+    assert run.recorder.fingerprints == [run.delivery.fingerprint]
 
 
 async def test_a_timeout_with_nothing_at_cdp_is_posted_again() -> None:
@@ -221,13 +264,13 @@ async def test_a_timeout_with_nothing_at_cdp_is_posted_again() -> None:
 
 
 async def test_an_in_doubt_claim_lists_before_any_post() -> None:
-    run = await deliver([LISTED_ONE], in_doubt=True)
-    assert run.client.calls == ["list"]
+    run = await deliver([LISTED_ONE, UPDATED], claim=IN_DOUBT)
+    assert run.client.calls == ["list", "update c-9"]  # what it holds is unknown
     assert run.ended[0][:2] == ("done", "reconciled")
 
 
 async def test_failed_listings_count_as_attempts() -> None:
-    run = await deliver([UNAVAILABLE] * 3, in_doubt=True, max_attempts=3)
+    run = await deliver([UNAVAILABLE] * 3, claim=IN_DOUBT, max_attempts=3)
     assert run.client.calls == ["list"] * 3
     assert run.ended == [
         ("dead", "retries_exhausted", "could not list the order's contacts", 503, 3)
@@ -265,12 +308,34 @@ async def test_a_stop_mid_backoff_leaves_the_send_in_doubt_only_if_it_may_have_a
     assert after_timeout.delivery.sent_in_doubt is True  # the POST may have arrived
 
 
-async def test_an_empty_listing_clears_the_doubt_of_an_in_doubt_claim() -> None:
-    run = await deliver(
-        [LISTED_NONE, UNAVAILABLE], in_doubt=True, gate=FakeGate(stop_after_retries=1)
+async def test_an_empty_listing_clears_the_doubt_of_a_create() -> None:
+    run = await deliver([TIMEOUT, LISTED_NONE, UNAVAILABLE], gate=FakeGate(stop_after_retries=2))
+    assert run.client.calls == ["post", "list", "post"]
+    assert run.delivery.sent_in_doubt is False  # CDP holds none, as the record said
+
+
+async def test_a_write_that_may_have_landed_stays_in_doubt_whatever_follows() -> None:
+    # The update timed out (it may have landed), its retry got a 503: the record must
+    # not be put back as it was, as if CDP still held the old body.
+    update = await deliver(
+        [TIMEOUT, UNAVAILABLE], claim=UPDATE, gate=FakeGate(stop_after_retries=2)
     )
-    assert run.client.calls == ["list", "post"]
-    assert run.delivery.sent_in_doubt is False
+    assert update.delivery.sent_in_doubt is True
+    erase = Claim(ClaimStatus.DELETE, 1, "c-9", "https://cdp/c-9", previous="done")
+    deleted = await deliver(
+        [TIMEOUT, UNAVAILABLE], claim=erase, erasure=True, gate=FakeGate(stop_after_retries=2)
+    )
+    assert deleted.delivery.sent_in_doubt is True
+    in_doubt = await deliver(
+        [LISTED_NONE, UNAVAILABLE], claim=IN_DOUBT, gate=FakeGate(stop_after_retries=1)
+    )
+    assert in_doubt.delivery.sent_in_doubt is True  # an earlier owner's may still land
+
+
+async def test_an_update_answered_404_while_cdp_still_lists_it_gives_up_in_time() -> None:
+    run = await deliver([NOT_FOUND, LISTED_ONE] * 3, claim=UPDATE, max_attempts=3)
+    assert run.ended == [("dead", "retries_exhausted", "gave up after the last attempt", None, 3)]
+    assert len(run.gate.retries) == 3  # backed off each time, no hot loop
 
 
 async def test_failures_during_an_outage_count_no_attempt() -> None:
@@ -327,6 +392,12 @@ class Switchable:
     async def list_contacts(self, order_ref: str) -> Outcome:
         return LISTED_NONE if self.up else REFUSED_CONNECTION
 
+    async def update_contact(self, contact_ref: str, body: Mapping[str, Any]) -> Outcome:
+        raise AssertionError("no update in these tests")
+
+    async def delete_contact(self, contact_ref: str) -> Outcome:
+        raise AssertionError("no delete in these tests")
+
 
 REFUSED_CONNECTION = Outcome(Verdict.RETRY, "connection", message="ClientConnectorError")
 
@@ -350,14 +421,12 @@ def real_gate() -> Any:
 def delivery_on(gate: Any, client: Switchable, number: int, max_attempts: int) -> Any:
     raw = contact_event(random.Random(number), number)
     event = parse_event(orjson.dumps(raw), default_event_id=f"m-{number}")
-    policy = Policy(
-        max_attempts=max_attempts, not_found_grace=300, base_url="https://cdp.example",
-        api_version="v2", backoff_base=0.001,
-    )  # fmt: skip
+    policy = Policy(max_attempts=max_attempts, not_found_grace=300, backoff_base=0.001)
     recorder = FakeRecorder()
+    body = build_body(event, base_url="https://cdp.example")
     made = Delivery(
-        Message(id=f"m-{number}", body=b"{}"), event, gate=gate, recorder=recorder,
-        client=client, policy=policy, in_doubt=False, claims=1,
+        Message(id=f"m-{number}", body=b"{}"), event, body=body, fingerprint=fingerprint(body),
+        claim=NEW, gate=gate, recorder=recorder, client=client, policy=policy, claims=1,
     )  # fmt: skip
     return made, recorder, event.order_ref
 
@@ -411,3 +480,78 @@ async def test_an_order_failing_while_others_succeed_counts_every_failure() -> N
     assert recorder.ended[0][:2] == ("dead", "retries_exhausted")
     assert gate.pause_reason is None  # never mistaken for an outage
     await gate.close()
+
+
+# -- updates, erasures, adoption (DESIGN section 4) ---------------------------------------------
+
+
+async def test_an_update_claim_replaces_the_known_contact() -> None:
+    run = await deliver([UPDATED], claim=UPDATE)
+    assert run.client.calls == ["update c-9"]
+    assert run.ended == [("done", "updated", "c-9", "https://cdp/c-9")]
+
+
+async def test_an_update_in_doubt_is_simply_sent_again() -> None:
+    run = await deliver([TIMEOUT, UNAVAILABLE, UPDATED], claim=UPDATE)
+    assert run.client.calls == ["update c-9"] * 3
+    assert run.ended[0][:2] == ("done", "updated")
+
+
+async def test_an_update_answered_404_creates_the_contact_again() -> None:
+    run = await deliver([NOT_FOUND, LISTED_NONE, CREATED], claim=UPDATE, max_attempts=2)
+    assert run.client.calls == ["update c-9", "list", "post"]
+    assert run.ended == [("done", "delivered", "c-1", "https://cdp/c-1")]
+
+
+async def test_a_rejected_update_is_dead_lettered_with_its_fingerprint() -> None:
+    run = await deliver([REJECTED], claim=UPDATE)
+    assert run.ended == [("dead", "cdp_rejected", "firstName too long", 400, 1)]
+    assert run.recorder.fingerprints == [run.delivery.fingerprint]
+
+
+async def test_an_erasure_deletes_the_known_contact() -> None:
+    claim = Claim(ClaimStatus.DELETE, 1, "c-9", "https://cdp/c-9", previous="done")
+    run = await deliver([TIMEOUT, DELETED], claim=claim, erasure=True)
+    assert run.client.calls == ["delete c-9", "delete c-9"]  # idempotent: sent again
+    assert run.ended == [("deleted",)]
+
+
+async def test_an_erasure_of_a_contact_already_gone_is_done() -> None:
+    claim = Claim(ClaimStatus.DELETE, 1, "c-9", "https://cdp/c-9", previous="done")
+    run = await deliver([NOT_FOUND], claim=claim, erasure=True)
+    assert run.ended == [("deleted",)]
+
+
+async def test_an_erasure_of_an_order_we_never_saw_deletes_what_cdp_lists() -> None:
+    run = await deliver(
+        [LISTED_TWO, DELETED, DELETED], claim=Claim(ClaimStatus.DELETE, 1), erasure=True
+    )
+    assert run.client.calls == ["list", "delete c-9", "delete c-8"]
+    assert run.ended == [("deleted",)]
+    nothing = await deliver([LISTED_NONE], claim=Claim(ClaimStatus.DELETE, 1), erasure=True)
+    assert nothing.ended == [("deleted",)]
+
+
+async def test_a_second_contact_found_is_deleted_before_the_outcome() -> None:
+    run = await deliver([LISTED_TWO, DELETED, UPDATED], claim=IN_DOUBT)
+    assert run.client.calls == ["list", "delete c-8", "update c-9"]
+    assert run.ended == [("done", "reconciled", "c-9", "https://cdp/c-9")]
+
+
+async def test_verify_new_lists_before_creating_an_order_the_store_never_saw() -> None:
+    adopted = await deliver([LISTED_ONE, UPDATED], verify_new=True)
+    assert adopted.client.calls == ["list", "update c-9"]
+    created = await deliver([LISTED_NONE, CREATED], verify_new=True)
+    assert created.client.calls == ["list", "post"]
+    # A tombstone is a record: the store knows CDP holds nothing.
+    recreated = await deliver(
+        [CREATED], verify_new=True, claim=Claim(ClaimStatus.CREATE, 1, previous="deleted")
+    )
+    assert recreated.client.calls == ["post"]
+
+
+async def test_on_change_ignore_adopts_without_updating_and_knows_no_content() -> None:
+    run = await deliver([LISTED_ONE], claim=IN_DOUBT, on_change="ignore")
+    assert run.client.calls == ["list"]
+    assert run.ended == [("done", "reconciled", "c-9", "https://cdp/c-9")]
+    assert run.recorder.fingerprints == [None]

@@ -1,4 +1,4 @@
-"""cdp-sync: creates the primary contact of each order in Sitecore CDP, exactly once.
+"""cdp-sync: keeps the primary contact of each order in Sitecore CDP right, exactly once.
 
 The public surface is small (as in httpx): the `Worker` and its `Settings`, the CDP client,
 the parts' factories and the exceptions. Everything else is private to its module.

@@ -32,6 +32,9 @@ from .contact import order_ref_path
 RETRY_AFTER_CAP = 300.0
 # Connecting is quick or broken: do not spend the whole request timeout on it.
 CONNECT_TIMEOUT_CAP = 5.0
+# A gateway in front of CDP answered for it (bad gateway, gateway timeout): the write may
+# have reached CDP and been applied. Retried like any 5xx, but a create lists first.
+GATEWAY_GAVE_UP = (502, 504)
 # Bytes of an error body kept for the dead letter's detail; CDP's messages are short.
 ERROR_DETAIL_LIMIT = 500
 
@@ -180,6 +183,8 @@ def classify(
     elif status == 409:
         # A read changes nothing, so it cannot conflict: a proxy's oddity, ask again.
         verdict = Verdict.RETRY if kind == "read" else Verdict.CONFLICT
+    elif status in GATEWAY_GAVE_UP and kind != "read":
+        verdict = Verdict.IN_DOUBT
     elif status in (408, 429) or status >= 500:
         verdict = Verdict.RETRY
     elif 400 <= status < 500:

@@ -43,16 +43,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     (the emulator's come from its package, which `worker check` must not load)."""
     parser = argparse.ArgumentParser(
         prog="worker",
-        description="cdp-sync: creates the primary contact of each order in Sitecore CDP "
-        "from order-contact events, exactly once per order.",
+        description="cdp-sync: keeps the primary contact of each order in Sitecore CDP "
+        "right from order-contact events: created once, updated when it changes, deleted on "
+        "erasure.",
     )
     parser.add_argument("--version", action=_Version, help="show the version and exit")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = commands.add_parser(
         "run",
-        help="consume events and create contacts in CDP",
-        description="Consume order-contact events and create each order's contact in CDP.",
+        help="consume events and sync each order's contact to CDP",
+        description="Consume order-contact events and keep each order's contact in CDP: "
+        "created once, updated when it changes (newer versions only), deleted on erasure.",
         epilog="Environment only: "
         + ", ".join(option.env for option in OPTIONS if option.flag is None)
         + " (CDP_CLIENT_KEY_FILE / CDP_API_TOKEN_FILE read a secret from a file). "

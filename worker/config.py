@@ -123,6 +123,21 @@ OPTIONS: tuple[Option, ...] = (
         "http_port", "WORKER_HTTP_PORT", int, 9108, "port of /metrics, /healthz, /readyz; 0 = off"
     ),
     Option(
+        "on_change",
+        "WORKER_ON_CHANGE",
+        str,
+        "update",
+        "update: a changed contact is updated at CDP; ignore: created once, never updated",
+    ),
+    Option(
+        "verify_new",
+        "WORKER_VERIFY_NEW",
+        _bool,
+        False,
+        "list an order's contacts at CDP before creating one the state store does not know "
+        "(a new or lost state store in front of a CDP that holds contacts)",
+    ),
+    Option(
         "follow",
         "WORKER_FOLLOW",
         _bool,
@@ -198,6 +213,8 @@ class Settings:
     lease_seconds: float = default("lease_seconds")
     shutdown_timeout: float = default("shutdown_timeout")
     http_port: int = default("http_port")
+    on_change: str = default("on_change")
+    verify_new: bool = default("verify_new")
     follow: bool = default("follow")
     log_format: str = default("log_format")
     log_level: str = default("log_level")
@@ -381,6 +398,8 @@ def _validate(values: dict[str, Any]) -> None:
             f"{_BY_NAME['request_timeout'].label} ({values['request_timeout']}): a lease that "
             "runs out mid-request lets another replica send a second POST"
         )
+    if values["on_change"] not in {"update", "ignore"}:
+        raise ConfigError(f"{_BY_NAME['on_change'].label}: expected update or ignore")
     if values["log_format"] not in {"json", "console", "auto"}:
         raise ConfigError(f"{_BY_NAME['log_format'].label}: expected json, console or auto")
     if values["log_level"].lower() not in {"debug", "info", "warning", "error"}:

@@ -142,6 +142,13 @@ def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
+# Every value of events_total's `outcome` label (DESIGN section 7).
+OUTCOMES = (
+    "delivered", "updated", "deleted", "duplicate", "stale", "changed_ignored",
+    "dead_lettered", "reconciled",
+)  # fmt: skip
+
+
 class Metrics:
     """The Prometheus metrics of DESIGN section 7, in a registry of their own.
 
@@ -192,7 +199,7 @@ class Metrics:
         self.source_lag = Gauge(
             p + "source_lag", "Messages waiting in the source (where it can tell)", registry=r
         )
-        for outcome in ("delivered", "duplicate", "dead_lettered", "reconciled"):
+        for outcome in OUTCOMES:
             self.events.labels(outcome)  # export zeroes so rate() works from the start
 
     def mark_success(self) -> None:

@@ -66,20 +66,47 @@ class Recorder:
         return None
 
     async def done(
-        self, message: Message, event: Event, contact_ref: str, href: str, outcome: str
+        self,
+        message: Message,
+        event: Event,
+        contact: tuple[str, str],
+        outcome: str,
+        *,
+        fingerprint: str | None,
     ) -> None:
-        """CDP holds the order's contact: record `done`, ack, count `outcome`."""
+        """CDP's `contact` holds the event's body (`fingerprint`; None: unknown): record
+        `done`, ack, count `outcome` (delivered, updated or reconciled)."""
+        ref, href = contact
         await self._durably(
-            STATE, lambda: self._state.complete(event.order_ref, self._owner, contact_ref, href)
+            STATE,
+            lambda: self._state.complete(
+                event.order_ref,
+                self._owner,
+                ref,
+                href,
+                fingerprint=fingerprint,
+                version=event.version,
+            ),
         )
         await self._source.ack(message)
         self._metrics.mark_success()
-        self.count(outcome, contact_ref=contact_ref)
+        self.count(outcome, contact_ref=ref)
 
-    async def duplicate(self, message: Message, status: str) -> None:
-        """The order was finished before (done or dead): nothing to record, ack."""
+    async def deleted(self, message: Message, event: Event) -> None:
+        """CDP holds no contact for the order any more: record `deleted`, ack, count."""
+        await self._durably(
+            STATE,
+            lambda: self._state.mark_deleted(event.order_ref, self._owner, version=event.version),
+        )
         await self._source.ack(message)
-        self.count("duplicate", status=status)
+        self._metrics.mark_success()
+        self.count("deleted")
+
+    async def skipped(self, message: Message, outcome: str, **fields: Any) -> None:
+        """Nothing to do at CDP (duplicate, stale, changed_ignored): ack and count; the
+        claim wrote what it had to (the version moved forward)."""
+        await self._source.ack(message)
+        self.count(outcome, **fields)
 
     async def dead(
         self,
@@ -90,6 +117,7 @@ class Recorder:
         *,
         status: int | None,
         attempts: int,
+        fingerprint: str | None,
     ) -> None:
         """A claimed event that can never be delivered: its letter, then `dead`, then ack."""
         letter = dead_letter(
@@ -103,7 +131,16 @@ class Recorder:
             raw=message.body,  # kept only if the event cannot be written back as JSON
         )
         await self._store(letter)
-        await self._durably(STATE, lambda: self._state.fail(event.order_ref, self._owner, reason))
+        await self._durably(
+            STATE,
+            lambda: self._state.fail(
+                event.order_ref,
+                self._owner,
+                reason,
+                fingerprint=fingerprint,
+                version=event.version,
+            ),
+        )
         # CDP's error text (detail) stays out of the log: it may quote the contact.
         await self._acked_dead(message, reason, status=status)
 

@@ -20,14 +20,15 @@ import socket
 import time
 import uuid
 from collections import Counter, deque
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 import structlog
 
 from .cdp import CdpClient
 from .config import Settings
-from .contact import Event, parse_event
+from .contact import DELETE_FINGERPRINT, Event, build_body, parse_event
+from .contact import fingerprint as body_fingerprint
 from .delivery import Delivery, Policy
 from .errors import ConfigError, Draining, InvalidEvent, LeaseLost, SourceError, StateError
 from .gate import LIMIT_UNAVAILABLE, RequestGate
@@ -43,7 +44,7 @@ from .sources import (
     open_dead_letter_sink,
     open_source,
 )
-from .state import ClaimStatus, StateStore, open_state_store
+from .state import Claim, ClaimStatus, StateStore, Want, open_state_store
 
 log = get_logger("worker.pipeline")
 
@@ -57,6 +58,12 @@ FETCH_TIMEOUT = 1.0
 BUSY_RETRY_SECONDS = 2.0
 # Orders whose busy_elsewhere line is remembered (to log it once per lease), at most.
 BUSY_SAID_KEPT = 10_000
+# The outcome counted for each claim answer that leaves nothing to send.
+SKIPPED = {
+    ClaimStatus.DUPLICATE: "duplicate",
+    ClaimStatus.STALE: "stale",
+    ClaimStatus.CHANGED: "changed_ignored",
+}
 # Retention sweeps, once at start (by the store) and then this often.
 SWEEP_INTERVAL = 3600.0
 # How often the source's lag is read for the metric.
@@ -262,11 +269,18 @@ class Worker:
             log.warning("state.opened", location=self.state.location, error=str(exc))
             return
         log.info("state.opened", location=self.state.location, empty=empty)
-        if empty:
+        if empty and self.settings.verify_new:
+            log.info(
+                "state.empty",
+                location=self.state.location,
+                consequence="--verify-new: each order is looked up at CDP before it is created",
+            )
+        elif empty:
             log.warning(
                 "state.empty",
                 location=self.state.location,
-                consequence="every order of this run is created at CDP, as if new",
+                consequence="every order of this run is created at CDP, as if new; "
+                "--verify-new looks each one up first",
             )
 
     async def _consume(self) -> None:
@@ -377,7 +391,10 @@ class Worker:
             await self.recorder.reject(message, invalid)
             return
         structlog.contextvars.bind_contextvars(
-            order_ref=event.order_ref, event_id=event.event_id, attempt=0
+            order_ref=event.order_ref,
+            event_id=event.event_id,
+            version=None if event.version is None else str(event.version),
+            attempt=0,
         )
         await self._one_at_a_time(event, message)
 
@@ -407,14 +424,11 @@ class Worker:
             await self.recorder.give_back(message)
             return
         order_ref = event.order_ref
+        body, want = self._wants(event)
         claimed_at = time.monotonic()
-        claim = await self.state.claim(order_ref, self.owner, self.settings.lease_seconds)
-        if claim.status in (ClaimStatus.DONE, ClaimStatus.DEAD):
-            await self.recorder.duplicate(message, claim.status.value)
-            return
-        if claim.status is ClaimStatus.BUSY:
-            self._say_busy(order_ref)
-            await self.recorder.give_back(message, delay=BUSY_RETRY_SECONDS)
+        claim = await self.state.claim(order_ref, self.owner, self.settings.lease_seconds, want)
+        if not claim.held:
+            await self._skip(message, order_ref, claim)
             return
         self.leases.hold(order_ref, message, claimed_at)
         # A message the transport keeps redelivering (its consumers die on it) counts
@@ -422,11 +436,13 @@ class Worker:
         delivery = Delivery(
             message,
             event,
+            body=body,
+            fingerprint=want.fingerprint or DELETE_FINGERPRINT,
+            claim=claim,
             gate=self.gate,
             recorder=self.recorder,
             client=self.client,
             policy=self.policy,
-            in_doubt=claim.status is ClaimStatus.IN_DOUBT,
             claims=max(claim.attempts, message.delivery_count),
         )
         try:
@@ -446,6 +462,26 @@ class Worker:
             raise
         finally:
             self.leases.drop(order_ref)
+
+    def _wants(self, event: Event) -> tuple[dict[str, Any] | None, Want]:
+        """The event's CDP body (None for an erasure), and what it asks of its order."""
+        if event.erasure:
+            body, fingerprint = None, DELETE_FINGERPRINT
+        else:
+            settings = self.settings
+            body = build_body(
+                event, base_url=settings.cdp_base_url, api_version=settings.cdp_api_version
+            )
+            fingerprint = body_fingerprint(body)
+        return body, Want(fingerprint, event.version, event.op, self.settings.on_change)
+
+    async def _skip(self, message: Message, order_ref: str, claim: Claim) -> None:
+        """An answer that does not hold the order: nothing to send, or not now."""
+        if claim.status is ClaimStatus.BUSY:
+            self._say_busy(order_ref)
+            await self.recorder.give_back(message, delay=BUSY_RETRY_SECONDS)
+            return
+        await self.recorder.skipped(message, SKIPPED[claim.status], status=claim.previous)
 
     def _say_busy(self, order_ref: str) -> None:
         """`event.busy_elsewhere`, once per order and lease: not at every retry of every
