@@ -783,6 +783,13 @@ def test_a_bad_version_is_an_invalid_event(value: Any, message: str) -> None:
     assert parse({**envelope(), "version": MAX_VERSION}).version == Version(NUMBER, MAX_VERSION)
 
 
+def test_an_occurred_at_beyond_what_versions_hold_is_an_invalid_event() -> None:
+    for instant in ("2300-01-01T00:00:00Z", "1600-01-01"):
+        invalid = reject({**envelope(), "occurredAt": instant})
+        assert invalid.message == "occurredAt: expected an instant between 1685 and 2255"
+    assert parse({**envelope(), "occurredAt": "2250-01-01"}).version is not None
+
+
 def test_op_is_upsert_by_default_and_delete_needs_no_contact() -> None:
     assert parse(envelope()).op == UPSERT
     assert parse({**envelope(), "op": "upsert"}).op == UPSERT

@@ -425,6 +425,15 @@ def _version(value: object) -> int | None:
     return value
 
 
+def _event_version(version: int | None, occurred_at: datetime | None) -> Version | None:
+    found = event_version(version, occurred_at)
+    if found is not None and abs(found.value) > MAX_VERSION:
+        # An instant in microseconds past 2**53: the redis store's Lua could not compare
+        # it exactly.
+        raise FieldRejected("occurredAt: expected an instant between 1685 and 2255")
+    return found
+
+
 def _op(value: object) -> str:
     if value is None:
         return UPSERT
@@ -453,7 +462,7 @@ def parse_event(raw: bytes | str, *, default_event_id: str, api_version: str = "
         )
     try:
         occurred_at = _occurred_at(obj.get("occurredAt"))
-        version = event_version(_version(obj.get("version")), occurred_at)
+        version = _event_version(_version(obj.get("version")), occurred_at)
         op = _op(obj.get("op"))
         # An erasure needs no contact, and whatever it carries is ignored.
         contact, guest_ref = (
