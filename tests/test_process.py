@@ -26,7 +26,7 @@ import pytest
 from conftest import SECRET_KEY, SECRET_TOKEN
 from harness import TcpProxy, free_port, valid_order_refs, worker_env
 
-from worker.demo import generate_events, write_events
+from worker.demo import convergence_problems, expected_bodies, generate_events, write_events
 from worker.emulator import Emulator, EmulatorConfig
 
 Run = Callable[..., "asyncio.Future[tuple[int, list[bytes], bytes]]"]
@@ -212,25 +212,31 @@ async def test_sigterm_drains_within_the_shutdown_timeout(cdp: Emulator, tmp_pat
 async def test_sigkill_mid_run_then_rerun_loses_and_doubles_nothing(
     cdp: Emulator, tmp_path: Path
 ) -> None:
-    lines = generate_events(600, duplicate_share=0.2, invalid_rounds=3, seed=99)
+    # Orders with changes, erasures and redeliveries, shuffled: SIGKILLs land while
+    # creates, updates and deletes are in flight. The reruns must leave every order with
+    # exactly its latest version (and erased ones with none): the model says which.
+    lines = generate_events(600, duplicate_share=0.2, change_share=0.5, invalid_rounds=3, seed=99)
     write_events(tmp_path / "events.jsonl", lines)
-    valid_orders = valid_order_refs(lines)
     cdp.config.latency = 0.01
     cdp.config.timeout_after_create_rate = 0.02
     cdp.config.reset_after_create_rate = 0.02
+    cdp.config.timeout_after_update_rate = 0.02
+    cdp.config.reset_after_update_rate = 0.02
     cdp.config.hang_seconds = 1.5
     env = run_env(cdp, tmp_path, WORKER_CONCURRENCY="16", WORKER_RATE_LIMIT="400")
-    for kill_after in (100, 250, 400):
+    for kill_after in (150, 400, 650):
         process = await start_worker(env)
-        while cdp.stats()["contacts"] < kill_after:
+        while (stats := cdp.stats())["creates"] + stats["updates"] < kill_after:
             await asyncio.sleep(0.005)
         process.kill()
         await process.communicate()
+    assert cdp.stats()["updates"] > 0, "no update was in flight at any kill"
     code, _, stderr = await finish(await start_worker(env), timeout=120)
     assert code == 0, stderr.decode()
-    per_order = cdp.stats()["contacts_per_order"]
-    assert set(per_order) == valid_orders  # nothing lost
-    assert set(per_order.values()) == {1}  # nothing doubled
+    expected = expected_bodies(lines, base_url=cdp.url)
+    assert valid_order_refs(lines) == set(expected)  # every order is in the model
+    assert convergence_problems(cdp, expected) == []  # nothing lost, doubled or stale
+    assert cdp.stats()["duplicate_orders"] == 0
     reasons = Counter(letter["reason"] for letter in dead_letters(tmp_path))
     assert reasons == {"malformed_json": 3, "invalid_order_ref": 3, "invalid_event": 6}
 

@@ -578,6 +578,14 @@ class Emulator:
         first; deleted ones are gone. Shallow copies: cheap, with the nested lists shared."""
         return [dict(contact) for contact in self._state.contacts_of(order_ref.lower())]
 
+    def bodies_for(self, order_ref: str) -> list[dict[str, Any]]:
+        """What each live contact of the order holds as a request body: its documented
+        fields, without the resource's own (ref, href, createdAt, modifiedAt, order)."""
+        return [
+            {k: v for k, v in contact.items() if k not in RESOURCE_FIELDS}
+            for contact in self._state.contacts_of(order_ref.lower())
+        ]
+
     def reset(self) -> None:
         """Same as POST /_emulator/reset: forget contacts and statistics, keep the config."""
         self._state.reset()
