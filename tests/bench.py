@@ -11,6 +11,9 @@
 3. Rate precision: the worker at --rate-limit 100 against an emulator limited to 110/s
    with 40 ms latency: achieved rate (target >= 95/s), 429s (target 0), and the most
    requests the emulator saw in any one-second window.
+4. What convergence costs: CDP requests per event, by kind, for creates only and for a
+   mix where 30% of the orders change their contact in a second version (shuffled, so
+   some older versions arrive after newer ones and are skipped as stale).
 
 Not a test: nothing here asserts on time. It prints figures for the README.
 """
@@ -115,14 +118,25 @@ def run_worker(url: str, folder: Path, events: Path, **settings: str) -> dict[st
     with log_path.open("wb") as log:
         subprocess.run([sys.executable, "-m", "worker", "run"], env=env, stdout=log, check=True)
     times: dict[str, datetime] = {}
-    delivered = 0
+    delivered = finished = 0
     for line in log_path.read_bytes().splitlines():
         record = orjson.loads(line)
         if record["event"] in ("worker.started", "worker.finished"):
             times[record["event"]] = datetime.fromisoformat(record["timestamp"])
         delivered += record["event"] in ("event.delivered", "event.reconciled")
+        finished += record["event"] in FINISHED
     seconds = (times["worker.finished"] - times["worker.started"]).total_seconds()
-    return {"delivered": delivered, "seconds": seconds, "rate": delivered / seconds}
+    return {
+        "delivered": delivered, "finished": finished, "seconds": seconds,
+        "rate": delivered / seconds,
+    }  # fmt: skip
+
+
+# The log lines of an event's outcome (one per event).
+FINISHED = {
+    f"event.{outcome}"
+    for outcome in ("delivered", "reconciled", "updated", "deleted", "duplicate", "stale")
+}
 
 
 async def throughput(count: int, concurrency: int, latency: float, folder: Path) -> None:
@@ -250,6 +264,32 @@ async def rate_precision(count: int, folder: Path) -> None:
     print(f"  busiest second      {stats['max_posts_in_any_second']:8d} requests at the emulator")
 
 
+async def sync_cost(count: int, concurrency: int, folder: Path) -> None:
+    emulator = EmulatorProcess("--latency", "0.005")
+    print(f"convergence cost: {count} orders, concurrency {concurrency}, fresh SQLite state")
+    try:
+        for label, share in (("creates only", 0.0), ("30% changed", 0.3)):
+            lines = generate_events(
+                count, duplicate_share=0.0, change_share=share, invalid_rounds=0, seed=5
+            )
+            events = write_events(folder / "sync-events.jsonl", lines)
+            await emulator.admin("POST", "/_emulator/reset")
+            result = run_worker(
+                emulator.url, folder, events, rate_limit="0", concurrency=str(concurrency)
+            )
+            stats = await emulator.admin("GET", "/_emulator/stats")
+            if result["finished"] != len(lines) or stats["duplicate_orders"]:
+                raise RuntimeError(f"worker run incomplete: {result}")
+            kinds = {k: v for k, v in stats["requests_by_kind"].items() if v}
+            total = sum(kinds.values())
+            print(
+                f"  {label:13s} {len(lines):6d} events  {total / len(lines):5.3f} requests/event"
+                f"  {kinds}"
+            )
+    finally:
+        emulator.close()
+
+
 def _fmt(values: list[float]) -> str:
     return ", ".join(f"{value:.0f}" for value in values)
 
@@ -260,7 +300,8 @@ def main() -> None:
     parser.add_argument("--rate-events", type=int, default=1_500)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--scale-events", type=int, default=10_000)
-    parser.add_argument("--only", choices=["throughput", "rate", "scale"], action="append")
+    parser.add_argument("--sync-events", type=int, default=5_000)
+    parser.add_argument("--only", choices=["throughput", "rate", "scale", "sync"], action="append")
     parser.add_argument(
         "--latency",
         type=float,
@@ -272,13 +313,15 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}"
     )
-    only = set(args.only or ["throughput", "rate", "scale"])
+    only = set(args.only or ["throughput", "rate", "scale", "sync"])
     with tempfile.TemporaryDirectory(prefix="cdp-sync-bench-") as scratch:
         if "throughput" in only:
             for latency in args.latency or [0.0, 0.04]:
                 asyncio.run(throughput(args.events, args.concurrency, latency, Path(scratch)))
         if "rate" in only:
             asyncio.run(rate_precision(args.rate_events, Path(scratch)))
+        if "sync" in only:
+            asyncio.run(sync_cost(args.sync_events, args.concurrency, Path(scratch)))
         if "scale" in only:
             for latency in args.latency or [0.0, 0.04]:
                 asyncio.run(scale_out(args.scale_events, args.concurrency, latency, Path(scratch)))
