@@ -626,13 +626,24 @@ class StateStoreContract:
         await store.fail("dead", "w1", "cdp_rejected")
         await store.complete("done", "w1", "c", "h")
         assert await store.forget("dead") is True
-        assert await store.forget("dead") is False  # gone already
+        assert await store.forget("dead") is False  # reopened already
         assert await store.forget("done") is False
         assert await store.forget("in-flight") is False
         assert await store.forget("never-seen") is False
-        assert (await store.claim("dead", "w2", LEASE)).status is ClaimStatus.CREATE
+        # Reopened in doubt: a contact may exist, so the replayed event lists first.
+        assert await store.claim("dead", "w2", LEASE) == Claim(
+            ClaimStatus.IN_DOUBT, attempts=1, previous=IN_FLIGHT
+        )
         assert (await store.claim("done", "w2", LEASE)).status is ClaimStatus.DUPLICATE
         assert (await store.claim("in-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+
+    async def test_forget_keeps_the_contact_a_failed_update_knew(self, store: StateStore) -> None:
+        await done(store, "ORD-1", UPSERT_A, "c-1")
+        await store.claim("ORD-1", "w2", LEASE, UPSERT_B)
+        await store.fail("ORD-1", "w2", "cdp_rejected", fingerprint="fp-b")
+        assert await store.forget("ORD-1") is True
+        claim = await store.claim("ORD-1", "w3", LEASE, UPSERT_B)  # the replay
+        assert (claim.status, claim.contact_ref) == (ClaimStatus.IN_DOUBT, "c-1")
 
     # -- several replicas ----------------------------------------------------------------
 

@@ -223,10 +223,12 @@ class StateStore(ABC):
 
     @abstractmethod
     async def forget(self, order_ref: str) -> bool:
-        """Remove a `dead` record so the order is worked again (`worker dlq replay`).
+        """Reopen a `dead` record so the order is worked again (`worker dlq replay`).
 
-        True if a dead record went; False (and nothing changes) for a done, in-flight or
-        missing one: a contact that exists, or a delivery under way, is never reopened.
+        It is put in doubt (the next claim is IN_DOUBT, and lists the order's contacts
+        first), not removed: a contact may exist at CDP. True if a dead record was
+        reopened; False (and nothing changes) for a done, deleted, in-flight or missing
+        one: a contact that exists, or a delivery under way, is never reopened.
         """
 
     @abstractmethod

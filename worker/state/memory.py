@@ -127,10 +127,10 @@ class MemoryStateStore(StateStore):
     async def forget(self, order_ref: str) -> bool:
         self._check_open()
         async with self._lock:
-            rec = self._orders.get(order_ref)
-            if rec is None or rec.status != base.DEAD:
+            reopened = rules.forget(self._orders.get(order_ref), base.now())
+            if reopened is None:
                 return False
-            del self._orders[order_ref]
+            self._orders[order_ref] = reopened
             return True
 
     async def get_checkpoint(self, key: str) -> str | None:

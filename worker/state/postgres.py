@@ -241,7 +241,11 @@ _FAIL = (
     " version_kind = COALESCE($6::text, version_kind) WHERE {owned} RETURNING 1)"
     " SELECT EXISTS (SELECT 1 FROM finished)"
 )
-_FORGET = "DELETE FROM {orders} WHERE order_ref = $1 AND status = 'dead'"
+# $2 now. Reopened in doubt (`rules.forget`): the replayed event lists first.
+_FORGET = (
+    "UPDATE {orders} SET status = 'in_flight', owner = NULL, lease_until = 0, attempts = 0,"
+    " op = 'reconcile', reason = NULL, updated_at = $2 WHERE order_ref = $1 AND status = 'dead'"
+)
 _STATUS = "SELECT status FROM {orders} WHERE order_ref = $1"
 _ANY_ORDER = "SELECT EXISTS (SELECT 1 FROM {orders})"
 _GET_CHECKPOINT = "SELECT value FROM {checkpoints} WHERE key = $1"
@@ -475,7 +479,7 @@ class PostgresStateStore(StateStore):
         await self._fetchval("release", self._sql.release, order_ref, owner, base.now(), sent)
 
     async def forget(self, order_ref: str) -> bool:
-        return await self._execute("forget", self._sql.forget, order_ref) == 1
+        return await self._execute("forget", self._sql.forget, order_ref, base.now()) == 1
 
     async def get_checkpoint(self, key: str) -> str | None:
         value = await self._fetchval("get_checkpoint", self._sql.get_checkpoint, key)

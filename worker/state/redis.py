@@ -227,7 +227,10 @@ return 1
 # Replies 1 if it was dead and is gone, 0 otherwise (done or in flight stay).
 _FORGET = """
 if redis.call('HGET', KEYS[1], 'status') ~= 'dead' then return 0 end
-redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'status', 'in_flight', 'lease_until', 0, 'attempts', 0,
+           'op', 'reconcile', 'updated_at', ARGV[2])
+redis.call('HDEL', KEYS[1], 'owner', 'reason')
+redis.call('PERSIST', KEYS[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
 return 1
 """
@@ -484,7 +487,7 @@ class RedisStateStore(StateStore):
 
     async def forget(self, order_ref: str) -> bool:
         keys = [self._key(order_ref), self.finished_key]
-        return bool(await self._script("forget", keys, [order_ref]))
+        return bool(await self._script("forget", keys, [order_ref, base.now()]))
 
     async def get_checkpoint(self, key: str) -> str | None:
         client = self._live_client()

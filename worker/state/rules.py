@@ -222,6 +222,21 @@ def fail(
     )
 
 
+def forget(rec: Record | None, now: float) -> Record | None:
+    """A dead record reopened (`worker dlq replay`), or None if it is not dead.
+
+    Not removed: put in doubt, as if a claim had been abandoned, so the replayed event
+    lists the order's contacts first. A contact may exist (a failed update, or a create
+    that arrived before the event gave up); posting blindly could make a second one.
+    """
+    if rec is None or rec.status != DEAD:
+        return None
+    return dataclasses.replace(
+        rec, status=IN_FLIGHT, owner=None, lease_until=0.0, attempts=0, op=RECONCILE,
+        reason=None, updated_at=now,
+    )  # fmt: skip
+
+
 def renew(rec: Record | None, owner: str, now: float, lease: float) -> Record | None:
     """The record with its lease extended, or None if `owner` does not hold it."""
     if rec is None or rec.status != IN_FLIGHT or rec.owner != owner:

@@ -305,10 +305,11 @@ class SqliteStateStore(StateStore):
 
     async def forget(self, order_ref: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
-            cur = conn.execute(
-                "DELETE FROM orders WHERE order_ref = ? AND status = ?", (order_ref, base.DEAD)
-            )
-            return cur.rowcount == 1
+            reopened = rules.forget(_read(conn, order_ref), base.now())
+            if reopened is None:
+                return False
+            _write(conn, order_ref, reopened)
+            return True
 
         return await self._submit(op)
 
