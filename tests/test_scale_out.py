@@ -205,8 +205,15 @@ async def test_three_replicas_one_killed_deliver_everything_once_under_the_limit
     per_order = stats["contacts_per_order"]
     assert set(per_order) == valid  # nothing lost
     assert set(per_order.values()) == {1}  # nothing doubled
-    reasons = Counter(letter["reason"] for letter in letters)
+    # A replica killed between storing a letter and acking its message leaves the message
+    # to another, which stores the letter again: the sink is at-least-once too.
+    unique = {
+        (letter["reason"], letter["eventId"], orjson.dumps(letter.get("event"))): letter
+        for letter in letters
+    }  # the transport's id when the event has none of its own (malformed_json)
+    reasons = Counter(reason for reason, _, _ in unique)
     assert reasons == {"malformed_json": 5, "invalid_order_ref": 5, "invalid_event": 10}
+    assert len(letters) - len(unique) <= 16  # at most the killed replica's in flight
     # The shared limit held across replicas. Admissions are spaced exactly (at most RATE + 1
     # in any second: tests/test_limits_shared.py), but here three workers, Redis and the
     # emulator share two cores: a replica whose loop stalls between admitting requests and
