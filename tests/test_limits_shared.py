@@ -52,8 +52,9 @@ async def test_three_replicas_together_stay_under_one_limit(shared_url: str) -> 
     stamps: list[float] = []
     until = time.monotonic() + 2.5
     await asyncio.gather(*(replica(shared_url, 40.0, until, stamps) for _ in range(3)))
-    # 40/s in total, not 120/s, spaced one interval apart.
-    assert busiest_second(stamps) <= 40 + 1
+    # 40/s in total, not 120/s, spaced one interval apart (a late caller may take its
+    # slot together with the next one's: at most one extra in any second, and its own).
+    assert busiest_second(stamps) <= 40 + 2
     assert len(stamps) >= 40  # and it does admit: about 100 in 2.5 s on a quiet machine
 
 
