@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import re
+import sys
 from pathlib import Path
 
 import pytest
 
+from worker import _loops
 from worker.config import OPTIONS, Settings, add_arguments, load_settings
 from worker.errors import ConfigError
 from worker.sources import default_dead_letter_url
@@ -156,3 +158,15 @@ def test_settings_built_directly_are_validated_and_defaulted_like_loaded_ones() 
         Settings(**given, lease_seconds=5.0)  # not above the 10 s request timeout
     with pytest.raises(ConfigError, match="--log-level"):
         Settings(**given, log_level="chatty")
+
+
+def test_the_loop_is_one_of_three_and_uvloop_must_be_there_when_asked_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    with pytest.raises(ConfigError, match="--loop / WORKER_LOOP: expected auto, uvloop or asyncio"):
+        load_settings(parse_flags("--loop", "tokio"), REQUIRED)
+    assert _loops.loop_factory("asyncio") is None
+    monkeypatch.setitem(sys.modules, "uvloop", None)  # as if it were not installed
+    assert _loops.loop_factory("auto") is None  # falls back to asyncio's loop
+    with pytest.raises(ConfigError, match="uvloop is not installed"):
+        _loops.loop_factory("uvloop")

@@ -185,6 +185,18 @@ async def test_run_delivers_logs_json_without_personal_data_and_reruns_send_noth
     assert len(dead_letters(tmp_path)) == 2
 
 
+@pytest.mark.parametrize(("loop", "runs_on"), [("", "uvloop"), ("asyncio", "asyncio")])
+async def test_the_loop_is_uvloop_unless_asked_otherwise(
+    cdp: Emulator, tmp_path: Path, loop: str, runs_on: str
+) -> None:
+    write_events(tmp_path / "events.jsonl", [orjson.dumps(pii_event(1))])
+    env = run_env(cdp, tmp_path, **({"WORKER_LOOP": loop} if loop else {}))
+    code, lines, stderr = await finish(await start_worker(env))
+    assert code == 0, stderr.decode()
+    started = [orjson.loads(line) for line in lines if b'"worker.started"' in line]
+    assert [record["loop"] for record in started] == [runs_on]
+
+
 async def test_sigterm_drains_within_the_shutdown_timeout(cdp: Emulator, tmp_path: Path) -> None:
     events = [pii_event(n) for n in range(1, 201)]
     write_events(tmp_path / "events.jsonl", [orjson.dumps(e) for e in events])

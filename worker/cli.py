@@ -158,8 +158,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def command_run(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from . import _loops
     from .config import load_settings
     from .observability import configure_logging
     from .pipeline import Worker
@@ -168,10 +167,10 @@ def command_run(args: argparse.Namespace) -> int:
         settings = load_settings(args)
         configure_logging(settings.log_format, settings.log_level)
         worker = Worker(settings)
+        return _loops.run(_run(worker), settings.loop)
     except ConfigError as exc:
         print(f"worker run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    return asyncio.run(_run(worker))
 
 
 async def _run(worker: Worker) -> int:
@@ -205,11 +204,10 @@ def command_emulator(args: argparse.Namespace) -> int:
 
 
 def command_demo(args: argparse.Namespace) -> int:
-    import asyncio
-
+    from . import _loops
     from .demo import run_demo
 
-    return asyncio.run(
+    return _loops.run(
         run_demo(events=args.events, rate_limit=args.rate_limit, workdir=args.workdir)
     )
 

@@ -145,6 +145,13 @@ OPTIONS: tuple[Option, ...] = (
         "file source: tail the file instead of exiting at its end",
     ),
     Option(
+        "loop",
+        "WORKER_LOOP",
+        str,
+        "auto",
+        "event loop: auto (uvloop where it is installed), uvloop or asyncio",
+    ),
+    Option(
         "log_format", "WORKER_LOG_FORMAT", str, "auto", "json, console or auto (console on a TTY)"
     ),
     Option("log_level", "WORKER_LOG_LEVEL", str, "info", "debug, info, warning, error"),
@@ -216,6 +223,7 @@ class Settings:
     on_change: str = default("on_change")
     verify_new: bool = default("verify_new")
     follow: bool = default("follow")
+    loop: str = default("loop")
     log_format: str = default("log_format")
     log_level: str = default("log_level")
     cdp_api_version: str = default("cdp_api_version")
@@ -398,6 +406,8 @@ def _validate(values: dict[str, Any]) -> None:
             f"{_BY_NAME['request_timeout'].label} ({values['request_timeout']}): a lease that "
             "runs out mid-request lets another replica send a second POST"
         )
+    if values["loop"] not in {"auto", "uvloop", "asyncio"}:
+        raise ConfigError(f"{_BY_NAME['loop'].label}: expected auto, uvloop or asyncio")
     if values["on_change"] not in {"update", "ignore"}:
         raise ConfigError(f"{_BY_NAME['on_change'].label}: expected update or ignore")
     if values["log_format"] not in {"json", "console", "auto"}:

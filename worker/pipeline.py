@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import orjson
 import structlog
 
+from ._loops import running_loop_name
 from .cdp import CdpClient
 from .config import Settings
 from .contact import DELETE_FINGERPRINT, Event, build_body, parse_event
@@ -243,6 +244,7 @@ class Worker:
             rate_limit=self.settings.rate_limit,
             concurrency=self.settings.concurrency,
             api_version=self.settings.cdp_api_version,
+            loop=running_loop_name(),
         )
         helpers = [
             asyncio.create_task(self.leases.renew_forever(), name="lease-renewer"),

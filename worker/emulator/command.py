@@ -152,11 +152,11 @@ def config_from_args(args: argparse.Namespace) -> EmulatorConfig:
 
 def run_from_args(args: argparse.Namespace) -> int:
     """Serve until SIGTERM/SIGINT. Prints one JSON line with the URL once listening."""
-    import asyncio
+    from .. import _loops
 
     config = config_from_args(args)
     try:
-        asyncio.run(_serve(config, args.host, args.port, tls_context(args)))
+        _loops.run(_serve(config, args.host, args.port, tls_context(args)))
     except OSError as exc:  # typically the port is taken, or a TLS file unreadable
         import orjson
 
