@@ -15,7 +15,11 @@
 3. Rate precision: the worker at --rate-limit 100 against an emulator limited to 110/s
    with 40 ms latency: achieved rate (target >= 95/s), 429s (target 0), and the most
    requests the emulator saw in any one-second window.
-4. What convergence costs: CDP requests per event, by kind, for creates only and for a
+4. The unknown limit: CDP allowing 200/s (429 above, 40 ms), the worker at --rate-limit 0
+   and 1000: the share of the limit reached (target >= 93%) and of 429s (<= 1%).
+5. The shared limit: three replicas sharing --rate-limit 150 through Redis against a CDP
+   allowing 165/s: the share reached (>= 97%), the busiest second (<= 153), 429s (0).
+6. What convergence costs: CDP requests per event, by kind, for creates only and for a
    mix where 30% of the orders change their contact in a second version (shuffled, so
    some older versions arrive after newer ones and are skipped as stale).
 
@@ -216,9 +220,15 @@ async def default_rate_cpu(count: int, folder: Path) -> None:
 
 
 async def redis_replicas(
-    emulator: EmulatorProcess, lines: list[bytes], replicas: int, concurrency: int, folder: Path
+    emulator: EmulatorProcess,
+    lines: list[bytes],
+    replicas: int,
+    concurrency: int,
+    folder: Path,
+    **settings: str,
 ) -> float:
-    """`replicas` worker processes on one Redis stream with Redis state; contacts/s."""
+    """`replicas` worker processes on one Redis stream with Redis state; contacts/s.
+    `settings` override theirs (by option name; unthrottled unless they say)."""
     import redis.asyncio as aioredis
 
     run = uuid.uuid4().hex[:8]
@@ -233,9 +243,9 @@ async def redis_replicas(
         TOKEN,
         source=source,
         state=f"{REDIS_URL}?prefix=bench-{run}:",
-        rate_limit="0",
         concurrency=str(concurrency),
         log_level="info",
+        **{"rate_limit": "0", **settings},
     )
     logs = [(folder / f"replica-{n}.log").open("wb") for n in range(replicas)]
     processes = [
@@ -329,6 +339,52 @@ async def sync_cost(count: int, concurrency: int, folder: Path) -> None:
         emulator.close()
 
 
+async def unknown_limit(count: int, folder: Path) -> None:
+    """CDP allows 200/s and says so only with 429s: how close does the worker get?"""
+    lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=6)
+    events = write_events(folder / "limit-events.jsonl", lines)
+    emulator = EmulatorProcess("--rate-limit", "200", "--latency", "0.04")
+    print(f"unknown limit: {count} events, emulator allowing 200/s (429 above), 40 ms")
+    try:
+        for configured in ("0", "1000"):
+            await emulator.admin("POST", "/_emulator/reset")
+            result = run_worker(
+                emulator.url, folder, events, rate_limit=configured, concurrency="32"
+            )
+            stats = await emulator.admin("GET", "/_emulator/stats")
+            answered = sum(stats["responses"].values())
+            throttled = stats["responses"].get("429", 0)
+            print(
+                f"  --rate-limit {configured:4s}  {result['rate']:6.1f} events/s = "
+                f"{result['rate'] / 200:5.1%} of the limit (target >= 93%), "
+                f"429s {throttled / answered:5.2%} of answers (target <= 1%)"
+            )
+    finally:
+        emulator.close()
+
+
+async def shared_limit(count: int, concurrency: int, folder: Path) -> None:
+    """Three replicas sharing --rate-limit 150 through Redis, CDP allowing 165/s."""
+    lines = generate_events(count, duplicate_share=0.0, invalid_rounds=0, seed=7)
+    emulator = EmulatorProcess("--rate-limit", "165", "--latency", "0.04")
+    key = f"bench-rate-{uuid.uuid4().hex[:8]}"
+    try:
+        rate = await redis_replicas(
+            emulator, lines, 3, concurrency, folder,
+            rate_limit="150", rate_limit_backend=f"{REDIS_URL}?key={key}",
+        )  # fmt: skip
+        stats = await emulator.admin("GET", "/_emulator/stats")
+    finally:
+        emulator.close()
+    print(f"shared limit: {count} events, 3 replicas sharing --rate-limit 150 via Redis")
+    print(f"  achieved            {rate:8.1f} events/s = {rate / 150:.1%} (target >= 97%)")
+    print(
+        f"  busiest second      {stats['max_posts_in_any_second']:8d} requests at the emulator"
+        "  (target <= 153)"
+    )
+    print(f"  429 answers         {stats['responses'].get('429', 0):8d}   (target 0 at 165/s)")
+
+
 def _fmt(values: list[float]) -> str:
     return ", ".join(f"{value:.0f}" for value in values)
 
@@ -341,7 +397,13 @@ def main() -> None:
     parser.add_argument("--scale-events", type=int, default=10_000)
     parser.add_argument("--sync-events", type=int, default=5_000)
     parser.add_argument("--default-rate-events", type=int, default=500)
-    parser.add_argument("--only", choices=["throughput", "rate", "scale", "sync"], action="append")
+    parser.add_argument("--limit-events", type=int, default=6_000)
+    parser.add_argument("--shared-events", type=int, default=4_500)
+    parser.add_argument(
+        "--only",
+        choices=["throughput", "cpu", "rate", "limit", "shared", "scale", "sync"],
+        action="append",
+    )
     parser.add_argument(
         "--latency",
         type=float,
@@ -353,7 +415,7 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}"
     )
-    only = set(args.only or ["throughput", "cpu", "rate", "scale", "sync"])
+    only = set(args.only or ["throughput", "cpu", "rate", "limit", "shared", "scale", "sync"])
     with tempfile.TemporaryDirectory(prefix="cdp-sync-bench-") as scratch:
         if "throughput" in only:
             for latency in args.latency or [0.0, 0.04]:
@@ -362,6 +424,10 @@ def main() -> None:
             asyncio.run(default_rate_cpu(args.default_rate_events, Path(scratch)))
         if "rate" in only:
             asyncio.run(rate_precision(args.rate_events, Path(scratch)))
+        if "limit" in only:
+            asyncio.run(unknown_limit(args.limit_events, Path(scratch)))
+        if "shared" in only:
+            asyncio.run(shared_limit(args.shared_events, args.concurrency, Path(scratch)))
         if "sync" in only:
             asyncio.run(sync_cost(args.sync_events, args.concurrency, Path(scratch)))
         if "scale" in only:

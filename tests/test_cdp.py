@@ -156,6 +156,11 @@ def test_retry_after_in_seconds_is_read_case_insensitively_and_capped() -> None:
     assert classify(429, CIMultiDict(), b"").retry_after is None
 
 
+def test_a_fractional_retry_after_is_honoured() -> None:
+    assert parse_retry_after("0.25") == 0.25
+    assert parse_retry_after(" 1.500 ") == 1.5
+
+
 def test_retry_after_as_an_http_date() -> None:
     outcome = classify(503, CIMultiDict({"Retry-After": http_date(60)}), b"")
     assert outcome.retry_after is not None
@@ -168,7 +173,7 @@ def test_retry_after_as_an_http_date() -> None:
 
 
 @pytest.mark.parametrize(
-    "value", ["soon", "1.5", "-5", "1e3", "12abc", "Wed, 99 Foo 2020", "²", "", "  "]
+    "value", ["soon", "1.", ".5", "-5", "1e3", "12abc", "Wed, 99 Foo 2020", "²", "1.²", "", "  "]
 )
 def test_garbage_retry_after_is_ignored(value: str) -> None:
     assert parse_retry_after(value) is None

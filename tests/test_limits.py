@@ -1,4 +1,5 @@
-"""Pacing: retry backoff with full jitter, the sliced sliding-log rate limit, the 429 brake.
+"""Pacing: retry backoff with full jitter, the sliced sliding-log rate limit, what a 429
+teaches (the pace learned from it, and the probe back up).
 
 Timing assertions are structural (what a sliding log guarantees between any two admitted
 requests, whatever the scheduler does) or lower bounds (a wait happened), never an upper
@@ -22,7 +23,11 @@ import worker.limits as limits
 from worker.limits import (
     BACKOFF_BASE,
     BACKOFF_CAP,
+    BURST_GAP,
+    LEARN_FACTOR,
     MIN_RATE_FRACTION,
+    PROBE_FACTOR,
+    QUIET_INTERVAL,
     SLICE_SECONDS,
     RateLimiter,
     backoff_delay,
@@ -220,11 +225,11 @@ async def test_only_one_coroutine_waits_inside_the_throttler() -> None:
     assert most_inside == 1
 
 
-# -- the 429 brake ---------------------------------------------------------------------------
+# -- what a 429 teaches ----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("rate", [0, 100])
-async def test_after_a_brake_every_request_waits_out_retry_after(rate: float) -> None:
+async def test_the_first_429_of_a_burst_holds_every_request_for_retry_after(rate: float) -> None:
     limiter = RateLimiter(rate)
     await limiter.acquire()
     started = time.monotonic()
@@ -233,7 +238,6 @@ async def test_after_a_brake_every_request_waits_out_retry_after(rate: float) ->
     elapsed = time.monotonic() - started
     assert elapsed >= 0.15
     assert all(wait >= 0.15 for wait in waits)  # everyone, not just the first
-    assert limiter.effective_rate == pytest.approx(rate * 0.7)
 
 
 async def test_a_brake_without_retry_after_pauses_by_default(
@@ -263,82 +267,102 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
     return fake
 
 
-def test_a_brake_lowers_the_rate_by_30_percent_at_most_once_a_second(clock: FakeClock) -> None:
-    limiter = RateLimiter(100)
-    limiter.brake(0.0)
-    assert limiter.effective_rate == pytest.approx(70)
-    clock.now += 0.3
-    limiter.brake(0.0)
-    clock.now += 0.3
-    limiter.brake(0.0)
-    assert limiter.effective_rate == pytest.approx(70)  # the same burst of 429s: once
-    clock.now += 0.5  # 1.1 s after the first decrease
-    limiter.brake(0.0)
-    assert limiter.effective_rate == pytest.approx(49)
+def answered(limiter: RateLimiter, clock: FakeClock, per_second: float, seconds: float) -> None:
+    """CDP accepted `per_second` requests for `seconds`, evenly spread."""
+    for _ in range(round(per_second * seconds)):
+        clock.now += 1 / per_second
+        limiter.accepted()
+
+
+@pytest.mark.parametrize("rate", [0, 1000])
+def test_a_429_paces_just_under_what_cdp_accepted_over_the_last_second(
+    clock: FakeClock, rate: float
+) -> None:
+    limiter = RateLimiter(rate)
+    answered(limiter, clock, 200, 3.0)  # a server that takes 200/s
+    limiter.brake(None)
+    assert limiter.effective_rate == pytest.approx(200 * LEARN_FACTOR, rel=0.01)
     throttler = limiter._throttler
-    assert throttler is not None
-    assert throttler.rate_limit / throttler.period == pytest.approx(49)  # really slower
+    assert throttler is not None  # paced now, even under --rate-limit 0
+    assert throttler.rate_limit / throttler.period == pytest.approx(limiter.effective_rate)
 
 
-def test_sustained_429s_keep_lowering_the_rate_once_a_second(clock: FakeClock) -> None:
-    limiter = RateLimiter(100)
-    for _ in range(7):  # a 429 every 0.5 s for 3 s: decreases at 0, 1, 2 and 3 s
-        limiter.brake(0.0)
-        clock.now += 0.5
-    assert limiter.effective_rate == pytest.approx(100 * 0.7**4)
+def test_only_the_first_429_of_a_burst_holds_and_the_pace_does_not_ratchet_down(
+    clock: FakeClock,
+) -> None:
+    limiter = RateLimiter(0)
+    answered(limiter, clock, 200, 2.0)
+    limiter.brake(0.5)
+    held_until = limiter._hold_until
+    pace = limiter.effective_rate
+    clock.now += 0.1
+    limiter.brake(0.5)  # the same burst: no second hold, the same pace
+    assert limiter._hold_until == held_until
+    assert limiter.effective_rate == pytest.approx(pace)
+    clock.now += BURST_GAP + 0.1
+    answered(limiter, clock, pace, 1.0)
+    limiter.brake(0.5)  # a new burst: it holds again
+    assert limiter._hold_until > held_until
 
 
-def test_the_rate_never_drops_below_its_floor(clock: FakeClock) -> None:
-    limiter = RateLimiter(100)
-    for _ in range(50):
-        limiter.brake(0.0)
-        clock.now += 1.0
-    assert limiter.effective_rate == pytest.approx(100 * MIN_RATE_FRACTION)
-
-
-async def test_the_rate_recovers_10_percent_per_quiet_interval(clock: FakeClock) -> None:
-    interval = limits.RECOVERY_INTERVAL
-    limiter = RateLimiter(1000)
-    limiter.brake(0.0)
-    assert limiter.effective_rate == pytest.approx(700)
-    clock.now += interval - 0.1
-    await limiter.acquire()
-    assert limiter.effective_rate == pytest.approx(700)  # not quiet long enough
-    clock.now += 0.2
-    await limiter.acquire()
-    assert limiter.effective_rate == pytest.approx(770)
-    await limiter.acquire()
-    assert limiter.effective_rate == pytest.approx(770)  # one step per interval
-    clock.now += interval
-    await limiter.acquire()
-    assert limiter.effective_rate == pytest.approx(847)
-    for _ in range(10):
-        clock.now += interval
-        await limiter.acquire()
-    assert limiter.effective_rate == 1000  # back to the limit, never above
-    throttler = limiter._throttler
-    assert throttler is not None
-    assert throttler.rate_limit / throttler.period == pytest.approx(1000)
-
-
-async def test_a_429_during_recovery_restarts_the_quiet_interval(clock: FakeClock) -> None:
-    interval = limits.RECOVERY_INTERVAL
-    limiter = RateLimiter(1000)
-    limiter.brake(0.0)
-    clock.now += interval - 1.0
-    limiter.brake(0.0)  # more than a second after the first decrease: decreases again
-    assert limiter.effective_rate == pytest.approx(490)
-    clock.now += interval - 0.5  # quiet since the second 429 for less than an interval
-    await limiter.acquire()
-    assert limiter.effective_rate == pytest.approx(490)
-    clock.now += 1.0
-    await limiter.acquire()
-    assert limiter.effective_rate == pytest.approx(539)
-
-
-def test_braking_an_unlimited_limiter_keeps_it_unlimited(clock: FakeClock) -> None:
+def test_a_429_with_nothing_accepted_yet_only_holds(clock: FakeClock) -> None:
     limiter = RateLimiter(0)
     limiter.brake(2.0)
     assert limiter._throttler is None
-    assert limiter.effective_rate == 0
+    assert limiter.effective_rate == 0  # nothing learned: no pace invented
     assert math.isclose(limiter._hold_until, clock.now + 2.0)
+
+
+def test_the_pace_never_drops_below_its_floor(clock: FakeClock) -> None:
+    limiter = RateLimiter(100)
+    answered(limiter, clock, 2, 1.0)
+    limiter.brake(0.0)
+    assert limiter.effective_rate == pytest.approx(100 * MIN_RATE_FRACTION)
+
+
+async def test_the_pace_probes_upward_per_quiet_interval_up_to_the_limit(clock: FakeClock) -> None:
+    limiter = RateLimiter(250)
+    answered(limiter, clock, 200, 1.0)
+    limiter.brake(0.0)
+    learned = limiter.effective_rate
+    clock.now += QUIET_INTERVAL - 0.1
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(learned)  # not quiet long enough
+    clock.now += 0.2
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(learned * PROBE_FACTOR)
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(learned * PROBE_FACTOR)  # one step
+    for _ in range(20):
+        clock.now += QUIET_INTERVAL
+        await limiter.acquire()
+    assert limiter.effective_rate == 250  # back to the limit, never above
+    throttler = limiter._throttler
+    assert throttler is not None
+    assert throttler.rate_limit / throttler.period == pytest.approx(250)
+
+
+async def test_without_a_limit_the_probe_keeps_climbing_to_find_a_raised_one(
+    clock: FakeClock,
+) -> None:
+    limiter = RateLimiter(0)
+    answered(limiter, clock, 100, 1.0)
+    limiter.brake(0.0)
+    learned = limiter.effective_rate
+    for _ in range(30):
+        clock.now += QUIET_INTERVAL
+        await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(learned * PROBE_FACTOR**30)
+
+
+async def test_a_429_during_the_probe_restarts_the_quiet_interval(clock: FakeClock) -> None:
+    limiter = RateLimiter(0)
+    answered(limiter, clock, 100, 1.0)
+    limiter.brake(0.0)
+    clock.now += QUIET_INTERVAL - 0.5
+    answered(limiter, clock, 95, 0.4)
+    limiter.brake(0.0)
+    learned = limiter.effective_rate
+    clock.now += QUIET_INTERVAL - 0.2
+    await limiter.acquire()
+    assert limiter.effective_rate == pytest.approx(learned)

@@ -93,13 +93,18 @@ def contact_ref_path(contact_ref: str) -> str:
     return contact_ref
 
 
+# Delta-seconds, with a fraction allowed; explicit ASCII digits (`\d` also takes "²").
+_SECONDS_RE = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
 def parse_retry_after(value: str | None, *, now: float | None = None) -> float | None:
-    """`Retry-After` as seconds (delta-seconds or an HTTP date), capped; None if absent/bad."""
+    """`Retry-After` as seconds (delta-seconds, fractional ones too, or an HTTP date),
+    capped; None if absent or bad."""
     if not value:
         return None
     value = value.strip()
     seconds: float
-    if value.isascii() and value.isdigit():  # str.isdigit() also takes "²", which float() refuses
+    if _SECONDS_RE.fullmatch(value):  # "7", or "0.25": a server that knows its next slot
         seconds = float(value)
     else:
         try:

@@ -202,4 +202,6 @@ class RequestGate:
         if outcome.status == 429:
             metrics.throttled.inc()
             self.limiter.brake(outcome.retry_after)
+        elif outcome.status is not None:
+            self.limiter.accepted()  # what CDP accepts is learned from these
         return outcome

@@ -1,4 +1,4 @@
-"""Pacing: the process-wide rate limit, retry backoff, and the 429 brake.
+"""Pacing: the process-wide rate limit, retry backoff, and what a 429 teaches.
 
 The local rate limit is asyncio-throttle's sliding log, used so that it stays cheap and
 smooth at any rate:
@@ -10,9 +10,13 @@ smooth at any rate:
   once), it allows `k` per `k/N` seconds with `k/N` about 50 ms, so any one-second window
   the server sees holds at most about N requests.
 
-A 429 brakes the whole process (DESIGN section 3): every request waits out `Retry-After`,
-and the rate drops by 30%; it climbs back 10% per quiet interval (RudderStack's adaptive
-throttle), never above the configured limit.
+CDP publishes no rate limit, so the worker finds it (DESIGN section 3: a 429 slows the
+whole process). On a 429 it paces at just under what the server accepted over the last
+second, holds every request for `Retry-After` only on the first 429 of a burst, and then
+probes upward a few per cent per quiet interval, up to the configured limit (or without
+bound under `--rate-limit 0`), so that a raised limit is found again. A saw-tooth that
+stays within a few per cent of the server's limit, instead of one that halves the rate
+(x0.7 per 429) or bursts and stops (a hold and no pace).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import asyncio
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -38,11 +43,17 @@ SLICE_SECONDS = 0.05
 # How often the single waiter re-checks the sliding log, in seconds. The loss of rate is
 # at most about POLL/SLICE (4%), on average half of it.
 POLL_SECONDS = 0.002
-# Multiplicative decrease on a 429, recovery per quiet interval, and the floor.
-BRAKE_FACTOR = 0.7
-RECOVERY_FACTOR = 1.1
-RECOVERY_INTERVAL = 5.0
+# On a 429: pace at this share of what the server accepted over the last second.
+LEARN_FACTOR = 0.95
+# Then probe upward: this factor per quiet interval (no 429 meanwhile).
+PROBE_FACTOR = 1.03
+QUIET_INTERVAL = 2.0
+# 429s closer together than this are one burst: only its first holds every request.
+BURST_GAP = 1.0
+# The learned pace never goes below this share of the configured limit, nor below
+# MIN_LEARNED_RATE requests/s under --rate-limit 0.
 MIN_RATE_FRACTION = 0.1
+MIN_LEARNED_RATE = 1.0
 # Wait on a 429 that carries no Retry-After.
 DEFAULT_THROTTLE_PAUSE = 1.0
 # Retry backoff: exponential with full jitter, from DESIGN section 3.
@@ -72,9 +83,10 @@ def backoff_delay(
 
 
 class RateLimiter:
-    """Process-wide pacing of CDP requests: `await acquire()` before each one.
+    """Process-wide pacing of CDP requests: `await acquire()` before each one, and tell it
+    how CDP answered (`accepted()` for any answer but a 429, `brake()` for a 429).
 
-    `rate` is requests per second; 0 means no limit (the 429 brake still applies). With
+    `rate` is requests per second; 0 means no limit until a 429 teaches one. With
     `shared`, the rate is the total of every replica using the same Redis key, and the
     local throttler stands aside.
     """
@@ -83,10 +95,11 @@ class RateLimiter:
         self.rate = rate
         self.shared = shared if rate > 0 else None
         self._lock = asyncio.Lock()
-        self._fraction = 1.0
+        self._learned: float | None = None  # the pace a 429 taught, while below `rate`
+        self._accepted: deque[float] = deque()  # when answers other than 429 came, 1 s
         self._hold_until = 0.0
-        self._last_brake = -math.inf  # the last 429 (or recovery step): quiet is counted from it
-        self._last_decrease = -math.inf  # the last 30% decrease: at most one a second
+        self._last_429 = -math.inf
+        self._last_step = -math.inf  # the last 429 or probe step: quiet is counted from it
         self._throttler = None if self.shared else self._build(rate)
 
     @property
@@ -111,7 +124,11 @@ class RateLimiter:
 
     @property
     def effective_rate(self) -> float:
-        return self.rate * self._fraction
+        """Requests per second now: the configured rate, or the learned pace below it;
+        0 while there is no limit at all."""
+        if self._learned is None:
+            return self.rate
+        return self._learned
 
     async def acquire(self) -> float:
         """Wait for a slot; return the seconds waited (for the wait-time metric)."""
@@ -120,7 +137,7 @@ class RateLimiter:
         if unlimited and self._hold_until <= started and not self._lock.locked():
             return 0.0  # unlimited and not braked: the hot path takes no lock
         async with self._lock:
-            self._recover()
+            self._probe(time.monotonic())
             # A 429 that arrives while we wait out an earlier one may extend the hold.
             while (hold := self._hold_until - time.monotonic()) > 0:  # noqa: ASYNC110 - a moving deadline, not an event
                 await asyncio.sleep(hold)
@@ -130,30 +147,59 @@ class RateLimiter:
                 await self._throttler.acquire()  # type: ignore[no-untyped-call]  # untyped library
         return time.monotonic() - started
 
-    def brake(self, retry_after: float | None) -> None:
-        """A 429: hold everyone for Retry-After; lower the rate, at most once a second."""
+    def accepted(self) -> None:
+        """CDP answered a request without a 429: what it accepts is measured from these."""
         now = time.monotonic()
+        accepted = self._accepted
+        accepted.append(now)
+        while accepted[0] <= now - 1.0:
+            accepted.popleft()
+
+    def brake(self, retry_after: float | None) -> None:
+        """A 429. The first of a burst holds every request for Retry-After and paces just
+        under what CDP accepted over the last second; the rest of the burst only restart
+        the quiet interval."""
+        now = time.monotonic()
+        first = now - self._last_429 >= BURST_GAP
+        self._last_429 = self._last_step = now
+        if not first:
+            # The rest of a burst: requests sent before the pace took hold. Learning from
+            # them again would ratchet the pace down as the window slides past the burst.
+            return
         pause = retry_after if retry_after is not None else DEFAULT_THROTTLE_PAUSE
         self._hold_until = max(self._hold_until, now + pause)
-        if self.rate > 0 and now - self._last_decrease >= 1.0:
-            self._set_fraction(max(MIN_RATE_FRACTION, self._fraction * BRAKE_FACTOR))
-            self._last_decrease = now
-        self._last_brake = now
+        accepted = self._accepted
+        while accepted and accepted[0] <= now - 1.0:
+            accepted.popleft()
+        if not accepted:
+            return  # nothing to learn from (the first request was refused): just hold
+        floor = self.rate * MIN_RATE_FRACTION if self.rate > 0 else MIN_LEARNED_RATE
+        pace = max(floor, len(accepted) * LEARN_FACTOR)
+        if self.effective_rate > 0:
+            pace = min(pace, self.effective_rate)
+        self._set_pace(pace)
 
-    def _recover(self) -> None:
-        if self._fraction >= 1.0:
+    def _probe(self, now: float) -> None:
+        """After a quiet interval, a few per cent more, up to the configured rate."""
+        if self._learned is None or now - self._last_step < QUIET_INTERVAL:
             return
-        quiet = time.monotonic() - self._last_brake
-        if quiet >= RECOVERY_INTERVAL:
-            self._last_brake = time.monotonic()  # one step per quiet interval
-            self._set_fraction(min(1.0, self._fraction * RECOVERY_FACTOR))
+        self._last_step = now  # one step per quiet interval
+        self._set_pace(self._learned * PROBE_FACTOR)
 
-    def _set_fraction(self, fraction: float) -> None:
+    def _set_pace(self, pace: float) -> None:
+        if self.rate > 0 and pace >= self.rate:
+            self._learned = None  # back at the configured limit
+            pace = self.rate
+        else:
+            self._learned = pace
+        if self.shared is not None:
+            return  # the shared limiter is told the rate at each acquire
         # The same throttler, re-sliced: its log of recent requests stays, so a change of
         # rate cannot let an extra slice out at once.
-        self._fraction = fraction
-        if self._throttler is not None:
-            self._slice(self._throttler, self.rate * fraction)
+        if self._throttler is None:
+            self._throttler = self._build(pace)
+        else:
+            self._slice(self._throttler, pace)
 
 
 # GCRA (generic cell rate algorithm) over one Redis key holding the theoretical arrival

@@ -142,8 +142,11 @@ class Faults:
         elif status == 403:
             refusal = error_response(403, "Forbidden", "These credentials may not use this API")
         elif not self.admit(now):
+            # When the window frees a slot, to the millisecond: a server that knows it.
+            wait = self.window[0] + 1.0 - now if self.window else 1.0
+            retry_after = {"Retry-After": f"{max(wait, 0.001):.3f}"}
             refusal = error_response(
-                429, "Too Many Requests", "Rate limit exceeded; retry later", {"Retry-After": "1"}
+                429, "Too Many Requests", "Rate limit exceeded; retry later", retry_after
             )
         elif self.chance(config.error_rate):
             self.injected["error"] += 1
