@@ -94,3 +94,29 @@ async def test_a_replica_recovers_when_redis_comes_back(
         assert failures == 0
     finally:
         await shared.close()
+
+
+async def test_what_one_replica_learns_from_a_429_slows_every_replica(shared_url: str) -> None:
+    learner_limit, other_limit = SharedRateLimit(shared_url), SharedRateLimit(shared_url)
+    await learner_limit.open()
+    await other_limit.open()
+    learner, other = RateLimiter(100.0, learner_limit), RateLimiter(100.0, other_limit)
+    try:
+        await learner.acquire()
+        learner.brake(0.0)  # a 429: the shared pace drops to 95
+        assert learner.effective_rate == pytest.approx(95.0)
+        for _ in range(5):  # three steps lower, as if 429s kept coming
+            learner._last_429 -= 10
+            learner.brake(0.0)
+        taught = learner.effective_rate
+        await learner.acquire()  # carries the pace to Redis
+        stamps: list[float] = []
+        until = time.monotonic() + 1.0
+        while time.monotonic() < until:
+            await other.acquire()  # this replica saw no 429 at all
+            stamps.append(time.monotonic())
+        assert other.effective_rate == 100.0  # its own view is unchanged...
+        assert len(stamps) <= taught + 3  # ...yet it is paced at what the other learned
+    finally:
+        await learner_limit.close()
+        await other_limit.close()

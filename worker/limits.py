@@ -168,12 +168,17 @@ class RateLimiter:
             return
         pause = retry_after if retry_after is not None else DEFAULT_THROTTLE_PAUSE
         self._hold_until = max(self._hold_until, now + pause)
+        floor = self.rate * MIN_RATE_FRACTION if self.rate > 0 else MIN_LEARNED_RATE
+        if self.shared is not None:
+            # This replica sees only its share of what CDP accepted; the shared pace is a
+            # total, so it is lowered from what it is.
+            self._set_pace(max(floor, self.effective_rate * LEARN_FACTOR))
+            return
         accepted = self._accepted
         while accepted and accepted[0] <= now - 1.0:
             accepted.popleft()
         if not accepted:
             return  # nothing to learn from (the first request was refused): just hold
-        floor = self.rate * MIN_RATE_FRACTION if self.rate > 0 else MIN_LEARNED_RATE
         pace = max(floor, len(accepted) * LEARN_FACTOR)
         if self.effective_rate > 0:
             pace = min(pace, self.effective_rate)
@@ -193,7 +198,8 @@ class RateLimiter:
         else:
             self._learned = pace
         if self.shared is not None:
-            return  # the shared limiter is told the rate at each acquire
+            self.shared.teach(self._learned)  # every replica slows, not just this one
+            return
         # The same throttler, re-sliced: its log of recent requests stays, so a change of
         # rate cannot let an extra slice out at once.
         if self._throttler is None:
@@ -211,7 +217,18 @@ _GCRA = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
-local tolerance = tonumber(ARGV[2])
+-- What a replica learned from CDP's 429s slows every replica (see RateLimiter.brake):
+-- ARGV[2] teaches a pace ('' nothing new, '-' forget it), which lives 10 s unless taught
+-- again (the learner re-teaches as it probes upward).
+if ARGV[2] == '-' then
+  redis.call('DEL', KEYS[2])
+elseif ARGV[2] ~= '' then
+  redis.call('SET', KEYS[2], ARGV[2], 'PX', 10000)
+end
+local learned = tonumber(redis.call('GET', KEYS[2]) or '0')
+if learned > 0 and 1000000 / learned > interval then interval = 1000000 / learned end
+-- A tolerance of one interval (see SharedRateLimit.acquire).
+local tolerance = interval
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local wait = tat - tolerance - now
@@ -242,7 +259,9 @@ class SharedRateLimit:
         parsed = ParsedUrl.split(url, label, {"key"})
         self.url = parsed.client_url
         self.key = parsed.params.get("key") or "cdp-sync:rate-limit"
+        self.learned_key = f"{self.key}:learned"
         self.available = True
+        self._teach = ""  # carried by the next admission: a pace, "-" (forget it), or none
         # Called with the new availability when it changes (the gate sets a metric).
         self.on_change: Callable[[bool], None] | None = None
         self._client: Any = None
@@ -260,22 +279,28 @@ class SharedRateLimit:
             await self._client.aclose()
             self._client = None
 
+    def teach(self, pace: float | None) -> None:
+        """What this replica learned from a 429 (None: nothing, back at the configured
+        rate), for every replica: sent with the next admission, no round trip of its own."""
+        self._teach = "-" if pace is None else f"{pace:.3f}"
+
     def _set_available(self, available: bool) -> None:
         self.available = available
         if self.on_change is not None:
             self.on_change(available)
 
     async def acquire(self, rate: float) -> None:
-        # A tolerance of one interval: a caller that wakes up late (a busy loop, a slow
-        # round trip) still gets the slot it was due, instead of the schedule restarting
-        # from its late "now" and the slot being lost. Without it three replicas on a
-        # loaded machine reached 85-96% of the rate; with it the whole rate, and any
-        # one-second window still holds at most rate + 2 admissions.
+        # The script tolerates one interval: a caller that wakes up late (a busy loop, a
+        # slow round trip) still gets the slot it was due, instead of the schedule
+        # restarting from its late "now" and the slot being lost. Without it three
+        # replicas on a loaded machine reached 85-96% of the rate; with it the whole rate,
+        # and any one-second window still holds at most rate + 2 admissions.
         interval = 1_000_000 / rate
-        tolerance = interval
         while True:
             try:
-                wait_us = int(await self._script(keys=[self.key], args=[interval, tolerance]))
+                keys, args = [self.key, self.learned_key], [interval, self._teach]
+                wait_us = int(await self._script(keys=keys, args=args))
+                self._teach = ""
             except Exception as exc:  # noqa: BLE001 - any failure to reach Redis pauses sending
                 if self.available:
                     self._set_available(False)
