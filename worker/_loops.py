@@ -51,6 +51,6 @@ def run(main: Coroutine[Any, Any, T], loop: str = "auto") -> T:
 
 
 def running_loop_name() -> str:
-    """ "uvloop" or "asyncio", for the start-up log line."""
+    """Which loop runs this coroutine ("uvloop" or "asyncio"), for the start-up line."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
