@@ -426,7 +426,8 @@ class Worker:
             await self.recorder.give_back(message)
             return
         order_ref = event.order_ref
-        body, want = self._wants(event)
+        body, fingerprint = self._body_of(event)
+        want = Want(fingerprint, event.version, event.op, self.settings.on_change)
         claimed_at = time.monotonic()
         claim = await self.state.claim(order_ref, self.owner, self.settings.lease_seconds, want)
         if not claim.held:
@@ -439,7 +440,7 @@ class Worker:
             message,
             event,
             body=body,
-            fingerprint=want.fingerprint or DELETE_FINGERPRINT,
+            fingerprint=fingerprint,
             claim=claim,
             gate=self.gate,
             recorder=self.recorder,
@@ -465,17 +466,15 @@ class Worker:
         finally:
             self.leases.drop(order_ref)
 
-    def _wants(self, event: Event) -> tuple[dict[str, Any] | None, Want]:
-        """The event's CDP body (None for an erasure), and what it asks of its order."""
+    def _body_of(self, event: Event) -> tuple[dict[str, Any] | None, str]:
+        """The event's CDP body (None for an erasure) and its fingerprint."""
         if event.erasure:
-            body, fingerprint = None, DELETE_FINGERPRINT
-        else:
-            settings = self.settings
-            body = build_body(
-                event, base_url=settings.cdp_base_url, api_version=settings.cdp_api_version
-            )
-            fingerprint = body_fingerprint(body)
-        return body, Want(fingerprint, event.version, event.op, self.settings.on_change)
+            return None, DELETE_FINGERPRINT
+        settings = self.settings
+        body = build_body(
+            event, base_url=settings.cdp_base_url, api_version=settings.cdp_api_version
+        )
+        return body, body_fingerprint(body)
 
     async def _skip(self, message: Message, order_ref: str, claim: Claim) -> None:
         """An answer that does not hold the order: nothing to send, or not now."""
