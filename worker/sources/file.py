@@ -48,6 +48,9 @@ RECENT_BYTES = 4 * 1024 * 1024
 MAX_AHEAD = 20_000
 # How often --follow looks for new lines at the end of the file.
 FOLLOW_POLL_SECONDS = 0.2
+# Acks gather this long before the checkpoint is written (one write for them all): an ack
+# never waits for the write, and a crash reads at most this much again.
+CHECKPOINT_INTERVAL = 0.05
 
 
 class _Checkpoint:
@@ -128,8 +131,10 @@ class FileSource(Source):
         self._offset = 0
         self._done = _Checkpoint()
         self._redeliveries = Redeliveries()
-        # Acks arriving while a checkpoint is written share the next write.
+        # Checkpoint writes, one at a time, each of the position at the moment it is made.
         self._saves: Batcher[None, None] = Batcher(self._write_checkpoint, name="checkpoint")
+        self._dirty = False  # acked since the last write
+        self._saver: asyncio.Task[None] | None = None
         self._identity_cache: tuple[int, dict[str, Any]] | None = None  # (head_bytes, it)
         # --follow: the file's first bytes as read (to see it rewritten in place), and a
         # change seen ("truncated", "rotated") that waits for every line read to finish.
@@ -227,7 +232,22 @@ class FileSource(Source):
         except StateError as exc:  # the next ack saves again; until then a restart reads it all
             log.warning("source.checkpoint_failed", error=str(exc))
 
+    async def flush(self) -> None:
+        """Write the checkpoint of every ack so far now, rather than within the interval
+        (close does; raises StateError if the store does not take it)."""
+        saver, self._saver = self._saver, None
+        if saver is not None and not saver.done():
+            saver.cancel()
+            await asyncio.gather(saver, return_exceptions=True)
+        if self._dirty:
+            self._dirty = False
+            await self._save()
+
     async def close(self) -> None:
+        try:
+            await self.flush()  # what the last acks finished: a rerun starts after it
+        except StateError as exc:
+            log.warning("source.checkpoint_failed", error=str(exc))
         if self._file is not None:
             self._file.close()
             self._file = None
@@ -328,7 +348,37 @@ class FileSource(Source):
 
     async def ack(self, message: Message) -> None:
         self._done.finish(message.token)
-        await self._save()
+        self._save_soon()
+
+    def _save_soon(self) -> None:
+        """Have the checkpoint written within CHECKPOINT_INTERVAL; the ack does not wait.
+
+        The outcome was recorded in the state store before the ack: a crash before the
+        checkpoint catches up only makes a restart read a few lines again, which the state
+        store skips as duplicates.
+        """
+        if self._state is None or self._stdin:
+            return
+        self._dirty = True
+        if self._saver is None or self._saver.done():
+            self._saver = asyncio.get_running_loop().create_task(
+                self._save_later(), name="checkpoint-saver"
+            )
+
+    async def _save_later(self) -> None:
+        failing = False
+        while self._dirty:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            self._dirty = False
+            try:
+                await self._save()
+            except StateError as exc:  # kept dirty: tried again an interval later
+                self._dirty = True
+                if not failing:
+                    log.warning("source.checkpoint_failed", error=str(exc))
+                failing = True
+            else:
+                failing = False
 
     async def _save(self) -> None:
         """Commit the checkpoint, as it is now or newer; one write serves many acks."""
