@@ -9,11 +9,13 @@ them (tests seed PII and scan every captured line).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import sys
 import time
 from collections.abc import Callable, MutableMapping
-from typing import Any
+from typing import IO, Any
 
 import orjson
 import structlog
@@ -74,19 +76,45 @@ class StdoutLogger:
     Looking stdout up per line (instead of holding the stream, as structlog's own loggers
     do) lets loggers be cached after first use, the fast path, and still follow a stream
     swapped later (test capture, the demo). One write per line keeps lines whole.
+
+    The flush is not per line: inside the event loop, every line written during one
+    iteration of it goes out with one flush at the start of the next (a write syscall
+    per burst, not per line, and no line waits longer than that iteration). Outside a
+    loop (start-up, threads), a line is flushed at once.
     """
 
+    def __init__(self) -> None:
+        self._unflushed: list[IO[Any]] = []  # streams written to since the last flush
+
     def msg(self, message: str | bytes) -> None:
-        stream = sys.stdout
+        stream: IO[Any] = sys.stdout
         if isinstance(message, bytes):
             buffer = getattr(stream, "buffer", None)
             if buffer is not None:
                 buffer.write(message + b"\n")
-                buffer.flush()
+                self._flush_soon(buffer)
                 return
             message = message.decode()
         stream.write(message + "\n")
-        stream.flush()
+        self._flush_soon(stream)
+
+    def _flush_soon(self, stream: IO[Any]) -> None:
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: nothing would flush it later
+            stream.flush()
+            return
+        if stream in self._unflushed:
+            return
+        if not self._unflushed:
+            loop.call_soon(self._flush)
+        self._unflushed.append(stream)
+
+    def _flush(self) -> None:
+        streams, self._unflushed = self._unflushed, []
+        for stream in streams:
+            with contextlib.suppress(ValueError, OSError):  # closed meanwhile (a test's)
+                stream.flush()
 
     log = debug = info = warn = warning = error = critical = exception = fatal = msg
 
