@@ -82,3 +82,40 @@ async def test_callers_of_a_flusher_cut_short_are_told_not_left_waiting() -> Non
     done, pending = await asyncio.wait([*waiting, queued], timeout=1)
     assert not pending
     assert all(task.cancelled() for task in done)
+
+
+async def test_a_window_lets_callers_of_about_the_same_moment_share_a_batch() -> None:
+    async def trickle(batcher: Batcher[int, int]) -> None:
+        tasks = []
+        for n in range(5):  # one caller every loop iteration, as answers come in
+            tasks.append(asyncio.create_task(batcher.submit(n)))
+            await asyncio.sleep(0)
+        await asyncio.gather(*tasks)
+
+    def batcher_and_batches(window: float) -> tuple[Batcher[int, int], list[list[int]]]:
+        batches: list[list[int]] = []
+
+        async def flush(items: list[int]) -> list[int | BaseException]:
+            batches.append(items)
+            return list(items)
+
+        return Batcher(flush, name="test", window=window), batches
+
+    at_once, split = batcher_and_batches(0.0)
+    await trickle(at_once)
+    assert len(split) > 1  # each flush took what had queued by then
+    windowed, joined = batcher_and_batches(0.05)
+    await trickle(windowed)
+    assert joined == [[0, 1, 2, 3, 4]]
+
+
+async def test_a_full_batch_does_not_wait_for_the_window() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        return list(items)
+
+    batcher: Batcher[int, int] = Batcher(flush, name="test", max_batch=3, window=30.0)
+    results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(n) for n in range(3))), 5)
+    assert results == [0, 1, 2]
