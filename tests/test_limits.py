@@ -366,3 +366,16 @@ async def test_a_429_during_the_probe_restarts_the_quiet_interval(clock: FakeClo
     clock.now += QUIET_INTERVAL - 0.2
     await limiter.acquire()
     assert limiter.effective_rate == pytest.approx(learned)
+
+
+async def test_the_waiter_sleeps_until_a_slot_frees_instead_of_polling(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A poll interval of a whole second: a waiter that polled would take over a second
+    # per blocked request; one that sleeps until the oldest entry leaves takes 50 ms.
+    monkeypatch.setattr(limits, "POLL_SECONDS", 1.0)
+    limiter = RateLimiter(20)  # one per 50 ms slice
+    started = time.monotonic()
+    for _ in range(4):
+        await limiter.acquire()
+    assert time.monotonic() - started < 0.9  # about 0.15 s; polling would be 3 s
