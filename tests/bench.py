@@ -19,7 +19,8 @@
    and 1000: the share of the limit reached (target >= 93%) and of 429s (<= 1%).
 5. The shared limit: three replicas sharing --rate-limit 150 through Redis against a CDP
    allowing 165/s: the share reached (>= 97%), the busiest second (<= 153), 429s (0).
-6. What convergence costs: CDP requests per event, by kind, for creates only and for a
+6. RSS over a backlog: the worker's peak resident memory over a file of 1M events (< 100 MB).
+7. What convergence costs: CDP requests per event, by kind, for creates only and for a
    mix where 30% of the orders change their contact in a second version (shuffled, so
    some older versions arrive after newer ones and are skipped as stale).
 
@@ -385,6 +386,29 @@ async def shared_limit(count: int, concurrency: int, folder: Path) -> None:
     print(f"  429 answers         {stats['responses'].get('429', 0):8d}   (target 0 at 165/s)")
 
 
+async def backlog_rss(count: int, folder: Path) -> None:
+    """The worker's peak RSS over a file of `count` events (a backlog it reads as fast as
+    CDP allows): flat, not growing with the file (target < 100 MB at 1M)."""
+    path = folder / "backlog.jsonl"
+    with path.open("wb") as file:  # written in chunks: a million events do not fit twice
+        for start in range(0, count, 50_000):
+            lines = generate_events(
+                min(50_000, count - start), duplicate_share=0.0, invalid_rounds=0, seed=start
+            )
+            file.write(b"".join(line + b"\n" for line in lines))
+    emulator = EmulatorProcess()
+    try:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        result = run_worker(emulator.url, folder, path, rate_limit="0", concurrency="32")
+        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    finally:
+        emulator.close()
+    print(f"backlog: {count} events in one file, unthrottled")
+    print(f"  delivered           {result['delivered']:8d} in {result['seconds']:.0f} s")
+    largest = "the worker" if peak_kib > before else "an earlier child (the worker is smaller)"
+    print(f"  peak RSS            {peak_kib / 1024:8.1f} MB, {largest}   (target < 100 MB)")
+
+
 def _fmt(values: list[float]) -> str:
     return ", ".join(f"{value:.0f}" for value in values)
 
@@ -399,9 +423,10 @@ def main() -> None:
     parser.add_argument("--default-rate-events", type=int, default=500)
     parser.add_argument("--limit-events", type=int, default=6_000)
     parser.add_argument("--shared-events", type=int, default=4_500)
+    parser.add_argument("--backlog-events", type=int, default=1_000_000)
     parser.add_argument(
         "--only",
-        choices=["throughput", "cpu", "rate", "limit", "shared", "scale", "sync"],
+        choices=["throughput", "cpu", "rate", "limit", "shared", "scale", "sync", "rss"],
         action="append",
     )
     parser.add_argument(
@@ -415,7 +440,9 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} cores, Python "
         f"{platform.python_version()}, {platform.platform()}"
     )
-    only = set(args.only or ["throughput", "cpu", "rate", "limit", "shared", "scale", "sync"])
+    only = set(
+        args.only or ["throughput", "cpu", "rate", "limit", "shared", "scale", "sync", "rss"]
+    )
     with tempfile.TemporaryDirectory(prefix="cdp-sync-bench-") as scratch:
         if "throughput" in only:
             for latency in args.latency or [0.0, 0.04]:
@@ -428,6 +455,8 @@ def main() -> None:
             asyncio.run(unknown_limit(args.limit_events, Path(scratch)))
         if "shared" in only:
             asyncio.run(shared_limit(args.shared_events, args.concurrency, Path(scratch)))
+        if "rss" in only:
+            asyncio.run(backlog_rss(args.backlog_events, Path(scratch)))
         if "sync" in only:
             asyncio.run(sync_cost(args.sync_events, args.concurrency, Path(scratch)))
         if "scale" in only:
