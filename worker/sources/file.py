@@ -236,12 +236,14 @@ class FileSource(Source):
         """Write the checkpoint of every ack so far now, rather than within the interval
         (close does; raises StateError if the store does not take it)."""
         saver, self._saver = self._saver, None
+        interrupted = False
         if saver is not None and not saver.done():
-            saver.cancel()
+            interrupted = True
+            saver.cancel()  # maybe mid-write: that write still lands, but may predate acks
             await asyncio.gather(saver, return_exceptions=True)
-        if self._dirty:
+        if self._dirty or interrupted:
             self._dirty = False
-            await self._save()
+            await self._save()  # after any earlier write: the Batcher keeps them in order
 
     async def close(self) -> None:
         try:
