@@ -83,7 +83,11 @@ class EmulatorProcess:
 
     def close(self) -> None:
         self._process.terminate()
-        self._process.wait(10)
+        try:
+            self._process.wait(10)
+        except subprocess.TimeoutExpired:  # a million contacts take a while to let go of
+            self._process.kill()
+            self._process.wait(10)
 
 
 def child_cpu(
@@ -397,16 +401,41 @@ async def backlog_rss(count: int, folder: Path) -> None:
             )
             file.write(b"".join(line + b"\n" for line in lines))
     emulator = EmulatorProcess()
+    env = worker_env(
+        emulator.url, KEY, TOKEN, source=f"file:{path}",
+        state=f"sqlite:///{folder / 'state.db'}", dlq=f"file:{folder / 'dead-letter.jsonl'}",
+        rate_limit="0", concurrency="32",
+    )  # fmt: skip
     try:
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        result = run_worker(emulator.url, folder, path, rate_limit="0", concurrency="32")
-        peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        started = time.monotonic()
+        worker = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"], env=env, stdout=subprocess.DEVNULL
+        )
+        # The worker's own high-water mark (VmHWM), read while it runs: the kernel's
+        # RUSAGE_CHILDREN maxrss would also count the memory of this process at the fork.
+        peak_kib = 0
+        while worker.poll() is None:
+            peak_kib = max(peak_kib, _high_water_kib(worker.pid))
+            await asyncio.sleep(0.5)
+        seconds = time.monotonic() - started
+        stats = await emulator.admin("GET", "/_emulator/stats")
     finally:
         emulator.close()
     print(f"backlog: {count} events in one file, unthrottled")
-    print(f"  delivered           {result['delivered']:8d} in {result['seconds']:.0f} s")
-    largest = "the worker" if peak_kib > before else "an earlier child (the worker is smaller)"
-    print(f"  peak RSS            {peak_kib / 1024:8.1f} MB, {largest}   (target < 100 MB)")
+    print(f"  delivered           {stats['contacts']:8d} in {seconds:.0f} s")
+    print(f"  peak RSS            {peak_kib / 1024:8.1f} MB of the worker   (target < 100 MB)")
+
+
+def _high_water_kib(pid: int) -> int:
+    """A process's peak resident memory so far, in KiB (0 once it is gone)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0
+    for line in status.splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    return 0
 
 
 def _fmt(values: list[float]) -> str:
