@@ -7,6 +7,7 @@ the readable reference for what the other stores do in SQL and Lua.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 from worker.errors import StateError
 from worker.state import base, rules
@@ -77,6 +78,14 @@ class MemoryStateStore(StateStore):
             self._orders[order_ref] = renewed
             return True
 
+    async def _change(
+        self, order_ref: str, change: Callable[[Record | None, float], Record | None]
+    ) -> None:
+        """Apply one of `rules`' transitions to the order's record, atomically."""
+        self._check_open()
+        async with self._lock:
+            self._store(order_ref, change(self._orders.get(order_ref), base.now()))
+
     async def complete(
         self,
         order_ref: str,
@@ -87,20 +96,19 @@ class MemoryStateStore(StateStore):
         fingerprint: str | None = None,
         version: Version | None = None,
     ) -> None:
-        self._check_open()
-        async with self._lock:
-            rec = self._orders.get(order_ref)
-            self._orders[order_ref] = rules.complete(
-                rec, order_ref, owner, base.now(), contact_ref, href, fingerprint, version
-            )
+        await self._change(
+            order_ref,
+            lambda rec, now: rules.complete(
+                rec, order_ref, owner, now, contact_ref, href, fingerprint, version
+            ),
+        )
 
     async def mark_deleted(
         self, order_ref: str, owner: str, *, version: Version | None = None
     ) -> None:
-        self._check_open()
-        async with self._lock:
-            rec = self._orders.get(order_ref)
-            self._orders[order_ref] = rules.mark_deleted(rec, order_ref, owner, base.now(), version)
+        await self._change(
+            order_ref, lambda rec, now: rules.mark_deleted(rec, order_ref, owner, now, version)
+        )
 
     async def fail(
         self,
@@ -111,18 +119,13 @@ class MemoryStateStore(StateStore):
         fingerprint: str | None = None,
         version: Version | None = None,
     ) -> None:
-        self._check_open()
-        async with self._lock:
-            rec = self._orders.get(order_ref)
-            self._orders[order_ref] = rules.fail(
-                rec, order_ref, owner, base.now(), reason, fingerprint, version
-            )
+        await self._change(
+            order_ref,
+            lambda rec, now: rules.fail(rec, order_ref, owner, now, reason, fingerprint, version),
+        )
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
-        self._check_open()
-        async with self._lock:
-            rec = self._orders.get(order_ref)
-            self._store(order_ref, rules.release(rec, owner, base.now(), sent=sent))
+        await self._change(order_ref, lambda rec, now: rules.release(rec, owner, now, sent=sent))
 
     async def forget(self, order_ref: str) -> bool:
         self._check_open()

@@ -146,10 +146,14 @@ def _owned(rec: Record | None, order_ref: str, owner: str, action: str) -> Recor
     return rec
 
 
-def _finished(rec: Record, status: str, now: float, **fields: Any) -> Record:
+def _finished(
+    rec: Record, status: str, now: float, version: Version | None = None, **fields: Any
+) -> Record:
+    """The record finished as `status`, its version moved forward to `version`'s."""
     return dataclasses.replace(
-        rec, status=status, owner=None, lease_until=0.0, op=None, updated_at=now, **fields
-    )
+        rec, status=status, owner=None, lease_until=0.0, op=None, updated_at=now,
+        version=versions.forward(rec.version, version), **fields,
+    )  # fmt: skip
 
 
 def complete(
@@ -177,7 +181,7 @@ def complete(
         contact_ref=contact_ref,
         href=href,
         fingerprint=fingerprint,
-        version=versions.forward(held.version, version),
+        version=version,
         reason=None,
     )
 
@@ -196,7 +200,7 @@ def mark_deleted(
         contact_ref=None,
         href=None,
         fingerprint=None,
-        version=versions.forward(held.version, version),
+        version=version,
         reason=None,
     )
 
@@ -218,7 +222,7 @@ def fail(
         now,
         reason=reason,
         fingerprint=fingerprint,
-        version=versions.forward(held.version, version),
+        version=version,
     )
 
 

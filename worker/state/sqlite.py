@@ -258,6 +258,17 @@ class SqliteStateStore(StateStore):
 
         return await self._submit(op)
 
+    async def _change(
+        self, order_ref: str, change: Callable[[Record | None, float], Record | None]
+    ) -> None:
+        """Apply one of `rules`' transitions to the order's row, in the batch's transaction."""
+
+        def op(conn: sqlite3.Connection) -> None:
+            found = _read(conn, order_ref)
+            _write(conn, order_ref, change(found, base.now()), found)
+
+        await self._submit(op)
+
     async def complete(
         self,
         order_ref: str,
@@ -268,23 +279,19 @@ class SqliteStateStore(StateStore):
         fingerprint: str | None = None,
         version: Version | None = None,
     ) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            rec = _read(conn, order_ref)
-            done = rules.complete(
-                rec, order_ref, owner, base.now(), contact_ref, href, fingerprint, version
-            )
-            _write(conn, order_ref, done)
-
-        await self._submit(op)
+        await self._change(
+            order_ref,
+            lambda rec, now: rules.complete(
+                rec, order_ref, owner, now, contact_ref, href, fingerprint, version
+            ),
+        )
 
     async def mark_deleted(
         self, order_ref: str, owner: str, *, version: Version | None = None
     ) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            rec = _read(conn, order_ref)
-            _write(conn, order_ref, rules.mark_deleted(rec, order_ref, owner, base.now(), version))
-
-        await self._submit(op)
+        await self._change(
+            order_ref, lambda rec, now: rules.mark_deleted(rec, order_ref, owner, now, version)
+        )
 
     async def fail(
         self,
@@ -295,19 +302,13 @@ class SqliteStateStore(StateStore):
         fingerprint: str | None = None,
         version: Version | None = None,
     ) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            rec = _read(conn, order_ref)
-            dead = rules.fail(rec, order_ref, owner, base.now(), reason, fingerprint, version)
-            _write(conn, order_ref, dead)
-
-        await self._submit(op)
+        await self._change(
+            order_ref,
+            lambda rec, now: rules.fail(rec, order_ref, owner, now, reason, fingerprint, version),
+        )
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
-        def op(conn: sqlite3.Connection) -> None:
-            rec = _read(conn, order_ref)
-            _write(conn, order_ref, rules.release(rec, owner, base.now(), sent=sent), rec)
-
-        await self._submit(op)
+        await self._change(order_ref, lambda rec, now: rules.release(rec, owner, now, sent=sent))
 
     async def forget(self, order_ref: str) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
