@@ -212,6 +212,77 @@ class StateStoreContract:
         claim = await store.claim("ORD-1", "w1", LEASE)
         assert (claim.status, claim.attempts) == (ClaimStatus.IN_DOUBT, 2)
 
+    # -- claim_many ----------------------------------------------------------------------
+
+    async def test_claim_many_answers_as_one_claim_each_in_the_order_asked(
+        self, store: StateStore, replica: StateStore
+    ) -> None:
+        await done(store, "ORD-done", Want("fp-a", v(2)), "c-1")
+        await done(store, "ORD-changed", Want("fp-a", v(2)), "c-2")
+        await done(store, "ORD-older", Want("fp-a", v(5)), "c-3")
+        await done(store, "ORD-erased", UPSERT_A, "c-4")
+        await store.claim("ORD-held", "other", LEASE)
+        claim = await store.claim("ORD-dead", "w1", LEASE, UPSERT_A)
+        assert claim.held
+        await store.fail("ORD-dead", "w1", "cdp_rejected", fingerprint="fp-a")
+        # Not sorted: a backend that sorts (postgres, for its locks) must map back.
+        wants = [
+            ("ORD-z-new", UPSERT_A),
+            ("ORD-done", Want("fp-a", v(3))),
+            ("ORD-changed", Want("fp-b", v(3))),
+            ("ORD-older", Want("fp-b", v(4))),
+            ("ORD-erased", Want(DELETE_FINGERPRINT, op=DELETE)),
+            ("ORD-held", UPSERT_A),
+            ("ORD-dead", UPSERT_B),
+            ("ORD-a-gone", Want(DELETE_FINGERPRINT, op=DELETE)),
+        ]
+        answers = await replica.claim_many(wants, "w2", LEASE)
+        assert [(a.status, a.contact_ref) for a in answers] == [
+            (ClaimStatus.CREATE, None),
+            (ClaimStatus.DUPLICATE, None),
+            (ClaimStatus.UPDATE, "c-2"),
+            (ClaimStatus.STALE, None),
+            (ClaimStatus.DELETE, "c-4"),
+            (ClaimStatus.BUSY, None),
+            (ClaimStatus.IN_DOUBT, None),
+            (ClaimStatus.DELETE, None),
+        ]
+        # What was taken is held by w2 now, and only that.
+        for order_ref in ("ORD-z-new", "ORD-changed", "ORD-erased", "ORD-dead", "ORD-a-gone"):
+            assert (await store.claim(order_ref, "w3", LEASE)).status is ClaimStatus.BUSY
+            assert await store.renew(order_ref, "w2", LEASE) is True
+        await replica.complete("ORD-changed", "w2", "c-2", "h-c-2", fingerprint="fp-b")
+        assert (await store.claim("ORD-changed", "w3", LEASE, UPSERT_B)).status is (
+            ClaimStatus.DUPLICATE
+        )
+        # The duplicate moved the version forward, as one claim does.
+        assert (await store.claim("ORD-done", "w3", LEASE, Want("fp-a", v(2)))).status is (
+            ClaimStatus.STALE
+        )
+
+    async def test_claim_many_of_nothing_is_nothing(self, store: StateStore) -> None:
+        assert await store.claim_many([], "w1", LEASE) == []
+
+    async def test_claim_many_refuses_an_order_twice(self, store: StateStore) -> None:
+        with pytest.raises(ValueError, match="twice"):
+            await store.claim_many([("ORD-1", UPSERT_A), ("ORD-1", UPSERT_B)], "w1", LEASE)
+        assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CREATE
+
+    async def test_claim_many_of_replicas_overlapping_gives_each_order_one_holder(
+        self, store: StateStore, replica: StateStore
+    ) -> None:
+        # Opposite orders of the same orders at once: a backend locking rows one after
+        # the other in the order given would deadlock here.
+        refs = [f"ORD-{i:03}" for i in range(120)]
+        first, second = await asyncio.gather(
+            store.claim_many([(ref, UPSERT_A) for ref in refs], "w1", LEASE),
+            replica.claim_many([(ref, UPSERT_A) for ref in reversed(refs)], "w2", LEASE),
+        )
+        for ref, a, b in zip(refs, first, reversed(second), strict=True):
+            assert sorted((a.status, b.status)) == sorted((ClaimStatus.CREATE, ClaimStatus.BUSY)), (
+                ref
+            )
+
     # -- complete / fail -----------------------------------------------------------------
 
     async def test_complete_makes_the_same_content_a_duplicate(self, store: StateStore) -> None:

@@ -116,6 +116,16 @@ async def test_every_operation_is_one_statement(
     assert len(counting.calls) == 10
 
 
+async def test_claim_many_is_one_statement(
+    pg_store: PostgresStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    counting = _CountingPool(pg_store._pool)
+    monkeypatch.setattr(pg_store, "_pool", counting)
+    answers = await pg_store.claim_many([(f"ORD-{i}", Want()) for i in range(200)], "w", LEASE)
+    assert [a.status for a in answers] == [ClaimStatus.CREATE] * 200
+    assert counting.calls == ["fetch"]
+
+
 # -- retention -------------------------------------------------------------------------------
 
 

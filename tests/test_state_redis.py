@@ -106,6 +106,41 @@ async def test_every_operation_is_one_round_trip(
     assert commands == ["EVALSHA"] * 8
 
 
+async def test_claim_many_is_one_pipeline_of_evalsha(
+    redis_store: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = redis_store._client
+    assert client is not None
+    sent: list[list[str]] = []
+    pipeline = client.pipeline
+
+    def counting(*args: Any, **options: Any) -> Any:
+        pipe = pipeline(*args, **options)
+        execute = pipe.execute
+
+        async def counted(*a: Any, **o: Any) -> Any:
+            sent.append([str(command[0][0]) for command in pipe.command_stack])
+            return await execute(*a, **o)
+
+        pipe.execute = counted
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", counting)
+    answers = await redis_store.claim_many([(f"ORD-{i}", Want()) for i in range(50)], "w1", LEASE)
+    assert [a.status for a in answers] == [ClaimStatus.CREATE] * 50
+    assert sent == [["EVALSHA"] * 50]  # no SCRIPT EXISTS first: one round trip
+
+
+async def test_claim_many_reloads_its_script_after_a_script_flush(
+    redis_store: RedisStateStore, raw: aioredis.Redis
+) -> None:
+    await redis_store.claim("ORD-1", "w1", LEASE)
+    await raw.script_flush()  # as after a Redis restart or failover
+    answers = await redis_store.claim_many([("ORD-1", Want()), ("ORD-2", Want())], "w2", LEASE)
+    assert [a.status for a in answers] == [ClaimStatus.BUSY, ClaimStatus.CREATE]
+    assert (await redis_store.claim("ORD-2", "w3", LEASE)).status is ClaimStatus.BUSY
+
+
 # -- retention -------------------------------------------------------------------------------
 
 

@@ -53,6 +53,25 @@ async def test_the_file_is_in_wal_mode_with_full_sync(
     other.close()
 
 
+async def test_claim_many_is_one_commit(sqlite_store: SqliteStateStore) -> None:
+    before = sqlite_store.commits
+    answers = await sqlite_store.claim_many([(f"ORD-{i}", Want()) for i in range(300)], "w", LEASE)
+    assert [a.status for a in answers] == [ClaimStatus.CREATE] * 300
+    assert sqlite_store.commits - before == 1
+
+
+async def test_a_claim_many_that_fails_half_way_writes_none_of_it(
+    sqlite_store: SqliteStateStore,
+) -> None:
+    # An orderRef sqlite cannot bind (a str with a lone surrogate cannot be encoded):
+    # the claims before it in the batch are undone with it, the others' are not.
+    other = asyncio.ensure_future(sqlite_store.claim("ORD-other", "w", LEASE))
+    with pytest.raises(StateError):
+        await sqlite_store.claim_many([("ORD-1", Want()), ("ORD-\udc80", Want())], "w", LEASE)
+    assert (await other).status is ClaimStatus.CREATE
+    assert (await sqlite_store.claim("ORD-1", "w2", LEASE)).status is ClaimStatus.CREATE
+
+
 async def test_concurrent_completes_share_commits(sqlite_store: SqliteStateStore) -> None:
     refs = [f"ORD-{i}" for i in range(200)]
     await asyncio.gather(*(sqlite_store.claim(ref, "w1", LEASE) for ref in refs))

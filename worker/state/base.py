@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 # The envelope's ops, re-exported: the backends and their tests speak of them here.
@@ -106,6 +107,12 @@ def not_owner(order_ref: str, owner: str, action: str) -> NotOwner:
     return NotOwner(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
 
 
+def check_distinct(wants: Sequence[tuple[str, Want]]) -> None:
+    """`claim_many`'s precondition: no orderRef twice in one batch."""
+    if len({order_ref for order_ref, _ in wants}) != len(wants):
+        raise ValueError("claim_many: an orderRef appears twice in one batch")
+
+
 def now() -> float:
     """Wall-clock seconds: leases and retention are compared across processes and hosts."""
     return time.time()
@@ -158,6 +165,21 @@ class StateStore(ABC):
         (A v1, A v3, then B v2: B is stale). Versions of another kind, or missing, are
         never older. A held answer counts an attempt.
         """
+
+    async def claim_many(
+        self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        """`claim` of each (order_ref, want), in one store operation where the backend can
+        (one transaction, script round trip or statement): the answers, in order.
+
+        The orderRefs must be distinct (ValueError otherwise): the pipeline claims the
+        first event of each order in a fetched batch this way, and the others after it.
+        Each claim is atomic on its own, as `claim`; the batch is not atomic as a whole:
+        a failure (StateError) may leave some of them claimed, whose leases then run out
+        like those of a crashed worker. This default claims one after the other.
+        """
+        check_distinct(wants)
+        return [await self.claim(ref, owner, lease_seconds, want) for ref, want in wants]
 
     @abstractmethod
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:

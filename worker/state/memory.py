@@ -7,7 +7,7 @@ the readable reference for what the other stores do in SQL and Lua.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from worker.errors import StateError
 from worker.state import base, rules
@@ -60,13 +60,23 @@ class MemoryStateStore(StateStore):
     async def claim(
         self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
     ) -> Claim:
+        return (await self.claim_many([(order_ref, want)], owner, lease_seconds))[0]
+
+    async def claim_many(
+        self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
+    ) -> list[Claim]:
         self._check_open()
+        base.check_distinct(wants)
         async with self._lock:
-            answer, rec = rules.claim(
-                self._orders.get(order_ref), owner, base.now(), lease_seconds, want
-            )
-            self._store(order_ref, rec)
-            return answer
+            t = base.now()
+            answers = []
+            for order_ref, want in wants:
+                answer, rec = rules.claim(
+                    self._orders.get(order_ref), owner, t, lease_seconds, want
+                )
+                self._store(order_ref, rec)
+                answers.append(answer)
+            return answers
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         self._check_open()

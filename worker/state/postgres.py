@@ -17,8 +17,8 @@ replicas' clocks must agree (NTP), as DESIGN section 4 already assumes.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
-from typing import Any, Protocol
+from collections.abc import Awaitable, Mapping, Sequence
+from typing import Any, Protocol, TypeVar
 
 import asyncpg
 
@@ -33,12 +33,15 @@ DEFAULT_TABLE_PREFIX = "cdp_sync_"
 
 _PREFIX_RE = re.compile(r"[a-z_][a-z0-9_]{0,40}")
 # Failures of the server, the connection or the client library: all become StateError.
+T = TypeVar("T")
+
 _DB_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError)
 
 
 class _Pool(Protocol):
     """The part of asyncpg.Pool this store uses (asyncpg ships no type hints)."""
 
+    async def fetch(self, query: str, *args: object) -> list[Mapping[str, Any]]: ...
     async def fetchrow(self, query: str, *args: object) -> Mapping[str, Any] | None: ...
     async def fetchval(self, query: str, *args: object) -> Any: ...
     async def execute(self, query: str, *args: object) -> str: ...
@@ -207,6 +210,16 @@ _FUNCTIONS = """
 
 _CLAIM = "SELECT * FROM {orders}_claim($1, $2, $3, $4, $5, $6, $7, $8, $9)"
 _RELEASE = "SELECT {orders}_release($1, $2, $3, $4)"
+# Many claims in one statement: $1 order_refs, $5..$7 fingerprints, version kinds and
+# versions, $8 ops, $9 on_change (arrays, one element per order); $2 owner, $3 now, $4
+# lease end. The caller sorts the orders: row locks are then taken in one order by every
+# replica, which cannot deadlock. `i` maps the answers back.
+_CLAIM_MANY = (
+    "SELECT w.i, c.* FROM unnest($1::text[], $5::text[], $6::text[], $7::bigint[],"
+    " $8::text[], $9::text[]) WITH ORDINALITY AS w(ref, fp, kind, version, op, on_change, i)"
+    " CROSS JOIN LATERAL {orders}_claim(w.ref, $2, $3, $4, w.fp, w.kind, w.version, w.op,"
+    " w.on_change) AS c"
+)
 
 # The rest: $1 order_ref, $2 owner, $3 now, then as listed. Only the in-flight owner
 # matches; a version kind of NULL keeps the record's version (versions.forward).
@@ -269,6 +282,7 @@ class _Sql:
         }
         self.schema = _SCHEMA.format_map(names) + _FUNCTIONS.format_map(names)
         self.claim = _CLAIM.format_map(names)
+        self.claim_many = _CLAIM_MANY.format_map(names)
         self.renew = _RENEW.format_map(names)
         self.complete = _COMPLETE.format_map(names)
         self.mark_deleted = _MARK_DELETED.format_map(names)
@@ -386,27 +400,25 @@ class PostgresStateStore(StateStore):
             f"postgresql state store at {self._where}: {action} failed: {self._scrub(exc)}"
         )
 
-    async def _fetchrow(self, action: str, query: str, *args: object) -> Mapping[str, Any] | None:
-        pool = self._live_pool()
+    async def _guarded(self, action: str, pending: Awaitable[T]) -> T:
+        """Await one statement; its failures become StateError without the password."""
         try:
-            return await pool.fetchrow(query, *args)
+            return await pending
         except _DB_ERRORS as exc:
             raise self._error(action, exc) from None
 
+    async def _fetch(self, action: str, query: str, *args: object) -> list[Mapping[str, Any]]:
+        return await self._guarded(action, self._live_pool().fetch(query, *args))
+
+    async def _fetchrow(self, action: str, query: str, *args: object) -> Mapping[str, Any] | None:
+        return await self._guarded(action, self._live_pool().fetchrow(query, *args))
+
     async def _fetchval(self, action: str, query: str, *args: object) -> Any:
-        pool = self._live_pool()
-        try:
-            return await pool.fetchval(query, *args)
-        except _DB_ERRORS as exc:
-            raise self._error(action, exc) from None
+        return await self._guarded(action, self._live_pool().fetchval(query, *args))
 
     async def _execute(self, action: str, query: str, *args: object) -> int:
         """Run one statement; the number of rows it touched."""
-        pool = self._live_pool()
-        try:
-            return _rowcount(await pool.execute(query, *args))
-        except _DB_ERRORS as exc:
-            raise self._error(action, exc) from None
+        return _rowcount(await self._guarded(action, self._live_pool().execute(query, *args)))
 
     # -- the contract --------------------------------------------------------------------
 
@@ -421,14 +433,37 @@ class PostgresStateStore(StateStore):
         )
         if row is None:  # the function always yields one row; this would be a bug
             raise StateError(f"claim of order {order_ref!r} returned nothing")
-        return Claim(
-            ClaimStatus(row["answer"]),
-            attempts=int(row["n"]),
-            contact_ref=row["c_ref"],
-            href=row["c_href"],
-            previous=row["previous"],
-            reason=row["why"],
+        return _claim_of(row)
+
+    async def claim_many(
+        self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        """One statement (one round trip, one transaction) for the whole batch."""
+        base.check_distinct(wants)
+        if not wants:
+            return []
+        ordered = sorted(range(len(wants)), key=lambda i: wants[i][0])  # see _CLAIM_MANY
+        versions = [_version_args(wants[i][1].version) for i in ordered]
+        t = base.now()
+        rows = await self._fetch(
+            "claim_many",
+            self._sql.claim_many,
+            [wants[i][0] for i in ordered],
+            owner,
+            t,
+            t + lease_seconds,
+            [wants[i][1].fingerprint for i in ordered],
+            [kind for kind, _ in versions],
+            [value for _, value in versions],
+            [wants[i][1].op for i in ordered],
+            [wants[i][1].on_change for i in ordered],
         )
+        if len(rows) != len(wants):  # one row per order, always; this would be a bug
+            raise StateError(f"claim_many of {len(wants)} orders returned {len(rows)} rows")
+        answers: list[Claim | None] = [None] * len(wants)
+        for row in rows:
+            answers[ordered[int(row["i"]) - 1]] = _claim_of(row)
+        return [answer for answer in answers if answer is not None]
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         t = base.now()
@@ -497,6 +532,18 @@ class PostgresStateStore(StateStore):
 
     async def sweep(self, retention_seconds: float) -> int:
         return await self._execute("sweep", self._sql.sweep, base.now() - retention_seconds)
+
+
+def _claim_of(row: Mapping[str, Any]) -> Claim:
+    """A row of the claim function as a Claim."""
+    return Claim(
+        ClaimStatus(row["answer"]),
+        attempts=int(row["n"]),
+        contact_ref=row["c_ref"],
+        href=row["c_href"],
+        previous=row["previous"],
+        reason=row["why"],
+    )
 
 
 def _version_args(version: Version | None) -> tuple[str | None, int | None]:

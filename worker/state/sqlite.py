@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import os
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -240,13 +240,27 @@ class SqliteStateStore(StateStore):
     async def claim(
         self, order_ref: str, owner: str, lease_seconds: float, want: Want = ANY_UPSERT
     ) -> Claim:
-        def op(conn: sqlite3.Connection) -> Claim:
-            found = _read(conn, order_ref)
-            answer, rec = rules.claim(found, owner, base.now(), lease_seconds, want)
-            _write(conn, order_ref, rec, found)
-            return answer
+        return await self._submit(lambda conn: _claim(conn, order_ref, owner, lease_seconds, want))
 
-        return await self._submit(op)
+    async def claim_many(
+        self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        """One op of the batch's transaction for all of them: one hop into the writer
+        thread, and all or none of them written (a savepoint undoes a half-done batch)."""
+        base.check_distinct(wants)
+
+        def op(conn: sqlite3.Connection) -> list[Claim]:
+            conn.execute("SAVEPOINT claim_many")
+            try:
+                answers = [_claim(conn, ref, owner, lease_seconds, want) for ref, want in wants]
+            except BaseException:
+                conn.execute("ROLLBACK TO claim_many")
+                raise
+            finally:
+                conn.execute("RELEASE claim_many")
+            return answers
+
+        return await self._submit(op) if wants else []
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -360,6 +374,15 @@ class SqliteStateStore(StateStore):
 
 
 # -- operations: run on the writer thread, inside the batch's transaction --------------------
+
+
+def _claim(
+    conn: sqlite3.Connection, order_ref: str, owner: str, lease_seconds: float, want: Want
+) -> Claim:
+    found = _read(conn, order_ref)
+    answer, rec = rules.claim(found, owner, base.now(), lease_seconds, want)
+    _write(conn, order_ref, rec, found)
+    return answer
 
 
 def _read(conn: sqlite3.Connection, order_ref: str) -> Record | None:
