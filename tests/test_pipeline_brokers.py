@@ -4,6 +4,7 @@ beside the source, and nothing left unacknowledged (the source's own lag says so
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -37,10 +38,16 @@ async def _remove(broker: str, name: str) -> None:
                 await channel.queue_delete(queue)
     else:
         import nats
+        from nats.js.errors import NotFoundError
 
+        stream = name.upper().replace("-", "_")
         client = await nats.connect(services.NATS_URL)
-        await client.jetstream().delete_stream(name.upper().replace("-", "_"))
-        await client.close()
+        try:
+            await client.jetstream().delete_stream(stream)
+            with contextlib.suppress(NotFoundError):  # no event was dead-lettered
+                await client.jetstream().delete_stream(f"{stream}_DEAD_LETTER")
+        finally:
+            await client.close()
 
 
 @pytest.fixture(params=["redis", "rabbitmq", "nats"])

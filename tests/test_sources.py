@@ -12,7 +12,7 @@ import orjson
 import pytest
 import services
 from harness import OpenedSources
-from source_contract import MakeSource, Publish, SourceContract, bodies, collect
+from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.sources import Message, Source, open_dead_letter_sink, open_publisher, open_source
 from worker.sources.base import Redeliveries
@@ -126,6 +126,43 @@ class TestRedisStreamSource(SourceContract):
             await source.ack(message)
         assert await source.lag() == 4
 
+    async def test_a_clean_close_removes_the_consumer_from_its_group(
+        self, stream_url: str, publish: Publish
+    ) -> None:
+        await publish(bodies(3))
+        source = open_source(stream_url)  # the default consumer name: hostname-pid
+        await source.open()
+        for message in await collect(source, 3):
+            await source.ack(message)
+        await source.close()
+        assert await _consumers(stream_url) == {}  # every restart used to leave one behind
+        idle = open_source(stream_url)
+        await idle.open()
+        assert await nothing_more(idle)  # XREADGROUP made the consumer again
+        await idle.close()
+        assert await _consumers(stream_url) == {}
+
+    async def test_a_consumer_with_entries_pending_is_kept_at_close_and_says_so(
+        self,
+        stream_url: str,
+        publish: Publish,
+        make_source: MakeSource,
+        capsys: pytest.CaptureFixture[str],
+    ) -> None:
+        await publish([b'{"secret": "kept-body"}', b'{"n": 2}'])
+        source = await make_source()
+        first, _unfinished = sorted(await collect(source, 2), key=lambda m: m.body)
+        await source.ack(first)
+        capsys.readouterr()
+        await source.close()
+        assert await _consumers(stream_url) == {"c1": 1}  # for XAUTOCLAIM by the others
+        records = [orjson.loads(line) for line in capsys.readouterr().out.splitlines()]
+        (kept,) = [r for r in records if r.get("event") == "source.consumer_kept"]
+        assert (kept["level"], kept["consumer"], kept["pending"]) == ("info", "c1", 1)
+        assert "kept-body" not in str(records)
+        successor = await make_source()
+        assert len(await collect(successor, 1)) == 1  # given back at close: taken over at once
+
     async def test_dead_letters_go_to_the_stream_beside_and_once_across_a_crash(
         self, stream_url: str
     ) -> None:
@@ -155,6 +192,19 @@ class TestRedisStreamSource(SourceContract):
             "e1",
             "e2",
         ]
+
+
+async def _consumers(stream_url: str) -> dict[str, int]:
+    """The group's consumers (XINFO CONSUMERS) and how many entries each has pending."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(services.REDIS_URL, decode_responses=True)
+    stream = stream_url.split("stream=")[1].split("&")[0]
+    try:
+        found = await client.xinfo_consumers(stream, "cdp-sync")
+    finally:
+        await client.aclose()
+    return {consumer["name"]: int(consumer["pending"]) for consumer in found}
 
 
 async def test_redeliveries_come_back_after_their_delay_and_can_be_taken_in_parts() -> None:

@@ -19,6 +19,7 @@ from worker.errors import ConfigError, SourceError
 from worker.sources import (
     Source,
     default_dead_letter_url,
+    letter_key,
     open_dead_letter_sink,
     open_publisher,
     open_source,
@@ -45,13 +46,14 @@ def _param(url: str, key: str) -> str:
 
 
 async def letters_on(url: str) -> list[dict[str, Any]]:
-    """Every dead letter stored on the URL's `<subject>.dead-letter`, oldest first."""
+    """Every dead letter stored on the source URL's `<subject>.dead-letter`, in the stream
+    of the letters' own, `<stream>_DEAD_LETTER`, oldest first."""
     import nats.errors
 
     letters: list[dict[str, Any]] = []
     async with jetstream() as js:
         sub = await js.pull_subscribe(
-            _param(url, "subject") + ".dead-letter", stream=_param(url, "stream")
+            _param(url, "subject") + ".dead-letter", stream=_param(url, "stream") + "_DEAD_LETTER"
         )
         with contextlib.suppress(nats.errors.TimeoutError):
             while True:
@@ -70,8 +72,9 @@ async def nats_url() -> AsyncIterator[str]:
     stream = f"TEST_{name}"
     yield f"{services.NATS_URL}?stream={stream}&subject=test-{name}&durable=cdp-sync"
     async with jetstream() as js:
-        with contextlib.suppress(Exception):
-            await js.delete_stream(stream)
+        for each in (stream, stream + "_DEAD_LETTER"):
+            with contextlib.suppress(Exception):
+                await js.delete_stream(each)
 
 
 @pytest.fixture
@@ -217,8 +220,82 @@ class TestNatsSource(SourceContract):
         await rerun.put({**letter, "eventId": "e2"})
         await rerun.close()
         assert [found["eventId"] for found in await letters_on(nats_url)] == ["e1", "e2"]
-        source = await make_nats()  # the stream is extended; letters are not events
-        assert await nothing_more(source)
+        source = await make_nats()
+        assert await nothing_more(source)  # letters are not events
+        async with jetstream() as js:
+            info = await js.stream_info(_param(nats_url, "stream"))
+        assert info.config.subjects == [_param(nats_url, "subject")]  # not extended
+        assert info.state.messages == 0
+
+    async def test_letters_never_enter_the_operators_stream_and_are_read_from_their_own(
+        self, nats_url: str, make_nats: MakeNats, publish: Publish
+    ) -> None:
+        from worker import dlq
+
+        await make_nats()  # the operator's stream exists first, as in production
+        await publish(bodies(1))
+        beside = default_dead_letter_url(nats_url)
+        sink = open_dead_letter_sink(beside)
+        await sink.open()
+        await sink.put({"reason": "invalid_event", "eventId": "e1", "event": {"a": 1}})
+        await sink.close()
+        async with jetstream() as js:
+            operators = await js.stream_info(_param(nats_url, "stream"))
+            own = await js.stream_info(_param(nats_url, "stream") + "_DEAD_LETTER")
+        assert operators.config.subjects == [_param(nats_url, "subject")]
+        assert operators.state.messages == 1  # the event only
+        assert own.config.subjects == [_param(beside, "subject")]
+        assert own.state.messages == 1
+        assert [found["eventId"] for found in await dlq.read_letters(beside)] == ["e1"]
+
+    async def test_letters_an_earlier_version_put_in_the_operators_stream_move_out(
+        self, nats_url: str, make_nats: MakeNats
+    ) -> None:
+        from nats.js.api import StreamConfig
+
+        from worker import dlq
+
+        stream, subject = _param(nats_url, "stream"), _param(nats_url, "subject")
+        letters = [{"reason": "invalid_event", "eventId": f"e{n}"} for n in range(2)]
+        async with jetstream() as js:  # as the worker left it before: one stream for both
+            config = StreamConfig(name=stream, subjects=[subject, subject + ".dead-letter"])
+            await js.add_stream(config)
+            await js.publish(subject, b'{"n": 0}', stream=stream)
+            for letter in letters:
+                msg_id = {"Nats-Msg-Id": letter_key(letter)}
+                await js.publish(subject + ".dead-letter", orjson.dumps(letter), headers=msg_id)
+        beside = default_dead_letter_url(nats_url)
+        for _run in range(2):  # a second open (another replica) moves nothing twice
+            sink = open_dead_letter_sink(beside)
+            await sink.open()
+            await sink.put(letters[1])  # stored before: a duplicate
+            await sink.close()
+        assert [found["eventId"] for found in await dlq.read_letters(beside)] == ["e0", "e1"]
+        async with jetstream() as js:
+            operators = await js.stream_info(stream)
+        assert operators.config.subjects == [subject]
+        assert operators.state.messages == 1  # the event stays
+        source = await make_nats()
+        (event,) = await collect(source, 1)
+        await source.ack(event)
+
+    async def test_a_dead_letter_subject_the_operators_stream_captures_is_refused(
+        self, nats_url: str
+    ) -> None:
+        from nats.js.api import StreamConfig
+
+        stream, subject = _param(nats_url, "stream"), _param(nats_url, "subject")
+        async with jetstream() as js:  # `<subject>.>` captures `<subject>.dead-letter`
+            await js.add_stream(StreamConfig(name=stream, subjects=[subject, subject + ".>"]))
+        sink = open_dead_letter_sink(default_dead_letter_url(nats_url))
+        with pytest.raises(SourceError) as caught:
+            await sink.open()
+        await sink.close()
+        assert stream in str(caught.value)
+        assert subject + ".dead-letter" in str(caught.value)
+        async with jetstream() as js:
+            info = await js.stream_info(stream)
+        assert info.config.subjects == [subject, subject + ".>"]  # left as the operator made it
 
     async def test_a_letter_over_the_servers_max_payload_is_stored_cut_not_refused(
         self, nats_url: str

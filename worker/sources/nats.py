@@ -4,8 +4,8 @@
 section 5; `tls://` for TLS, `nats://user:pass@...` or `nats://token@...` for auth, several
 servers as `nats://h1:4222,h2:4222?...`). Our own query parameters:
 
-- `stream`, `subject` (required): the stream is created if missing (file storage, subjects
-  `<subject>` and `<subject>.dead-letter`) and extended when it lacks either.
+- `stream`, `subject` (required): the stream is created if missing (file storage, subject
+  `<subject>`) and extended when it lacks it.
 - `durable` (default `cdp-sync`): the durable pull consumer every replica shares; it is
   created, or updated to the parameters below, at open.
 - `ack_wait` (seconds, default 60): how long a delivery may go without an ack or a hold
@@ -23,6 +23,13 @@ naks every message handed out and not acked (and any a pull brought in after the
 fetch) with a short delay, so that another replica gets it at once rather than after
 `ack_wait`. A dead-lettered message is acked by the pipeline once the letter is stored
 (not `term`ed): the letter on `<subject>.dead-letter` is its record.
+
+Dead letters have a stream of their own, `<stream>_DEAD_LETTER` (created if missing, file
+storage, no limits), never the operator's stream, whose retention is made for events. The
+dead-letter URL still names the source's stream (`?stream=ORDER_CONTACTS&subject=
+order-contacts.dead-letter`): the sink stores and reads in ORDER_CONTACTS_DEAD_LETTER. A
+subject belongs to one stream only: an earlier version added `<subject>.dead-letter` to the
+operator's stream; the sink takes it back at open and moves the letters stored there.
 """
 
 from __future__ import annotations
@@ -30,7 +37,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import nats.errors
@@ -39,7 +46,7 @@ import orjson
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
-from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig, RawStreamMsg, StorageType, StreamConfig
 
 from .._urls import ParsedUrl, dead_letters_beside
 from ..errors import ConfigError, SourceError
@@ -57,7 +64,8 @@ from .base import (
 
 log = get_logger("worker.sources.nats")
 
-DEAD_LETTER_SUFFIX = ".dead-letter"
+# The stream of the dead letters of a stream's events is named `<stream>` + this.
+DEAD_LETTER_STREAM_SUFFIX = "_DEAD_LETTER"
 DEFAULT_DURABLE = "cdp-sync"
 # Query parameters that are ours; anything else is a typo, refused with a ConfigError.
 _OWN_PARAMS = {"stream", "subject", "durable", "ack_wait", "max_deliver"}
@@ -121,6 +129,14 @@ def _number(params: dict[str, str], key: str, default: float, label: str) -> flo
 def dead_letter_url(source_url: str) -> str:
     """The default dead-letter subject beside a source subject: `<subject>.dead-letter`."""
     return dead_letters_beside(source_url, "subject", drop=("durable", "max_deliver", "ack_wait"))
+
+
+def dead_letter_stream(stream: str) -> str:
+    """Where the dead letters of a dead-letter URL naming `stream` are stored:
+    `<stream>_DEAD_LETTER` (a name that already ends so is that stream itself)."""
+    if stream.endswith(DEAD_LETTER_STREAM_SUFFIX):
+        return stream
+    return stream + DEAD_LETTER_STREAM_SUFFIX
 
 
 def _covers(pattern: str, subject: str) -> bool:
@@ -201,22 +217,23 @@ class _NatsConnection:
         self.connected = True
         log.info("source.nats_reconnected")
 
-    async def ensure_stream(self, subjects: Sequence[str]) -> None:
-        """Create the stream, or add the subjects it does not capture yet."""
+    async def ensure_stream(self, subjects: Sequence[str], stream: str | None = None) -> None:
+        """Create the stream (the URL's, or `stream`), or add the subjects it lacks."""
+        name = stream or self.stream
         try:
-            await self._ensure_stream(self.js, list(subjects))
+            await self._ensure_stream(self.js, name, list(subjects))
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(
-                f"{self.label}: cannot set up stream {self.stream!r} "
+                f"{self.label}: cannot set up stream {name!r} "
                 f"for subjects {', '.join(subjects)}: {self.describe(exc)}"
             ) from None
 
-    async def _ensure_stream(self, js: JetStreamContext, subjects: list[str]) -> None:
+    async def _ensure_stream(self, js: JetStreamContext, name: str, subjects: list[str]) -> None:
         try:
-            info = await js.stream_info(self.stream)
+            info = await js.stream_info(name)
         except nats.js.errors.NotFoundError:
             config = StreamConfig(
-                name=self.stream,
+                name=name,
                 subjects=subjects,
                 storage=StorageType.FILE,
                 duplicate_window=DUPLICATE_WINDOW,
@@ -224,7 +241,7 @@ class _NatsConnection:
             try:
                 await js.add_stream(config)
             except nats.js.errors.BadRequestError:
-                info = await js.stream_info(self.stream)  # a replica created it just now
+                info = await js.stream_info(name)  # a replica created it just now
             else:
                 return
         have = list(info.config.subjects or [])
@@ -278,7 +295,7 @@ class NatsSource(Source):
 
     async def open(self) -> None:
         await self._nats.connect()
-        await self._nats.ensure_stream([self.subject, self.subject + DEAD_LETTER_SUFFIX])
+        await self._nats.ensure_stream([self.subject])
         await self._bind()
 
     async def _bind(self) -> None:
@@ -364,7 +381,7 @@ class NatsSource(Source):
     async def _pull(self, max_messages: int, timeout: float) -> None:
         try:
             if self._sub is None:  # the consumer went away before: set it up again
-                await self._nats.ensure_stream([self.subject, self.subject + DEAD_LETTER_SUFFIX])
+                await self._nats.ensure_stream([self.subject])
                 await self._bind()
             assert self._sub is not None
             msgs = await self._sub.fetch(batch=max_messages, timeout=timeout)
@@ -436,7 +453,8 @@ class NatsSource(Source):
 
 
 class NatsDeadLetterSink(DeadLetterSink):
-    """Dead letters as JSON messages on a subject, `<subject>.dead-letter` by default.
+    """Dead letters as JSON messages on a subject, `<subject>.dead-letter` by default,
+    stored in a stream of their own: `<stream>_DEAD_LETTER` for the URL's `stream`.
 
     Each is published with `Nats-Msg-Id` = `letter_key(letter)`: the stream's duplicate
     window (`DUPLICATE_WINDOW` for a stream created here; 2 minutes is the server's
@@ -445,33 +463,105 @@ class NatsDeadLetterSink(DeadLetterSink):
 
     def __init__(self, url: str) -> None:
         self._nats = _NatsConnection(url, "--dlq / WORKER_DLQ")
-        self.stream = self._nats.stream
+        self.stream = self._nats.stream  # the operator's, which the letters never enter
+        self.own_stream = dead_letter_stream(self.stream)
         self.subject = self._nats.subject
 
     async def open(self) -> None:
-        await self._nats.connect()
-        await self._nats.ensure_stream([self.subject])
+        js = await self._nats.connect()
+        try:
+            await self._free_subject(js)
+        except (nats.errors.Error, OSError) as exc:
+            raise SourceError(self._cannot_set_up(exc)) from None
+        await self._nats.ensure_stream([self.subject], stream=self.own_stream)
+        try:
+            await self._move_earlier_letters(js)
+        except (nats.errors.Error, OSError) as exc:
+            raise SourceError(self._cannot_set_up(exc)) from None
+
+    def _cannot_set_up(self, exc: BaseException) -> str:
+        return (
+            f"{self._nats.label}: cannot set up stream {self.own_stream!r} for subject "
+            f"{self.subject!r}: {self._nats.describe(exc)}"
+        )
+
+    async def _free_subject(self, js: JetStreamContext) -> None:
+        """Make sure no stream but the letters' own captures the subject: a subject belongs
+        to one stream only. An earlier version added it to the operator's stream, which
+        gives it back here; a stream that captures it otherwise (a wildcard) is refused,
+        for the letters would land in it."""
+        try:
+            owner = await js.find_stream_name_by_subject(self.subject)
+        except nats.js.errors.NotFoundError:
+            return
+        if owner == self.own_stream:
+            return
+        if owner == self.stream:
+            config = (await js.stream_info(owner)).config
+            subjects = list(config.subjects or [])
+            if self.subject in subjects and len(subjects) > 1:
+                kept = [subject for subject in subjects if subject != self.subject]
+                await js.update_stream(config.evolve(subjects=kept))
+                return
+        raise SourceError(
+            f"{self._nats.label}: stream {owner!r} captures the dead-letter subject "
+            f"{self.subject!r}, and a subject belongs to one stream only: dead letters need "
+            f"a stream of their own ({self.own_stream!r}); give the dead-letter URL a "
+            f"subject that {owner!r} does not capture"
+        )
+
+    async def _move_earlier_letters(self, js: JetStreamContext) -> None:
+        """Letters an earlier version stored in the operator's stream go to their own:
+        copied with their `Nats-Msg-Id` (copied twice, by a crash or two replicas, each is
+        stored once), then purged from the operator's stream."""
+        if self.stream == self.own_stream:
+            return
+        try:
+            info = await js.stream_info(self.stream, subjects_filter=self.subject)
+        except nats.js.errors.NotFoundError:
+            return
+        if not (info.state.subjects or {}).get(self.subject):
+            return
+        moved = 0
+        async for found in self._stored(self.stream):
+            msg_id = (found.headers or {}).get("Nats-Msg-Id")
+            headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+            await js.publish(
+                self.subject, found.data or b"", stream=self.own_stream, headers=headers
+            )
+            moved += 1
+        await js.purge_stream(self.stream, subject=self.subject)
+        log.info(
+            "dlq.letters_moved", source_stream=self.stream, stream=self.own_stream, letters=moved
+        )
 
     async def close(self) -> None:
         await self._nats.aclose()
 
-    async def read_all(self) -> list[dict[str, Any]]:
-        """Every letter on the dead-letter subject, read by sequence (no consumer made)."""
+    async def _stored(self, stream: str) -> AsyncIterator[RawStreamMsg]:
+        """Every message on the subject in `stream`, read by sequence (no consumer made)."""
         js = self._nats.js
-        letters: list[dict[str, Any]] = []
         seq = 1
         while True:
             try:
-                found = await js.get_msg(self.stream, seq=seq, subject=self.subject, next=True)
+                found = await js.get_msg(stream, seq=seq, subject=self.subject, next=True)
             except nats.js.errors.NotFoundError:
-                return letters
-            except (nats.errors.Error, OSError) as exc:
-                raise SourceError(
-                    f"cannot read {self.subject!r}: {self._nats.describe(exc)}"
-                ) from None
-            with contextlib.suppress(orjson.JSONDecodeError):
-                letters.append(orjson.loads(found.data or b""))
+                return
+            yield found
             seq = int(found.seq or seq) + 1
+
+    async def read_all(self) -> list[dict[str, Any]]:
+        """Every letter in the letters' stream, oldest first."""
+        letters: list[dict[str, Any]] = []
+        try:
+            async for found in self._stored(self.own_stream):
+                with contextlib.suppress(orjson.JSONDecodeError):
+                    letters.append(orjson.loads(found.data or b""))
+        except (nats.errors.Error, OSError) as exc:
+            raise SourceError(
+                f"cannot read {self.subject!r} in {self.own_stream!r}: {self._nats.describe(exc)}"
+            ) from None
+        return letters
 
     async def put(self, letter: dict[str, Any]) -> None:
         """Published and acked by the stream (stored, or a duplicate of a stored one).
@@ -490,7 +580,7 @@ class NatsDeadLetterSink(DeadLetterSink):
             await js.publish(
                 self.subject,
                 data,
-                stream=self.stream,
+                stream=self.own_stream,  # a check: never into a stream of someone else's
                 headers={"Nats-Msg-Id": letter_key(letter)},
             )
         except (nats.errors.Error, OSError) as exc:
@@ -509,7 +599,7 @@ class NatsPublisher(Publisher):
 
     async def open(self) -> None:
         await self._nats.connect()
-        await self._nats.ensure_stream([self.subject, self.subject + DEAD_LETTER_SUFFIX])
+        await self._nats.ensure_stream([self.subject])
 
     async def close(self) -> None:
         await self._nats.aclose()

@@ -6,6 +6,9 @@ started are delivered too. Entries are read in batches with a blocking XREADGROU
 (XACK, coalesced) once their outcome is durable, and entries pending on a consumer that
 went quiet for `claim_idle` ms (a dead replica) are taken over with XAUTOCLAIM; their
 delivery count comes from XPENDING so the pipeline can dead-letter a poison entry.
+At close, a consumer with nothing pending leaves the group (XGROUP DELCONSUMER), so that
+restarts do not pile up hostname-pid consumers; one with entries pending stays, for the
+others to take them over.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .._batching import Batcher
 from .._redis import connect
 from .._urls import ParsedUrl, dead_letters_beside
 from ..errors import ConfigError, SourceError
+from ..observability import get_logger
 from .base import (
     Broker,
     DeadLetterSink,
@@ -37,6 +41,8 @@ from .base import (
 
 if TYPE_CHECKING:
     import redis.asyncio as aioredis
+
+log = get_logger("worker.sources.redis")
 
 # The entry field holding the event JSON (DESIGN section 5), and a dead letter's.
 EVENT_FIELD = b"event"
@@ -52,6 +58,17 @@ AUTOCLAIM_INTERVAL = 5.0
 RECONNECT_PAUSE = 1.0
 # Recent dead letters indexed at open, to skip one a killed run already stored.
 RECENT_LETTERS = 1000
+# Deletes the consumer (KEYS[1] stream, ARGV group, consumer) only if it has no entry
+# pending, and returns how many it has: DELCONSUMER drops a consumer's pending entries
+# for good, so the check and the delete must be one atomic step.
+_LEAVE_GROUP = """
+local summary = redis.call('XPENDING', KEYS[1], ARGV[1])
+for _, row in ipairs(summary[4] or {}) do
+  if row[1] == ARGV[2] then return tonumber(row[2]) end
+end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+return 0
+"""
 
 
 def split_url(url: str, label: str) -> ParsedUrl:
@@ -142,10 +159,33 @@ class RedisStreamSource(Source):
                     self.stream, self.group, self.consumer, 0, ids,
                     idle=self.claim_idle_ms * 10, justid=True,
                 )  # fmt: skip
+        if self._redis.client is not None:
+            await self._leave_group()
         self._unacked.clear()
         await self._redeliveries.cancel()
         self._connected = False
         await self._redis.aclose()
+
+    async def _leave_group(self) -> None:
+        """Delete this consumer from the group unless entries are still pending on it."""
+        try:
+            pending: Any = await self.client.eval(
+                _LEAVE_GROUP, 1, self.stream, self.group, self.consumer
+            )
+        except (RedisError, OSError) as exc:  # a consumer left behind is only untidy
+            failure = self._redis.parsed.quote(exc)
+            log.warning("source.consumer_not_removed", consumer=self.consumer, error=failure)
+            return
+        if pending:
+            log.info(
+                "source.consumer_kept",
+                stream=self.stream,
+                group=self.group,
+                consumer=self.consumer,
+                pending=int(pending),
+                consequence="its pending entries are taken over by the other consumers "
+                "(XAUTOCLAIM), or by this consumer name when it starts again",
+            )
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
         batch = self._redeliveries.take(max_messages)
