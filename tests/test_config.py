@@ -10,7 +10,14 @@ from pathlib import Path
 import pytest
 
 from worker import _loops
-from worker.config import OPTIONS, Settings, add_arguments, load_settings
+from worker.config import (
+    DURATION,
+    OPTIONS,
+    Settings,
+    add_arguments,
+    format_duration,
+    load_settings,
+)
 from worker.errors import ConfigError
 from worker.sources import default_dead_letter_url
 
@@ -84,14 +91,14 @@ def test_a_secret_file_beside_an_empty_variable_is_read_and_a_bom_is_not_the_sec
         ({"CDP_CLIENT_KEY": ""}, "CDP_CLIENT_KEY"),
         ({"CDP_BASE_URL": "ftp://x"}, "CDP_BASE_URL"),
         ({"WORKER_RATE_LIMIT": "-1"}, "--rate-limit / WORKER_RATE_LIMIT"),
-        ({"WORKER_RATE_LIMIT": "fast"}, "--rate-limit / WORKER_RATE_LIMIT"),
+        ({"WORKER_RATE_LIMIT": "fast"}, "WORKER_RATE_LIMIT: expected a number"),
         ({"WORKER_CONCURRENCY": "0"}, "--concurrency / WORKER_CONCURRENCY"),
         ({"WORKER_MAX_ATTEMPTS": "0"}, "--max-attempts / WORKER_MAX_ATTEMPTS"),
         ({"WORKER_HTTP_PORT": "70000"}, "--http-port / WORKER_HTTP_PORT"),
         ({"WORKER_LEASE_SECONDS": "5"}, "--lease-seconds / WORKER_LEASE_SECONDS"),
         ({"WORKER_LOG_FORMAT": "xml"}, "--log-format / WORKER_LOG_FORMAT"),
         ({"WORKER_LOG_LEVEL": "loud"}, "--log-level / WORKER_LOG_LEVEL"),
-        ({"WORKER_FOLLOW": "maybe"}, "--follow / WORKER_FOLLOW"),
+        ({"WORKER_FOLLOW": "maybe"}, "WORKER_FOLLOW: expected true or false"),
         ({"WORKER_RATE_LIMIT_BACKEND": "memcached://x"}, "--rate-limit-backend"),
         ({"WORKER_RATE_LIMIT": "inf"}, "--rate-limit / WORKER_RATE_LIMIT"),
         ({"WORKER_LEASE_SECONDS": "nan"}, "--lease-seconds / WORKER_LEASE_SECONDS"),
@@ -137,7 +144,9 @@ def test_readme_table_lists_every_option_with_its_default() -> None:
     for option in OPTIONS:
         flag, _, default, _ = rows[option.env]
         assert flag == (f"`{option.flag}`" if option.flag else "")
-        if isinstance(option.default, (int, float)) and not isinstance(option.default, bool):
+        if option.kind is DURATION:  # as --help shows it, and as an operator writes it
+            assert f"`{format_duration(option.default)}`" in default, option.env
+        elif isinstance(option.default, (int, float)) and not isinstance(option.default, bool):
             assert f"`{option.default:.10g}`" in default, option.env
         elif isinstance(option.default, str):
             assert f"`{option.default}`" in default, option.env
@@ -170,3 +179,159 @@ def test_the_loop_is_one_of_three_and_uvloop_must_be_there_when_asked_for(
     assert _loops.loop_factory("auto") is None  # falls back to asyncio's loop
     with pytest.raises(ConfigError, match="uvloop is not installed"):
         _loops.loop_factory("uvloop")
+
+
+# --- durations, and messages that say what is expected (issue 11) -------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("30d", 30 * 24 * 3600.0),
+        ("12h", 12 * 3600.0),
+        ("90m", 5400.0),
+        ("60s", 60.0),
+        ("500ms", 0.5),
+        ("1h30m", 5400.0),
+        ("1.5", 1.5),  # a plain number is seconds, as it always was
+        ("300", 300.0),
+        (" 2.5e1 ", 25.0),
+        ("12H", 12 * 3600.0),
+    ],
+)
+def test_durations_are_accepted_with_units_in_flags_and_environment(
+    text: str, seconds: float
+) -> None:
+    from_env = load_settings(parse_flags(), {**REQUIRED, "WORKER_SHUTDOWN_TIMEOUT": text})
+    from_flag = load_settings(parse_flags("--shutdown-timeout", text), REQUIRED)
+    assert from_env.shutdown_timeout == from_flag.shutdown_timeout == seconds
+
+
+@pytest.mark.parametrize(
+    ("seconds", "shown"),
+    [(2592000.0, "30d"), (300.0, "5m"), (10.0, "10s"), (3600.0, "1h"), (0.5, "500ms"),
+     (1.5, "1.5s"), (0.0, "0s"), (90.0, "90s")],
+)  # fmt: skip
+def test_durations_are_shown_as_written(seconds: float, shown: str) -> None:
+    assert format_duration(seconds) == shown
+
+
+def test_every_duration_option_takes_units() -> None:
+    env = {
+        **REQUIRED,
+        "WORKER_REQUEST_TIMEOUT": "15s",
+        "WORKER_NOT_FOUND_GRACE": "5m",
+        "WORKER_STATE_RETENTION": "7d",
+        "WORKER_LEASE_SECONDS": "2m",
+        "WORKER_SHUTDOWN_TIMEOUT": "500ms",
+    }
+    settings = load_settings(parse_flags(), env)
+    assert settings.request_timeout == 15
+    assert settings.not_found_grace == 300
+    assert settings.state_retention == 7 * 24 * 3600
+    assert settings.lease_seconds == 120
+    assert settings.shutdown_timeout == 0.5
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "message"),
+    [
+        (
+            (),
+            {"WORKER_FOLLOW": "maybe"},
+            "WORKER_FOLLOW: expected true or false (1/0, yes/no, on/off), got 'maybe'",
+        ),
+        (
+            (),
+            {"WORKER_STATE_RETENTION": "30 days"},
+            "WORKER_STATE_RETENTION: expected a duration such as 30d, 12h, 60s, 500ms or 1.5 "
+            "(seconds), got '30 days'",
+        ),
+        (
+            ("--request-timeout", "10sec"),
+            {},
+            "--request-timeout: expected a duration such as 30d, 12h, 60s, 500ms or 1.5 "
+            "(seconds), got '10sec'",
+        ),
+        ((), {"WORKER_CONCURRENCY": "lots"}, "WORKER_CONCURRENCY: expected a whole number"),
+        (("--max-attempts", "2.5"), {}, "--max-attempts: expected a whole number"),
+        ((), {"WORKER_RATE_LIMIT": "fast"}, "WORKER_RATE_LIMIT: expected a number"),
+        ((), {"WORKER_HTTP_PORT": "http"}, "WORKER_HTTP_PORT: expected a port number"),
+    ],
+)
+def test_a_bad_value_says_where_it_came_from_and_what_is_expected(
+    flags: tuple[str, ...], env: dict[str, str], message: str
+) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(parse_flags(*flags), {**REQUIRED, **env})
+    assert str(refused.value).startswith(message)
+
+
+def test_no_option_reports_a_python_name_for_a_bad_value() -> None:
+    messages = []
+    for option in OPTIONS:
+        try:
+            load_settings({}, {**REQUIRED, option.env: "§bad§"})
+        except ConfigError as refused:
+            messages.append(str(refused))
+    assert len(messages) > 10
+    for message in messages:
+        assert not re.search(r"expected (_|float|int|str\b)", message), message
+
+
+@pytest.mark.parametrize(
+    ("env", "hint"),
+    [
+        ({"WORKER_SOURCE": "./events.jsonl"}, "did you mean file:./events.jsonl?"),
+        ({"WORKER_SOURCE": "events.jsonl"}, "did you mean file:events.jsonl?"),
+        ({"WORKER_DLQ": "dead.jsonl"}, "did you mean file:dead.jsonl?"),
+        ({"WORKER_STATE": "./state.db"}, "did you mean sqlite:///./state.db?"),
+    ],
+)
+def test_a_bare_path_where_a_url_belongs_gets_a_suggestion(env: dict[str, str], hint: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_settings(parse_flags(), {**REQUIRED, **env})
+    assert hint in str(refused.value)
+    assert (next(iter(env))) in str(refused.value)
+
+
+def run_help() -> str:
+    from worker.cli import build_parser
+
+    (commands,) = (a for a in build_parser("run")._actions if a.choices)  # the subcommands
+    assert isinstance(commands.choices, dict)
+    text: str = commands.choices["run"].format_help()
+    return text
+
+
+def test_run_help_names_what_goes_where_and_shows_defaults_humanly() -> None:
+    text = " ".join(run_help().split())  # argparse wraps lines
+    for shown in (
+        "--source URL",
+        "--state URL",
+        "--dlq URL",
+        "--rate-limit RATE",
+        "--concurrency N",
+        "--max-attempts N",
+        "--state-retention DURATION",
+        "--request-timeout DURATION",
+        "--http-port PORT",
+        "--on-change update|ignore",
+        "--log-format json|console|auto",
+        "(default 30d)",
+        "(default 10s)",
+        "(default 5m)",
+    ):
+        assert shown in text, shown
+    assert "2592000" not in text
+    assert "default False" not in text
+    assert "default None" not in text
+    assert not re.search(r"--[a-z-]+ [A-Z]+_[A-Z_]+", text), "a metavar is argparse's dest"
+
+
+def test_run_help_marks_what_is_required() -> None:
+    text = " ".join(run_help().split())
+    assert re.search(r"--source URL .*\(required\)", text)
+    for env in ("CDP_BASE_URL", "CDP_CLIENT_KEY", "CDP_API_TOKEN"):
+        assert f"{env} (required)" in text, env
+    assert "CDP_API_VERSION (required)" not in text

@@ -281,7 +281,8 @@ def test_invalid_order_ref_wins_over_other_problems() -> None:
     [
         (b"\xff\xfe", "event is not valid UTF-8 JSON"),
         (b"", "event is not valid UTF-8 JSON"),
-        (b"not json " + SECRET.encode(), "event is not valid UTF-8 JSON (line 1, column 1)"),
+        (b"not json " + SECRET.encode(), "event is not valid UTF-8 JSON at column 1"),
+        (b'{"a":\n 1,,}', "event is not valid UTF-8 JSON at line 2, column 4"),  # a broker's
         (b'{"orderRef": "' + SECRET.encode(), "event is not valid UTF-8 JSON"),
         (b"[" * 5000 + b"]" * 5000, "event is not valid UTF-8 JSON"),  # too deep for orjson
         (b"NaN", "event is not valid UTF-8 JSON"),

@@ -1223,3 +1223,32 @@ def test_run_from_args_serves_until_sigterm() -> None:
             process.wait()
         if process.stdout is not None:
             process.stdout.close()
+
+
+def test_the_command_prints_what_a_worker_needs_to_talk_to_it() -> None:
+    """`worker emulator` tells the operator its URL and the credentials it accepts, as a
+    block to paste; the JSON line on stdout stays as it was, without them."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "emulator", "--port", "0", "--client-key", "my-key"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EMULATOR_API_TOKEN": "from-env"},
+    )
+    try:
+        assert process.stdout is not None
+        started = orjson.loads(process.stdout.readline())
+        assert "my-key" not in orjson.dumps(started).decode()
+        process.send_signal(signal.SIGTERM)  # what it printed at start is all there then
+        _, err = process.communicate(timeout=10)
+        assert process.returncode == 0
+        block = [line.strip() for line in err.splitlines() if line.startswith("export ")]
+        assert block == [
+            f"export CDP_BASE_URL={started['url']}",
+            "export CDP_CLIENT_KEY=my-key",
+            "export CDP_API_TOKEN=from-env",
+        ], err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from worker._urls import ParsedUrl, check_server_url, dead_letters_beside, safe_url
+from worker._urls import (
+    ParsedUrl,
+    check_server_url,
+    dead_letters_beside,
+    refuse_bare_path,
+    safe_url,
+)
 from worker.errors import ConfigError
 from worker.sources.nats import split_url as split_nats_url
 from worker.sources.rabbitmq import _AmqpClient
@@ -81,3 +87,26 @@ def test_a_password_given_as_a_query_parameter_is_a_secret_too() -> None:
     assert parsed.safe == "redis://h:6379/0?db=0"
     assert parsed.quote(OSError("auth qs3cret failed")) == "auth *** failed"
     assert "qs3cret" not in safe_url("redis://h/0?password=qs3cret")
+
+
+@pytest.mark.parametrize(
+    ("value", "meant"),
+    [
+        ("./events.jsonl", "file:./events.jsonl"),
+        ("events.jsonl", "file:events.jsonl"),
+        ("/data/events.jsonl", "file:/data/events.jsonl"),
+    ],
+)
+def test_a_bare_path_is_refused_with_the_url_it_likely_meant(value: str, meant: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        refuse_bare_path(value, "--source", suggest="file:")
+    assert str(refused.value) == (
+        f"--source: unsupported URL without a scheme; did you mean {meant}?"
+    )
+
+
+@pytest.mark.parametrize(
+    "value", ["file:x", "memory:", "redis://h:6379/0?stream=s", "//user:pw@h/x", "C:x"]
+)
+def test_urls_and_host_forms_are_no_bare_paths(value: str) -> None:
+    refuse_bare_path(value, "--source", suggest="file:")  # left to the URL's own checks

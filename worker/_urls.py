@@ -3,7 +3,8 @@
 Every URL of a broker or a store is split here, once (`ParsedUrl.split`): our own query
 parameters taken out, the rest left for the client library, and the URL's secret kept
 so that any message quoting a client's error can be scrubbed of it, in the form written
-in the URL and percent-decoded.
+in the URL and percent-decoded. A bare path where a URL belongs is refused here too, with
+the URL it most likely meant (`refuse_bare_path`).
 """
 
 from __future__ import annotations
@@ -119,6 +120,22 @@ def check_server_url(
             f"{label}: invalid {kind} URL: {scrub_password(str(exc), parts.password)}"
         ) from None
     return parts
+
+
+def refuse_bare_path(url: str, label: str, *, suggest: str) -> None:
+    """ConfigError if `url` is a path (no scheme, no //host) where a URL belongs, saying
+    what was likely meant: `./events.jsonl` -> "did you mean file:./events.jsonl?".
+
+    Such a value is echoed: with neither a scheme nor a host it carries no credentials.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return  # not a path either: the URL's own check reports it
+    if not parts.scheme and not parts.netloc and not url.startswith("//"):
+        raise ConfigError(
+            f"{label}: unsupported URL without a scheme; did you mean {suggest}{url}?"
+        )
 
 
 def _without_secrets(query: str) -> str:

@@ -11,7 +11,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import OPTIONS, add_arguments, default
+from .config import (
+    COUNT,
+    DURATION,
+    OPTIONS,
+    RATE,
+    add_arguments,
+    argument_type,
+    default,
+    default_note,
+)
 from .contact import API_VERSIONS, is_blank
 from .errors import ConfigError, InvalidEvent, SourceError, StateError
 
@@ -38,10 +47,37 @@ class _Version(argparse.Action):
         parser.exit()
 
 
+class _Parser(argparse.ArgumentParser):
+    """A parser that refuses an unknown argument itself: a command's typo is then told
+    with that command's usage (`usage: worker run ...`), not the top level's, which
+    argparse would give, and with the closest flag there is."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, unknown = super().parse_known_args(args, namespace)
+        if unknown:
+            self.error(f"unrecognized arguments: {' '.join(unknown)}{self._suggest(unknown)}")
+        return parsed, unknown
+
+    def _suggest(self, unknown: list[str]) -> str:
+        import difflib
+
+        flags = [word.partition("=")[0] for word in unknown if word.startswith("--")]
+        known = [flag for flag in self._option_string_actions if flag.startswith("--")]
+        close = difflib.get_close_matches(flags[0], known, n=1) if flags else []
+        return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _environment_only() -> str:
+    """The epilog's list of environment-only settings: required, or their defaults."""
+    return ", ".join(option.env + default_note(option) for option in OPTIONS if option.flag is None)
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The whole command line; given `command`, only that command's flags are added to it
     (the emulator's come from its package, which `worker check` must not load)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="worker",
         description="cdp-sync: keeps the primary contact of each order in Sitecore CDP "
         "right from order-contact events: created once, updated when it changes, deleted on "
@@ -56,8 +92,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Consume order-contact events and keep each order's contact in CDP: "
         "created once, updated when it changes (newer versions only), deleted on erasure.",
         epilog="Environment only: "
-        + ", ".join(option.env for option in OPTIONS if option.flag is None)
+        + _environment_only()
         + " (CDP_CLIENT_KEY_FILE / CDP_API_TOKEN_FILE read a secret from a file). "
+        "DURATION: 30d, 12h, 90m, 60s, 500ms, or a number of seconds (1.5). "
         "Exit codes: 0 finished or stopped cleanly, 1 unexpected failure, 2 bad configuration.",
     )
     add_arguments(run)
@@ -69,23 +106,50 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         add_cli_arguments(emulator)
 
     demo = commands.add_parser(
-        "demo", help="emulator + generated events + worker in one process, then a summary"
+        "demo",
+        help="emulator + generated events + worker in one process, then a summary",
+        description="Run a local CDP emulator with injected faults, generate events (with "
+        "duplicates, changes, erasures and bad ones) and sync them with a worker, all in one "
+        "process; then print a summary and whether CDP converged. Exit 0 if it did.",
     )
-    demo.add_argument("--events", type=int, default=2000, help="valid orders (default 2000)")
-    demo.add_argument("--rate-limit", type=float, default=500.0, help="requests/s (default 500)")
-    demo.add_argument("--workdir", help="keep the event file, state and dead letters here")
+    demo.add_argument(
+        "--events", type=argument_type(COUNT), default=2000, metavar="N",
+        help="valid orders (default 2000)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--rate-limit", type=argument_type(RATE), default=500.0, metavar="RATE",
+        help="requests/s (default 500)",
+    )  # fmt: skip
+    demo.add_argument(
+        "--workdir", metavar="DIR", help="keep the event file, state and dead letters here"
+    )
 
-    check = commands.add_parser("check", help="probe a running worker's /readyz; exit 0 if ready")
+    check = commands.add_parser(
+        "check",
+        help="probe a running worker's /readyz; exit 0 if ready",
+        description="Ask a running worker's /readyz whether it is consuming, and print its "
+        "answer: exit 0 if ready, 1 if not or unreachable (container health checks).",
+    )
     check.add_argument(
         "--url",
         default=None,
+        metavar="URL",
         help="readiness URL (default http://127.0.0.1:$WORKER_HTTP_PORT/readyz, "
         f"port {default('http_port')})",
     )
-    check.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    check.add_argument(
+        "--timeout", type=argument_type(DURATION), default=3.0, metavar="DURATION",
+        help="how long to wait for the answer: 3s, 500ms, or seconds (default 3s)",
+    )  # fmt: skip
 
-    validate = commands.add_parser("validate", help="check a JSONL file of events offline")
-    validate.add_argument("file", help="JSONL file, or - for standard input")
+    validate = commands.add_parser(
+        "validate",
+        help="check a JSONL file of events offline",
+        description="Check every non-blank line of FILE against the event envelope, offline, "
+        "and print each problem with its line (and column, for bad JSON) without quoting "
+        "the data; exit 1 if any event is invalid.",
+    )
+    validate.add_argument("file", metavar="FILE", help="JSONL file, or - for standard input")
     _add_api_version(validate)
 
     publish = commands.add_parser(
@@ -93,13 +157,23 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         help="enqueue a JSONL file of events into a source",
         description="Enqueue every non-blank line of FILE as one message into the source at "
         "--to (file:PATH appends; redis://...?stream=NAME adds stream entries). A progress "
-        "bar shows on a terminal. Lines are sent as they are: run `worker validate` first.",
+        "bar shows on a terminal. Lines are sent as they are, byte for byte, spaces included "
+        "(only the line end, \\n or \\r\\n, is cut): run `worker validate` first.",
     )
     publish.add_argument("--to", required=True, metavar="URL", help="the source URL")
-    publish.add_argument("file", help="JSONL file, or - for standard input")
-    publish.add_argument("--batch", type=int, default=500, help="messages per round trip")
+    publish.add_argument("file", metavar="FILE", help="JSONL file, or - for standard input")
+    publish.add_argument(
+        "--batch", type=argument_type(COUNT), default=500, metavar="N",
+        help="messages per round trip (default 500)",
+    )  # fmt: skip
 
-    dlq = commands.add_parser("dlq", help="look at dead letters, and send them again")
+    dlq = commands.add_parser(
+        "dlq",
+        help="look at dead letters, and send them again",
+        description="Read the dead letters of any sink (file, Redis stream, RabbitMQ queue, "
+        "NATS subject) without taking them away: `list` counts and lists them, `replay` "
+        "publishes them again after a fix.",
+    )
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser(
         "list",
@@ -107,7 +181,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Counts the dead letters at URL by reason (newest first) and lists them "
         "without personal data; --show-events prints each letter whole.",
     )
-    dlq_list.add_argument("url", help="the dead-letter sink: file:PATH or redis://...?stream=S")
+    dlq_list.add_argument("url", metavar="URL", help=_SINK_HELP)
     dlq_list.add_argument(
         "--show-events", action="store_true", help="print whole letters (personal data!)"
     )
@@ -117,17 +191,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         description="Removes each letter's `dead` order from the state store, so it is worked "
         "again, and publishes the letter's event to --to. Letters stay in the sink.",
     )
-    dlq_replay.add_argument("url", help="the dead-letter sink: file:PATH or redis://...?stream=S")
+    dlq_replay.add_argument("url", metavar="URL", help=_SINK_HELP)
     dlq_replay.add_argument("--to", required=True, metavar="SOURCE", help="the source URL")
     dlq_replay.add_argument(
-        "--state", default=None, help="state store URL (default $WORKER_STATE or the sqlite file)"
+        "--state",
+        default=None,
+        metavar="URL",
+        help=f"state store URL (default $WORKER_STATE or {default('state')})",
     )
-    dlq_replay.add_argument("--reason", action="append", help="only letters with this reason")
+    dlq_replay.add_argument(
+        "--reason", action="append", metavar="REASON", help="only letters with this reason"
+    )
     dlq_replay.add_argument("--dry-run", action="store_true", help="say what would be done")
 
-    schema = commands.add_parser("schema", help="print the event envelope's JSON Schema")
+    schema = commands.add_parser(
+        "schema",
+        help="print the event envelope's JSON Schema",
+        description="Print the JSON Schema of the event envelope (for --api-version) on "
+        "standard output, for producers to validate against.",
+    )
     _add_api_version(schema)
     return parser
+
+
+_SINK_HELP = (
+    "the dead-letter sink: file:PATH, redis://HOST:6379/0?stream=S, "
+    "amqp://USER:PASS@HOST/VHOST?queue=Q or nats://HOST:4222?stream=S&subject=SUBJ"
+)
 
 
 def _add_api_version(parser: argparse.ArgumentParser) -> None:
@@ -240,7 +330,7 @@ def _api_version(args: argparse.Namespace) -> str:
 
 
 def command_validate(args: argparse.Namespace) -> int:
-    from .contact import parse_event
+    from .contact import MALFORMED_JSON, NOT_JSON, parse_event
 
     api_version = _api_version(args)
     stream = sys.stdin.buffer if args.file == "-" else None
@@ -258,13 +348,33 @@ def command_validate(args: argparse.Namespace) -> int:
             parse_event(line, default_event_id=f"line-{number}", api_version=api_version)
         except InvalidEvent as invalid:
             reasons[invalid.reason] += 1
-            print(f"line {number}: {invalid.reason}: {invalid.message}")
+            position = _json_position(line) if invalid.reason == MALFORMED_JSON else None
+            if position is None:
+                print(f"line {number}: {invalid.reason}: {invalid.message}")
+            else:  # the file's line, not the decoder's "line 1" of a one-line document
+                line_in_event, column = position
+                where = f"line {number + line_in_event - 1}, column {column}"
+                print(f"{where}: {invalid.reason}: {NOT_JSON}")
         else:
             valid += 1
     invalid_count = sum(reasons.values())
     by_reason = ", ".join(f"{reason} {count}" for reason, count in sorted(reasons.items()))
     print(f"{valid} valid, {invalid_count} invalid" + (f" ({by_reason})" if by_reason else ""))
     return EXIT_FAILURE if invalid_count else EXIT_OK
+
+
+def _json_position(line: bytes) -> tuple[int, int] | None:
+    """(line, column) in `line` where the JSON decoder gave up, or None if it did not:
+    found again here, for bad lines only, as parse_event's message keeps it in text."""
+    import orjson
+
+    from .contact import without_bom
+
+    try:
+        orjson.loads(without_bom(line))
+    except orjson.JSONDecodeError as exc:
+        return exc.lineno, exc.colno
+    return None
 
 
 def command_publish(args: argparse.Namespace) -> int:
@@ -290,8 +400,12 @@ def command_publish(args: argparse.Namespace) -> int:
 
 
 def _read_lines(path: str) -> list[bytes]:
+    r"""Every line of the file that is not blank (`is_blank`, as `worker validate` skips),
+    byte for byte: a line ends at \n, and only its \n or \r\n is cut. Not splitlines(),
+    which also ends a line at a lone \r, nor strip(): spaces are part of the message."""
     data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
-    return [line for line in data.splitlines() if not is_blank(line)]
+    lines = (line.removesuffix(b"\r") for line in data.split(b"\n"))
+    return [line for line in lines if not is_blank(line)]
 
 
 async def _publish(publisher: Publisher, lines: list[bytes], batch: int) -> None:
@@ -336,14 +450,19 @@ def command_dlq(args: argparse.Namespace) -> int:
     import asyncio
 
     from . import dlq
+    from ._urls import refuse_bare_path
+    from .sources import open_publisher
 
     try:
-        letters = asyncio.run(dlq.read_letters(args.url))
+        letters = asyncio.run(dlq.read_letters(args.url, label="URL"))
         if args.dlq_command == "list":
             return _dlq_list(letters, show_events=args.show_events)
         if args.reason:
             letters = [letter for letter in letters if letter.get("reason") in args.reason]
         state = args.state or os.environ.get("WORKER_STATE") or default("state")
+        refuse_bare_path(state, "--state / WORKER_STATE", suggest="sqlite:///")
+        # Built only to check --to: a bad URL must stop the replay before it reopens orders.
+        open_publisher(args.to)
         progress = Progress(len(letters), enabled=sys.stderr.isatty() and not args.dry_run)
         published, reopened = asyncio.run(
             dlq.replay(
@@ -353,7 +472,7 @@ def command_dlq(args: argparse.Namespace) -> int:
         )  # fmt: skip
         progress.done()
     except (ConfigError, SourceError, StateError) as exc:
-        print(f"worker dlq: {exc}", file=sys.stderr)
+        print(f"worker dlq {args.dlq_command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
     if args.dry_run:
         print(f"would publish {published} dead letters and reopen those of {reopened} orders")

@@ -2,8 +2,12 @@
 
 Every option has a flag and an environment variable (flags win). The table `OPTIONS` is
 the single source for argparse, the environment, `--help` and the README's table, so they
-cannot drift apart. Validation happens here, before anything is consumed: a bad value
-raises `ConfigError` naming the flag and the variable, and `worker run` exits 2.
+cannot drift apart. Each option has a `Kind`: how its text is read (durations take units,
+`30d`, `12h`, `500ms`, or a plain number of seconds), what its flag's metavar is, what a bad
+value is told to look like, and how its default is written in `--help`.
+
+Validation happens here, before anything is consumed: a bad value raises `ConfigError`
+naming the flag or the variable it came from, and `worker run` exits 2.
 """
 
 from __future__ import annotations
@@ -11,12 +15,14 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from ._urls import refuse_bare_path
 from .contact import API_VERSIONS
 from .errors import ConfigError
 
@@ -24,12 +30,23 @@ DAY = 24 * 3600.0
 
 
 @dataclass(frozen=True)
+class Kind:
+    """How an option's text is read (`parse` raises ValueError), the metavar of its flag,
+    what a bad value is told to look like, and how its default is shown in `--help`."""
+
+    parse: Callable[[str], Any]
+    metavar: str
+    expected: str
+    show: Callable[[Any], str] = str
+
+
+@dataclass(frozen=True)
 class Option:
-    """One setting: its attribute name, flag, environment variable, parser and default."""
+    """One setting: its attribute name, flag, environment variable, kind and default."""
 
     name: str
     env: str
-    parse: Callable[[str], Any]
+    kind: Kind
     default: Any
     help: str
     secret: bool = False  # never echoed in messages or logs
@@ -43,6 +60,10 @@ class Option:
     def label(self) -> str:
         return f"{self.flag} / {self.env}" if self.flag else self.env
 
+    @property
+    def required(self) -> bool:
+        return self.name in _REQUIRED
+
 
 def _bool(text: str) -> bool:
     lowered = text.strip().lower()
@@ -53,11 +74,58 @@ def _bool(text: str) -> bool:
     raise ValueError("expected true or false")
 
 
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": DAY}
+_AMOUNT = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ms|s|m|h|d)")  # ms before m
+
+
+def parse_duration(text: str) -> float:
+    """Seconds: a plain number is seconds (what the variables always took, read by float()
+    exactly as before); else amounts with units, summed: 30d, 12h, 90m, 60s, 500ms, 1h30m."""
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    compact = "".join(text.split()).lower()
+    amounts = _AMOUNT.findall(compact)
+    if not amounts or "".join(number + unit for number, unit in amounts) != compact:
+        raise ValueError("not a duration")
+    return sum(float(number) * _UNITS[unit] for number, unit in amounts)
+
+
+def format_duration(seconds: float) -> str:
+    """`seconds` in the largest unit that holds it whole: 2592000 -> 30d, 300 -> 5m."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNITS[unit]
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms" if 0 < seconds < 1 else f"{seconds:g}s"
+
+
+def _choice(*words: str) -> Kind:
+    # Checked in _validate, after the value is read, with its own message.
+    return Kind(str, "|".join(words), " or ".join(words))
+
+
+URL = Kind(str, "URL", "a URL")
+COUNT = Kind(int, "N", "a whole number such as 8")
+RATE = Kind(float, "RATE", "a number such as 50 (requests per second; 0 = no limit)", "{:g}".format)
+PORT = Kind(int, "PORT", "a port number such as 9108 (0 = off)")
+DURATION = Kind(
+    parse_duration,
+    "DURATION",
+    "a duration such as 30d, 12h, 60s, 500ms or 1.5 (seconds)",
+    format_duration,
+)
+SWITCH = Kind(_bool, "", "true or false (1/0, yes/no, on/off)")  # a flag without a value
+TEXT = Kind(str, "TEXT", "text")
+PATH = Kind(str, "PATH", "a file path")
+
+
 OPTIONS: tuple[Option, ...] = (
     Option(
         "source",
         "WORKER_SOURCE",
-        str,
+        URL,
         None,
         "where events come from: file:PATH (JSONL), file:- (stdin), "
         "redis://HOST:6379/0?stream=S&group=G, amqp://USER:PASS@HOST/VHOST?queue=Q, "
@@ -66,73 +134,83 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "state",
         "WORKER_STATE",
-        str,
+        URL,
         "sqlite:///./worker-state.db",
         "state store URL: memory:, sqlite:///PATH, redis://, postgresql://",
     ),
     Option(
         "dlq",
         "WORKER_DLQ",
-        str,
+        URL,
         None,
         "dead-letter sink URL (default: beside the source: file:./dead-letter.jsonl, or "
         "the stream, queue or subject named <source's>.dead-letter)",
     ),
-    Option("rate_limit", "WORKER_RATE_LIMIT", float, 50.0, "CDP requests per second, 0 = no limit"),
+    Option("rate_limit", "WORKER_RATE_LIMIT", RATE, 50.0, "CDP requests per second, 0 = no limit"),
     Option(
         "rate_limit_backend",
         "WORKER_RATE_LIMIT_BACKEND",
-        str,
+        Kind(str, "local|URL", "local or a redis:// URL"),
         "local",
         "local, or redis://HOST:6379/0 for one limit shared by all replicas",
     ),
-    Option("concurrency", "WORKER_CONCURRENCY", int, 32, "most CDP requests in flight"),
+    Option("concurrency", "WORKER_CONCURRENCY", COUNT, 32, "most CDP requests in flight"),
     Option(
-        "max_attempts", "WORKER_MAX_ATTEMPTS", int, 8, "attempts per event before retries_exhausted"
+        "max_attempts",
+        "WORKER_MAX_ATTEMPTS",
+        COUNT,
+        8,
+        "attempts per event before retries_exhausted",
     ),
-    Option("request_timeout", "WORKER_REQUEST_TIMEOUT", float, 10.0, "seconds per CDP request"),
+    Option(
+        "request_timeout",
+        "WORKER_REQUEST_TIMEOUT",
+        DURATION,
+        10.0,
+        "time each CDP request may take",
+    ),
     Option(
         "not_found_grace",
         "WORKER_NOT_FOUND_GRACE",
-        float,
+        DURATION,
         300.0,
-        "seconds to keep retrying a 404 before order_not_found",
+        "how long to keep retrying a 404 before order_not_found",
     ),
     Option(
         "state_retention",
         "WORKER_STATE_RETENTION",
-        float,
+        DURATION,
         30 * DAY,
-        "seconds to keep done records",
+        "how long to keep done records",
     ),
     Option(
         "lease_seconds",
         "WORKER_LEASE_SECONDS",
-        float,
+        DURATION,
         60.0,
         "claim lease, renewed while working; above the request timeout",
     ),
     Option(
         "shutdown_timeout",
         "WORKER_SHUTDOWN_TIMEOUT",
-        float,
+        DURATION,
         25.0,
-        "seconds to finish in-flight work on SIGTERM",
+        "time to finish in-flight work on SIGTERM",
     ),
     Option(
-        "http_port", "WORKER_HTTP_PORT", int, 9108, "port of /metrics, /healthz, /readyz; 0 = off"
+        "http_port", "WORKER_HTTP_PORT", PORT, 9108, "port of /metrics, /healthz, /readyz; 0 = off"
     ),
     Option(
         "on_change",
         "WORKER_ON_CHANGE",
-        str,
+        _choice("update", "ignore"),
         "update",
         "update: a changed contact is updated at CDP; ignore: created once, never updated",
     ),
     Option(
         "verify_new",
         "WORKER_VERIFY_NEW",
-        _bool,
+        SWITCH,
         False,
         "list an order's contacts at CDP before creating one the state store does not know "
         "(a new or lost state store in front of a CDP that holds contacts)",
@@ -140,32 +218,42 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "follow",
         "WORKER_FOLLOW",
-        _bool,
+        SWITCH,
         False,
         "file source: tail the file instead of exiting at its end",
     ),
     Option(
         "loop",
         "WORKER_LOOP",
-        str,
+        _choice("auto", "uvloop", "asyncio"),
         "auto",
         "event loop: auto (uvloop where it is installed), uvloop or asyncio",
     ),
     Option(
-        "log_format", "WORKER_LOG_FORMAT", str, "auto", "json, console or auto (console on a TTY)"
+        "log_format",
+        "WORKER_LOG_FORMAT",
+        _choice("json", "console", "auto"),
+        "auto",
+        "json, console or auto (console on a TTY)",
     ),
-    Option("log_level", "WORKER_LOG_LEVEL", str, "info", "debug, info, warning, error"),
+    Option(
+        "log_level",
+        "WORKER_LOG_LEVEL",
+        _choice("debug", "info", "warning", "error"),
+        "info",
+        "debug, info, warning, error",
+    ),
     Option(
         "cdp_base_url",
         "CDP_BASE_URL",
-        str,
+        URL,
         None,
         "Sitecore CDP base URL, e.g. https://api-engage-eu.sitecorecloud.io",
     ),
     Option(
         "cdp_client_key",
         "CDP_CLIENT_KEY",
-        str,
+        TEXT,
         None,
         "CDP client key (or CDP_CLIENT_KEY_FILE)",
         secret=True,
@@ -173,16 +261,16 @@ OPTIONS: tuple[Option, ...] = (
     Option(
         "cdp_api_token",
         "CDP_API_TOKEN",
-        str,
+        TEXT,
         None,
         "CDP API token (or CDP_API_TOKEN_FILE)",
         secret=True,
     ),
-    Option("cdp_api_version", "CDP_API_VERSION", str, "v2", "v2 or v2.1"),
+    Option("cdp_api_version", "CDP_API_VERSION", _choice(*API_VERSIONS), "v2", "v2 or v2.1"),
     Option(
         "cdp_ca_file",
         "CDP_CA_FILE",
-        str,
+        PATH,
         None,
         "PEM bundle of CAs to trust for CDP_BASE_URL, besides the system's",
     ),
@@ -241,29 +329,55 @@ class Settings:
         return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
+def argument_type(kind: Kind) -> Callable[[str], Any]:
+    """`kind` as an argparse `type=`, so that a bad flag says what is expected, as above."""
+
+    def parse(text: str) -> Any:
+        try:
+            return kind.parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {kind.expected}, got {text!r}") from None
+
+    return parse
+
+
+def default_note(option: Option) -> str:
+    """The note after an option's help: "(required)", or its default as an operator
+    writes it, "(default 30d)" and not 2592000.0; none for a switch (off unless given)
+    or an option without a default."""
+    if option.required:
+        return " (required)"
+    if option.default is None or option.kind is SWITCH:
+        return ""
+    return f" (default {option.kind.show(option.default)})"
+
+
+def help_text(option: Option) -> str:
+    return option.help + default_note(option)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of `worker run`, from `OPTIONS`. Defaults stay None so the env can fill in."""
     for option in OPTIONS:
         if option.flag is None:
             continue
-        default = "" if option.default is None else f" (default {option.default})"
-        help_text = f"{option.help}{default} [env {option.env}]"
-        if option.parse is _bool:
+        text = f"{help_text(option)} [env {option.env}]"
+        if option.kind is SWITCH:
             parser.add_argument(
                 option.flag,
                 dest=option.name,
                 action="store_const",
                 const="true",
                 default=None,
-                help=help_text,
+                help=text,
             )
         else:
             parser.add_argument(
                 option.flag,
                 dest=option.name,
                 default=None,
-                metavar=option.name.upper(),
-                help=help_text,
+                metavar=option.kind.metavar,
+                help=text,
             )
 
 
@@ -293,24 +407,26 @@ def load_settings(
     values: dict[str, Any] = {}
     for option in OPTIONS:
         text = given.get(option.name)
+        origin = option.flag or option.env  # named in a message about the value
         if text is None:
-            text = env.get(option.env)
+            text, origin = env.get(option.env), option.env
         if not text and option.secret:  # an empty variable beside its _FILE: the file
             text = _read_secret_file(env, option.env) or text
         if text is None or text == "":
             values[option.name] = option.default
             continue
         try:
-            values[option.name] = option.parse(str(text)) if isinstance(text, str) else text
+            values[option.name] = option.kind.parse(text) if isinstance(text, str) else text
         except ValueError:
-            shown = (
-                "" if option.secret or "://" in str(text) else f" {text!r}"
-            )  # URLs hold passwords
-            raise ConfigError(
-                f"{option.label}: invalid value{shown}, "
-                f"expected {getattr(option.parse, '__name__', 'a value')}"
-            ) from None
+            raise ConfigError(_bad_value(option, origin, text)) from None
     return Settings(**values)
+
+
+def _bad_value(option: Option, origin: str, text: str) -> str:
+    """What is expected and what was given, unless a secret or a URL (URLs hold
+    passwords): "WORKER_FOLLOW: expected true or false (...), got 'maybe'"."""
+    shown = "" if option.secret or "://" in text else f", got {text!r}"
+    return f"{origin}: expected {option.kind.expected}{shown}"
 
 
 # What must be given, and how else it may be given.
@@ -372,8 +488,15 @@ def _positive(values: Mapping[str, Any], name: str, *, zero_ok: bool = False) ->
         raise ConfigError(f"{_BY_NAME[name].label}: must be {bound}, got {value}")
 
 
+# A bare path where a URL belongs is taken for the URL an operator most likely meant.
+_PATH_URLS = {"source": "file:", "dlq": "file:", "state": "sqlite:///"}
+
+
 def _validate(values: dict[str, Any]) -> None:
     _require(values)
+    for name, prefix in _PATH_URLS.items():
+        if values[name]:
+            refuse_bare_path(values[name], _BY_NAME[name].label, suggest=prefix)
     _check_urls(values)
     base = urlsplit(values["cdp_base_url"])
     if base.scheme not in {"http", "https"} or not base.hostname:
@@ -402,8 +525,9 @@ def _validate(values: dict[str, Any]) -> None:
         raise ConfigError(f"{_BY_NAME['http_port'].label}: must be a port number or 0")
     if values["lease_seconds"] <= values["request_timeout"]:
         raise ConfigError(
-            f"{_BY_NAME['lease_seconds'].label} ({values['lease_seconds']}) must be longer than "
-            f"{_BY_NAME['request_timeout'].label} ({values['request_timeout']}): a lease that "
+            f"{_BY_NAME['lease_seconds'].label} ({format_duration(values['lease_seconds'])}) must "
+            f"be longer than {_BY_NAME['request_timeout'].label} "
+            f"({format_duration(values['request_timeout'])}): a lease that "
             "runs out mid-request lets another replica send a second POST"
         )
     if values["loop"] not in {"auto", "uvloop", "asyncio"}:

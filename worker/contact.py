@@ -35,6 +35,9 @@ MALFORMED_JSON = "malformed_json"
 INVALID_EVENT = "invalid_event"
 INVALID_ORDER_REF = "invalid_order_ref"
 REASONS: tuple[str, ...] = (MALFORMED_JSON, INVALID_EVENT, INVALID_ORDER_REF)
+# A malformed_json message: this, then where the decoder gave up (`worker validate` puts
+# the position before it, as the file's line and column).
+NOT_JSON = "event is not valid UTF-8 JSON"
 
 MAX_EVENT_BYTES = 1 << 20  # far above any real contact; bounds memory and parse time
 MAX_EVENT_ID_CHARS = 128
@@ -370,8 +373,12 @@ def _load(raw: bytes | str, event_id: str) -> dict[str, Any]:
     try:
         value = orjson.loads(without_bom(raw))
     except orjson.JSONDecodeError as exc:
-        # Position only: orjson's own text is not promised to be free of input.
-        message = f"event is not valid UTF-8 JSON (line {exc.lineno}, column {exc.colno})"
+        # Position only: orjson's own text is not promised to be free of input. The line
+        # is named only when the event has more than one (a broker's message may).
+        where = f"column {exc.colno}"
+        if exc.lineno > 1:
+            where = f"line {exc.lineno}, {where}"
+        message = f"{NOT_JSON} at {where}"
         raise InvalidEvent(MALFORMED_JSON, message, event_id=event_id) from None
     if not isinstance(value, dict):
         # JSON, but not an event: the letter keeps its text (`event` is always an object).

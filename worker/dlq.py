@@ -10,21 +10,31 @@ again, and the state store turns what was delivered meanwhile into duplicates.
 
 from __future__ import annotations
 
+import asyncio
 from collections import Counter
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import orjson
 
-from .sources import open_dead_letter_sink, open_publisher
+from .errors import ConfigError
+from .sources import FileDeadLetterSink, open_dead_letter_sink, open_publisher
 from .state import open_state_store
 
 Letter = dict[str, Any]
+MISSING = "-"  # what a listing shows for a field a letter does not have
 
 
-async def read_letters(url: str) -> list[Letter]:
-    """Every dead letter at `url` (any sink: file, stream, queue, subject), oldest first."""
-    sink = open_dead_letter_sink(url)
+async def read_letters(url: str, *, label: str = "URL") -> list[Letter]:
+    """Every dead letter at `url` (any sink: file, stream, queue, subject), oldest first.
+
+    A file that is not there is a ConfigError (naming `label`): opening the sink would
+    create it, and "0 dead letters" would hide a typo in the path.
+    """
+    sink = open_dead_letter_sink(url, label=label)
+    if isinstance(sink, FileDeadLetterSink) and not await asyncio.to_thread(_exists, sink.path):
+        raise ConfigError(f"{label}: {sink.path} does not exist")
     await sink.open()
     try:
         return await sink.read_all()
@@ -32,22 +42,35 @@ async def read_letters(url: str) -> list[Letter]:
         await sink.close()
 
 
+def _exists(path: str) -> bool:
+    return Path(path).exists()
+
+
 def summary(letters: Sequence[Letter]) -> list[tuple[str, int, str]]:
-    """(reason, count, newest deadAt), the reason with the newest letter first."""
+    """(reason, count, newest deadAt), the reason with the newest letter first; `MISSING`
+    for a reason or a time no letter has."""
     counts: Counter[str] = Counter()
     newest: dict[str, str] = {}
     for letter in letters:
-        reason = str(letter.get("reason"))
+        reason = _shown(letter.get("reason")) or MISSING
         counts[reason] += 1
-        newest[reason] = max(newest.get(reason, ""), str(letter.get("deadAt") or ""))
-    return sorted(((r, counts[r], newest[r]) for r in counts), key=lambda row: row[2], reverse=True)
+        newest[reason] = max(newest.get(reason, ""), _shown(letter.get("deadAt")))
+    rows = [(r, counts[r], newest[r]) for r in counts]
+    rows.sort(key=lambda row: row[2], reverse=True)
+    return [(reason, count, time or MISSING) for reason, count, time in rows]
 
 
 def describe(letter: Letter) -> str:
     """One line about a letter, without personal data: no event, no raw text, no detail
-    (CDP's messages may quote the contact)."""
+    (CDP's messages may quote the contact). Fields the letter does not have are left out."""
     fields = ("deadAt", "reason", "status", "orderRef", "eventId", "attempts")
-    return "  ".join(f"{name}={letter.get(name)}" for name in fields)
+    shown = ((name, _shown(letter.get(name))) for name in fields)
+    return "  ".join(f"{name}={value}" for name, value in shown if value) or "(no fields)"
+
+
+def _shown(value: object) -> str:
+    """A field as listed: "" for one that is missing or null."""
+    return "" if value is None else str(value)
 
 
 def body_of(letter: Letter) -> bytes:

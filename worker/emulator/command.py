@@ -28,7 +28,8 @@ DESCRIPTION = (
     "validation and error bodies, no deduplication; faults on demand (rate limit, latency, "
     "5xx, hangs and dropped connections after a create, update or delete, orders that 404 "
     "for a while); statistics at GET /_emulator/stats, knobs at PATCH /_emulator/config. "
-    "Prints one JSON line with its URL once listening."
+    "Prints one JSON line with its URL on stdout once listening, and on stderr the "
+    "CDP_BASE_URL, CDP_CLIENT_KEY and CDP_API_TOKEN a worker needs, ready to paste."
 )
 
 
@@ -177,6 +178,26 @@ def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
     return context
 
 
+def connection_help(url: str, config: EmulatorConfig) -> str:
+    """What a worker needs to talk to this emulator, as lines to paste into a shell.
+
+    The credentials are the operator's own local test ones, which the emulator accepts:
+    printing them is the point. They go to stderr, never into the JSON line on stdout.
+    """
+    import shlex
+
+    exports = {
+        "CDP_BASE_URL": url,
+        "CDP_CLIENT_KEY": config.client_key,
+        "CDP_API_TOKEN": config.api_token,
+    }
+    lines = [f"export {name}={shlex.quote(value)}" for name, value in exports.items()]
+    return (
+        f"CDP emulator listening on {url}; it accepts client key {config.client_key!r} and "
+        f"API token {config.api_token!r}. For a worker:\n\n" + "\n".join(lines) + "\n\n"
+    )
+
+
 async def _serve(config: EmulatorConfig, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     import asyncio
     import signal
@@ -200,6 +221,8 @@ async def _serve(config: EmulatorConfig, host: str, port: int, tls: ssl.SSLConte
             }
             sys.stdout.write(orjson.dumps(started).decode() + "\n")
             sys.stdout.flush()
+            sys.stderr.write(connection_help(emulator.url, config))
+            sys.stderr.flush()
             await stop.wait()
     finally:
         for signum in signals:

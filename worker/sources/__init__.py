@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from .. import _extras
+from .._urls import refuse_bare_path
 from ..errors import ConfigError
 from ..state.base import StateStore
 from .base import Broker, DeadLetterSink, Message, Publisher, Source, dead_letter, letter_key
@@ -79,18 +80,24 @@ _BROKERS: dict[str, _Registered] = {
     "nats": _NATS,
     "tls": _NATS,
 }
-_ACCEPTED = (
-    "file:PATH, file:-, redis://HOST:6379/0?stream=NAME&group=NAME, "
+# What each kind of URL may be, for the messages: a source reads stdin and joins a
+# consumer group; a sink or a publisher writes a file, a stream, a queue or a subject.
+_BROKER_URLS = (
     "amqp://USER:PASS@HOST:5672/VHOST?queue=NAME or nats://HOST:4222?stream=NAME&subject=NAME"
 )
+_SOURCES = f"file:PATH, file:-, redis://HOST:6379/0?stream=NAME&group=NAME, {_BROKER_URLS}"
+_WRITABLE = f"file:PATH, redis://HOST:6379/0?stream=NAME, {_BROKER_URLS}"
 
 
-def _broker(scheme: str, label: str) -> Broker:
-    """The broker behind `scheme`, or a ConfigError naming the option."""
+def _broker(url: str, label: str, accepted: str) -> Broker:
+    """The broker behind `url`'s scheme, or a ConfigError naming the option and what it
+    `accepted` (a bare path: the file: URL it likely meant)."""
+    refuse_bare_path(url, label, suggest="file:")
+    scheme = urlsplit(url).scheme
     registered = _BROKERS.get(scheme)
     if registered is None:
         # The URL itself is not echoed: it may carry a password.
-        raise ConfigError(f"{label}: unsupported URL scheme {scheme!r}; expected {_ACCEPTED}")
+        raise ConfigError(f"{label}: unsupported URL scheme {scheme!r}; expected {accepted}")
     _extras.require(registered.extra, label)
     return registered.load()
 
@@ -109,7 +116,7 @@ def open_source(url: str, *, state: StateStore | None = None, follow: bool = Fal
     scheme = urlsplit(url).scheme
     if scheme == "file":
         return FileSource(_file_path(url, SOURCE_OPTION), state=state, follow=follow)
-    return _broker(scheme, SOURCE_OPTION).source(url)
+    return _broker(url, SOURCE_OPTION, _SOURCES).source(url)
 
 
 def default_dead_letter_url(source_url: str) -> str:
@@ -118,7 +125,7 @@ def default_dead_letter_url(source_url: str) -> str:
     if scheme == "memory":
         return "memory:"
     if scheme in _BROKERS:
-        return _broker(scheme, SOURCE_OPTION).dead_letter_url(source_url)
+        return _broker(source_url, SOURCE_OPTION, _SOURCES).dead_letter_url(source_url)
     return DEFAULT_DEAD_LETTERS
 
 
@@ -132,7 +139,7 @@ def open_dead_letter_sink(url: str, *, label: str = DLQ_OPTION) -> DeadLetterSin
         return FileDeadLetterSink(path)
     if scheme == "memory":
         return MemoryDeadLetterSink()
-    return _broker(scheme, label).dead_letters(url)
+    return _broker(url, label, _WRITABLE).dead_letters(url)
 
 
 def open_publisher(url: str, *, label: str = "--to") -> Publisher:
@@ -142,4 +149,4 @@ def open_publisher(url: str, *, label: str = "--to") -> Publisher:
         if path == "-":
             raise ConfigError(f"{label}: publish to a file, not stdout")
         return FilePublisher(path)
-    return _broker(urlsplit(url).scheme, label).publisher(url)
+    return _broker(url, label, _WRITABLE).publisher(url)
