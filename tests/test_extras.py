@@ -48,7 +48,7 @@ POSITIONS: list[tuple[str, str, Callable[[str], Any], tuple[_extras.Extra, ...]]
     ("default-dead-letters", "--source / WORKER_SOURCE", default_dead_letter_url, BROKERS),
     ("dead-letters", "--dlq / WORKER_DLQ", open_dead_letter_sink, BROKERS),
     ("publish", "--to", open_publisher, BROKERS),
-    ("dlq", "--dlq / WORKER_DLQ", _dlq_list, BROKERS),
+    ("dlq", "URL", _dlq_list, BROKERS),  # `worker dlq list URL`: the positional
     ("state", "--state / WORKER_STATE", open_state_store, (_extras.REDIS, _extras.POSTGRES)),
     (
         "rate-limit-backend",

@@ -127,7 +127,8 @@ def assert_json_logs_without_secrets(lines: list[bytes], forbidden: list[str]) -
         ({"WORKER_SOURCE": ""}, "--source / WORKER_SOURCE"),
         ({"CDP_BASE_URL": ""}, "CDP_BASE_URL"),
         ({"CDP_API_TOKEN": ""}, "CDP_API_TOKEN"),
-        ({"WORKER_CONCURRENCY": "many"}, "--concurrency / WORKER_CONCURRENCY"),
+        # A bad value names where it came from: here the variable.
+        ({"WORKER_CONCURRENCY": "many"}, "WORKER_CONCURRENCY: expected a whole number"),
         ({"WORKER_LEASE_SECONDS": "1"}, "--lease-seconds / WORKER_LEASE_SECONDS"),
         ({"WORKER_STATE": "mysql://db"}, "--state / WORKER_STATE"),
         ({"WORKER_SOURCE": "kafka://broker"}, "--source / WORKER_SOURCE"),
@@ -176,7 +177,12 @@ async def test_run_delivers_logs_json_without_personal_data_and_reruns_send_noth
         "invalid_order_ref": 1,
     }
     assert_json_logs_without_secrets(lines, forbidden_strings(events))
-    assert stderr == b""
+    # Off a terminal, stderr has the run's one summary line: no bar, no table, no data.
+    summary = stderr.decode()
+    assert summary.count("\n") == 1, summary
+    assert summary.startswith("worker run: events.jsonl: 42 lines done; "), summary
+    assert "2 dead letters (invalid_order_ref 1, malformed_json 1)" in summary, summary
+    assert not any(text in summary for text in forbidden_strings(events))
 
     requests = dict(cdp.stats()["requests"])
     code, lines, _ = await finish(await start_worker(env))
@@ -263,7 +269,7 @@ async def test_validate_and_schema(tmp_path: Path) -> None:
     out, _ = await process.communicate()
     assert process.returncode == 1
     text = out.decode()
-    assert "line 2: malformed_json" in text
+    assert "line 2, column 2: malformed_json" in text
     assert "line 3: invalid_order_ref" in text
     assert "1 valid, 2 invalid" in text
     assert "Zyxfirst1" not in text

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -25,6 +24,7 @@ from .contact import API_VERSIONS, is_blank
 from .errors import ConfigError, InvalidEvent, SourceError, StateError
 
 if TYPE_CHECKING:
+    from . import _console
     from .pipeline import Worker
     from .sources import Publisher
 
@@ -90,7 +90,9 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         "run",
         help="consume events and sync each order's contact to CDP",
         description="Consume order-contact events and keep each order's contact in CDP: "
-        "created once, updated when it changes (newer versions only), deleted on erasure.",
+        "created once, updated when it changes (newer versions only), deleted on erasure. "
+        "Over a file (without --follow), a terminal shows a progress bar on stderr and, at "
+        "the end, a summary of the run and where it stopped; stdout carries the logs only.",
         epilog="Environment only: "
         + _environment_only()
         + " (CDP_CLIENT_KEY_FILE / CDP_API_TOKEN_FILE read a secret from a file). "
@@ -265,26 +267,52 @@ def command_run(args: argparse.Namespace) -> int:
 
 async def _run(worker: Worker) -> int:
     import asyncio
+    import contextlib
     import signal
 
     from .observability import get_logger
 
     log = get_logger("worker.cli")
     loop = asyncio.get_running_loop()
+    signals: list[int] = []  # received: a finite run's summary says where it stopped
+
+    def stop(signum: int) -> None:
+        signals.append(signum)
+        worker.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, worker.stop)
+        loop.add_signal_handler(signum, stop, signum)
+    view = _file_run(worker)
+    code = EXIT_OK
     try:
-        await worker.run()
+        async with view or contextlib.nullcontext():
+            await worker.run()
     except (ConfigError, SourceError) as exc:
-        # Raised while opening the parts: nothing was consumed yet.
+        # Raised while opening the parts: nothing was consumed yet (and nothing to sum up).
         print(f"worker run: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except Exception:
         log.exception("worker.crashed")
-        return EXIT_FAILURE
+        code = EXIT_FAILURE
     finally:
-        await worker.close()
-    return EXIT_OK
+        await worker.close()  # before the summary: it writes the file's last checkpoint
+    if view is not None:
+        view.report(finished=code == EXIT_OK and not signals)
+    return code
+
+
+def _file_run(worker: Worker) -> _console.FileRun | None:
+    """The bar and summary of a run over a finite file (the bar and the table only on a
+    terminal; the summary line on stderr always). None for a broker or --follow."""
+    from .sources.file import FileSource
+
+    source = worker.source
+    if not isinstance(source, FileSource) or not source.finite:
+        return None
+    from . import _console  # rich: only for a run that can show or sum up its progress
+
+    label = "stdin" if source.path == "-" else Path(source.path).name
+    return _console.FileRun(worker, source, label=label)
 
 
 def command_emulator(args: argparse.Namespace) -> int:
@@ -394,7 +422,7 @@ def command_publish(args: argparse.Namespace) -> int:
     try:
         asyncio.run(_publish(publisher, lines, max(1, args.batch)))
     except (ConfigError, SourceError) as exc:
-        print(f"\nworker publish: {exc}", file=sys.stderr)
+        print(f"worker publish: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     return EXIT_OK
 
@@ -409,41 +437,18 @@ def _read_lines(path: str) -> list[bytes]:
 
 
 async def _publish(publisher: Publisher, lines: list[bytes], batch: int) -> None:
-    progress = Progress(len(lines), enabled=sys.stderr.isatty())
+    from . import _console
+
     await publisher.open()
     try:
-        for start in range(0, len(lines), batch):
-            chunk = lines[start : start + batch]
-            await publisher.publish(chunk)
-            progress.advance(len(chunk))
+        with _console.Bar("publish", "messages", total=len(lines)) as bar:
+            for start in range(0, len(lines), batch):
+                chunk = lines[start : start + batch]
+                await publisher.publish(chunk)
+                bar.advance(len(chunk))
     finally:
         await publisher.close()
-        progress.done()
-    print(f"published {progress.count} of {progress.total} messages")
-
-
-class Progress:
-    """A one-line progress bar on stderr, drawn only on a terminal."""
-
-    WIDTH = 30
-
-    def __init__(self, total: int, *, enabled: bool) -> None:
-        self.total, self.enabled, self.count = total, enabled, 0
-        self.started = time.monotonic()
-
-    def advance(self, count: int) -> None:
-        self.count += count
-        if self.enabled:
-            filled = self.WIDTH * self.count // max(self.total, 1)
-            rate = self.count / max(time.monotonic() - self.started, 1e-9)
-            bar = "#" * filled + "." * (self.WIDTH - filled)
-            sys.stderr.write(f"\r[{bar}] {self.count}/{self.total} ({rate:.0f}/s)")
-            sys.stderr.flush()
-
-    def done(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
+    print(f"published {bar.done} of {len(lines)} messages")
 
 
 def command_dlq(args: argparse.Namespace) -> int:
@@ -463,14 +468,16 @@ def command_dlq(args: argparse.Namespace) -> int:
         refuse_bare_path(state, "--state / WORKER_STATE", suggest="sqlite:///")
         # Built only to check --to: a bad URL must stop the replay before it reopens orders.
         open_publisher(args.to)
-        progress = Progress(len(letters), enabled=sys.stderr.isatty() and not args.dry_run)
-        published, reopened = asyncio.run(
-            dlq.replay(
-                letters, to=args.to, state_url=state, dry_run=args.dry_run,
-                progress=progress.advance,
-            )
-        )  # fmt: skip
-        progress.done()
+        from . import _console
+
+        drawn = False if args.dry_run else None  # None: on a terminal
+        with _console.Bar("replay", "letters", total=len(letters), enabled=drawn) as bar:
+            published, reopened = asyncio.run(
+                dlq.replay(
+                    letters, to=args.to, state_url=state, dry_run=args.dry_run,
+                    progress=bar.advance,
+                )
+            )  # fmt: skip
     except (ConfigError, SourceError, StateError) as exc:
         print(f"worker dlq {args.dlq_command}: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE

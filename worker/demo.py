@@ -1,5 +1,7 @@
 """`worker demo`: the emulator, generated events and a worker in one process, then a summary.
 
+While it runs, a terminal shows a progress bar on stderr; the summary is a table on stdout.
+
 The worker runs on the embedded defaults a user would start with: a JSONL file source,
 SQLite state and a file of dead letters, against the CDP emulator over real HTTP with a
 little latency and a few injected faults (5xx, timeouts and dropped connections after
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import random
 import statistics
+import sys
 import tempfile
 import time
 import uuid
@@ -29,6 +32,7 @@ from .emulator import Emulator, EmulatorConfig
 from .errors import InvalidEvent
 from .observability import configure_logging
 from .pipeline import Worker
+from .sources.file import FileSource
 from .versions import Version, older
 
 _FIRST = ("Ada", "Grace", "Alan", "Edsger", "Barbara", "Donald", "Frances", "Ken", "Leslie")
@@ -180,6 +184,25 @@ def write_events(path: Path, lines: list[bytes]) -> Path:
     return path
 
 
+def _left_over(worker: Worker) -> int:
+    source = worker.source
+    return source.lines_unfinished if isinstance(source, FileSource) else 0
+
+
+def _answer_rows(stats: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """The rows of CDP's answers by request kind: how many requests of the kind, then
+    its answers by status ("create: 201 x 1980, 500 x 3"); kinds not asked left out."""
+    rows = []
+    for kind, by_status in stats["responses_by_kind"].items():
+        if not by_status:
+            continue
+        answers = ", ".join(f"{status} x {n}" for status, n in sorted(by_status.items()))
+        rows.append(("", str(sum(by_status.values())), f"{kind}: {answers}"))
+    if rows:
+        rows[0] = ("CDP answers", *rows[0][1:])
+    return rows
+
+
 def _percentile(samples: list[float], share: float) -> float:
     if len(samples) < 2:
         return samples[0] if samples else 0.0
@@ -220,7 +243,7 @@ async def run_demo(
             worker = Worker(settings)
             started = time.perf_counter()
             try:
-                await worker.run()
+                await _run_with_a_bar(worker)
             finally:
                 await worker.close()
             elapsed = time.perf_counter() - started
@@ -229,37 +252,43 @@ async def run_demo(
         return _report(worker, stats, elapsed, folder if workdir else None, problems)
 
 
+async def _run_with_a_bar(worker: Worker) -> None:
+    """worker.run(), with a progress bar on stderr if it is a terminal."""
+    from ._console import FileRun
+
+    source = worker.source
+    assert isinstance(source, FileSource)  # the demo's is always a file
+    async with FileRun(worker, source, label="demo"):
+        await worker.run()
+
+
 def _report(
     worker: Worker, stats: dict[str, Any], elapsed: float, kept: Path | None, problems: list[str]
 ) -> int:
+    from ._console import outcome_rows, print_table
+
     summary, latencies = worker.summary, sorted(worker.latencies)
     finished = sum(summary[k] for k in ("delivered", "updated", "reconciled", "deleted"))
-    dead = {k.split(":", 1)[1]: v for k, v in sorted(summary.items()) if k.startswith("dead:")}
-    print(f"  delivered            {summary['delivered']}  (contacts created)")
-    print(f"  updated              {summary['updated']}  (a changed contact replaced)")
-    print(f"  reconciled           {summary['reconciled']}  (fate unknown, found at CDP)")
-    print(f"  deleted              {summary['deleted']}  (erasures)")
-    print(f"  duplicates skipped   {summary['duplicate']}")
-    print(f"  stale skipped        {summary['stale']}  (older than what CDP holds)")
-    print(f"  dead letters         {sum(dead.values())}  {dead}")
-    print(f"  throughput           {finished / elapsed:.0f} events/s over {elapsed:.2f} s")
-    print(
-        f"  request latency      p50 {_percentile(latencies, 0.5) * 1000:.1f} ms, "
+    latency = (
+        f"p50 {_percentile(latencies, 0.5) * 1000:.1f} ms, "
         f"p99 {_percentile(latencies, 0.99) * 1000:.1f} ms"
     )
-    print(f"  CDP answers          {dict(sorted(stats['responses'].items()))}")
-    print(
-        f"  contacts at CDP      {stats['contacts']} on {stats['orders']} orders, "
-        f"{stats['duplicate_orders']} orders with more than one"
-    )
-    print(
-        f"  converged            {'yes' if not problems else 'NO'}: every order holds its "
-        "latest version, erased ones none"
-    )
+    rows = [
+        *outcome_rows(summary),
+        ("left over", str(_left_over(worker)), "fetched, not finished"),
+        ("throughput", f"{finished / elapsed:.0f}", f"events/s over {elapsed:.2f} s"),
+        ("request latency", "", latency),
+        *_answer_rows(stats),
+        ("contacts at CDP", "", f"{stats['contacts']} on {stats['orders']} orders, "
+         f"{stats['duplicate_orders']} orders with more than one"),
+        ("converged", "yes" if not problems else "NO",
+         "every order holds its latest version, erased ones none"),
+        ("state store", "", worker.state.location),
+    ]  # fmt: skip
     if kept:
-        print(f"  files kept in        {kept}")
-    for problem in problems[:10]:
-        print(f"    {problem}")
+        rows.append(("files kept in", "", str(kept)))
+    rows += [("", "", problem) for problem in problems[:10]]
+    print_table(rows, sys.stdout)
     if problems or stats["duplicate_orders"]:
         print("demo: FAILED: CDP does not hold what the events say")
         return 1

@@ -130,6 +130,7 @@ class FileSource(Source):
         self._next_line = 1
         self._offset = 0
         self._done = _Checkpoint()
+        self._done_before = 0  # lines the checkpoint held finished at open (lines_done_before)
         self._redeliveries = Redeliveries()
         # Checkpoint writes, one at a time, each of the position at the moment it is made.
         self._saves: Batcher[None, None] = Batcher(self._write_checkpoint, name="checkpoint")
@@ -145,6 +146,40 @@ class FileSource(Source):
     @property
     def name(self) -> str:
         return f"file:{self.path}"
+
+    # -- progress: read by the bar and the summary of a run on a terminal (_console.py) --
+
+    @property
+    def lines_done(self) -> int:
+        """Lines finished (acked, or blank), in this run and before it."""
+        return self._done.line + len(self._done.above)
+
+    @property
+    def lines_done_before(self) -> int:
+        """Lines the checkpoint held finished when the source was opened: a rerun skips them."""
+        return self._done_before
+
+    @property
+    def watermark(self) -> int:
+        """The line up to which every line is finished: the next run resumes after it."""
+        return self._done.line
+
+    @property
+    def bytes_done(self) -> int:
+        """Where the watermark's line ends in the file, in bytes."""
+        return self._done.offset
+
+    @property
+    def lines_read(self) -> int:
+        """The last line read so far: once a finite file is finished, its number of lines."""
+        return self._next_line - 1
+
+    @property
+    def lines_unfinished(self) -> int:
+        """Lines read and handed out but not finished (in flight, or waiting to be sent
+        again): what a stop leaves over for the next run."""
+        read = self.lines_read
+        return read - self._done.line - sum(1 for line in self._done.above if line <= read)
 
     async def check(self) -> None:
         if self._stdin:
@@ -177,6 +212,7 @@ class FileSource(Source):
             log.info("source.file_changed", path=self.path, resumed_from=0)
             return
         self._done = checkpoint
+        self._done_before = checkpoint.line + len(checkpoint.above)
         self._head = os.pread(self._file.fileno(), min(HEAD_BYTES, checkpoint.offset), 0)
         self._file.seek(checkpoint.offset)
         self._offset = checkpoint.offset
