@@ -20,6 +20,8 @@ import socket
 import time
 import uuid
 from collections import Counter, deque
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import orjson
@@ -53,6 +55,9 @@ log = get_logger("worker.pipeline")
 # retry do not starve the connection pool.
 FETCH_BATCH = 256
 PENDING_PER_REQUEST_SLOT = 4
+# A fetch waits until this share (1/N) of the pending room is free: fewer, fuller batches
+# (each one claim_many) instead of a fetch for every event that finishes.
+REFILL_SHARE = 4
 # How long one fetch may block, so that a stop is noticed promptly.
 FETCH_TIMEOUT = 1.0
 # An orderRef held by another replica: ask again after about this long.
@@ -74,6 +79,32 @@ LAG_INTERVAL = 10.0
 def default_owner() -> str:
     """hostname-pid plus a random suffix: unique even when a pid is reused after a crash."""
     return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Ready:
+    """A parsed event about to be claimed: its message, its CDP body (None for an
+    erasure) and that body's fingerprint."""
+
+    message: Message
+    event: Event
+    body: dict[str, Any] | None
+    fingerprint: str
+
+    def want(self, on_change: str) -> Want:
+        """The claim's question for this event."""
+        event = self.event
+        return Want(self.fingerprint, event.version, event.op, on_change)
+
+
+def _bind(event: Event) -> None:
+    """The event's fields on every log line of its task."""
+    structlog.contextvars.bind_contextvars(
+        order_ref=event.order_ref,
+        event_id=event.event_id,
+        version=None if event.version is None else str(event.version),
+        attempt=0,
+    )
 
 
 class _Part(Protocol):
@@ -157,7 +188,11 @@ class Worker:
             owner=self.owner,
         )
         self._max_pending = max(settings.concurrency * PENDING_PER_REQUEST_SLOT, 64)
+        # The next fetch waits until this few events are being worked (see _consume).
+        self._refill_at = self._max_pending - self._max_pending // REFILL_SHARE
         self._tasks: set[asyncio.Task[None]] = set()
+        self._few_enough = asyncio.Event()  # set once len(_tasks) <= _wake_at
+        self._wake_at = 0
         self._working: dict[str, asyncio.Future[None]] = {}  # orderRef -> its delivery
         self._bug_failures: dict[str, int] = {}  # message id -> unexpected failures so far
         self._busy_said: dict[str, float] = {}  # orderRef -> when busy_elsewhere was logged
@@ -290,27 +325,40 @@ class Worker:
         gate = self.gate
         while not gate.stopping:
             await gate.wait_unpaused()
-            room = self._max_pending - len(self._tasks)
-            if room <= 0:
-                await gate.unless_stopped(self._any_task_done())
+            if len(self._tasks) > self._refill_at:
+                # Fetch once enough events are done to make a batch worth its round trip
+                # (and one claim_many), not for every event that finishes.
+                await gate.unless_stopped(self._until_at_most(self._refill_at))
                 continue
+            room = self._max_pending - len(self._tasks)
             fetched = await gate.unless_stopped(
                 self.source.fetch(min(room, FETCH_BATCH), FETCH_TIMEOUT)
             )
             if fetched is None:  # a finite source handed out its last message
                 if not self._tasks:
                     return
-                await gate.unless_stopped(self._any_task_done())
+                await gate.unless_stopped(self._until_at_most(len(self._tasks) - 1))
                 continue
-            for message in fetched:
-                self.metrics.events_received.inc()
-                task = asyncio.create_task(self._handle(message))
-                self._tasks.add(task)
-                task.add_done_callback(self._tasks.discard)
+            self.metrics.events_received.inc(len(fetched))
+            await self._start(fetched)
 
-    async def _any_task_done(self) -> None:
-        if self._tasks:  # they may all have finished since the caller looked
-            await asyncio.wait(set(self._tasks), return_when=asyncio.FIRST_COMPLETED)
+    async def _until_at_most(self, tasks: int) -> None:
+        """Return once at most `tasks` events are being worked."""
+        self._wake_at = tasks
+        self._few_enough.clear()
+        if len(self._tasks) > tasks:
+            await self._few_enough.wait()
+
+    def _spawn(self, message: Message, work: Coroutine[Any, Any, None]) -> None:
+        """Work one message in a task of its own: the only task made per event."""
+        task = asyncio.create_task(self._guarded(message, work))
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if len(self._tasks) <= self._wake_at:
+            self._few_enough.set()
 
     async def _drain(self) -> None:
         """Let in-flight deliveries finish within the shutdown timeout; give back the rest."""
@@ -346,10 +394,57 @@ class Worker:
 
     # -- one message --------------------------------------------------------------------
 
-    async def _handle(self, message: Message) -> None:
+    async def _start(self, messages: list[Message]) -> None:
+        """Parse a fetched batch, claim the first event of each free order all in one
+        store operation (`claim_many`), and start one task per event.
+
+        An event whose order is being worked already (in this process, or earlier in the
+        batch) waits for it in its task, then claims on its own: see `_one_at_a_time`.
+        """
+        ready: list[_Ready] = []
+        for message in messages:
+            try:
+                event = self._parse(message)
+                waits = event.order_ref in self._working
+                item = None if waits else _Ready(message, event, *self._body_of(event))
+            except InvalidEvent as invalid:
+                self._spawn(message, self.recorder.reject(message, invalid))
+                continue
+            except Exception:  # noqa: BLE001 - a bug: the message's own task meets it again
+                self._spawn(message, self._handle_message(message))
+                continue
+            if item is None:
+                self._spawn(message, self._one_at_a_time(event, message))
+                continue
+            self._working[event.order_ref] = asyncio.get_running_loop().create_future()
+            ready.append(item)
+        if not ready:
+            return
+        claimed_at = time.monotonic()
+        try:
+            claims = await self.state.claim_many(
+                [(r.event.order_ref, r.want(self.settings.on_change)) for r in ready],
+                self.owner,
+                self.settings.lease_seconds,
+            )
+        except Exception:  # noqa: BLE001 - each event claims on its own, and reports
+            for r in ready:
+                self._finished(r.event.order_ref)
+                self._spawn(r.message, self._one_at_a_time(r.event, r.message))
+            return
+        for r, claim in zip(ready, claims, strict=True):
+            self._spawn(r.message, self._claimed(r, claim, claimed_at))
+
+    def _parse(self, message: Message) -> Event:
+        return parse_event(
+            message.body, default_event_id=message.id, api_version=self.settings.cdp_api_version
+        )
+
+    async def _guarded(self, message: Message, work: Awaitable[None]) -> None:
+        """Await one message's work; what escapes it gives the message back."""
         structlog.contextvars.bind_contextvars(message_id=message.id)
         try:
-            await self._handle_message(message)
+            await work
             self._bug_failures.pop(message.id, None)
         except (StateError, SourceError) as exc:
             # The state store, the sink or the broker is down: give the message back
@@ -384,28 +479,20 @@ class Worker:
 
     async def _handle_message(self, message: Message) -> None:
         try:
-            event = parse_event(
-                message.body,
-                default_event_id=message.id,
-                api_version=self.settings.cdp_api_version,
-            )
+            event = self._parse(message)
         except InvalidEvent as invalid:
             await self.recorder.reject(message, invalid)
             return
-        structlog.contextvars.bind_contextvars(
-            order_ref=event.order_ref,
-            event_id=event.event_id,
-            version=None if event.version is None else str(event.version),
-            attempt=0,
-        )
         await self._one_at_a_time(event, message)
 
     async def _one_at_a_time(self, event: Event, message: Message) -> None:
-        """Deliver, after any earlier event of the same orderRef in this process is done.
+        """Claim and deliver, after any earlier event of the same orderRef in this process
+        is done.
 
         RudderStack's per-key barrier: a duplicate waits for its twin and then finds the
         order `done`, instead of racing it to CDP; other orders flow past.
         """
+        _bind(event)
         order_ref = event.order_ref
         try:
             while (earlier := self._working.get(order_ref)) is not None:
@@ -413,34 +500,49 @@ class Worker:
         except asyncio.CancelledError:
             await self.recorder.give_back(message)  # drained while waiting for its twin
             raise
-        finished = asyncio.get_running_loop().create_future()
-        self._working[order_ref] = finished
+        self._working[order_ref] = asyncio.get_running_loop().create_future()
         try:
-            await self._deliver(message, event)
+            if self.gate.stopping:  # fetched before the stop, not started: give it back
+                await self.recorder.give_back(message)
+                return
+            r = _Ready(message, event, *self._body_of(event))
+            claimed_at = time.monotonic()
+            want = r.want(self.settings.on_change)
+            claim = await self.state.claim(order_ref, self.owner, self.settings.lease_seconds, want)
+            await self._act(r, claim, claimed_at)
         finally:
-            del self._working[order_ref]
-            finished.set_result(None)
+            self._finished(order_ref)
 
-    async def _deliver(self, message: Message, event: Event) -> None:
-        if self.gate.stopping:  # fetched before the stop, not started: give it back
-            await self.recorder.give_back(message)
-            return
-        order_ref = event.order_ref
-        body, fingerprint = self._body_of(event)
-        want = Want(fingerprint, event.version, event.op, self.settings.on_change)
-        claimed_at = time.monotonic()
-        claim = await self.state.claim(order_ref, self.owner, self.settings.lease_seconds, want)
+    async def _claimed(self, r: _Ready, claim: Claim, claimed_at: float) -> None:
+        """The task of an event claimed with its batch; it holds the order's barrier."""
+        _bind(r.event)
+        try:
+            await self._act(r, claim, claimed_at)
+        finally:
+            self._finished(r.event.order_ref)
+
+    def _finished(self, order_ref: str) -> None:
+        """Lift the order's barrier: the next event of it in this process may go."""
+        self._working.pop(order_ref).set_result(None)
+
+    async def _act(self, r: _Ready, claim: Claim, claimed_at: float) -> None:
+        """Deliver under the claim, or skip the event if the claim says so."""
+        message, order_ref = r.message, r.event.order_ref
         if not claim.held:
             await self._skip(message, order_ref, claim)
+            return
+        if self.gate.stopping:  # claimed with its batch as the stop came: nothing sent
+            await self.leases.release(order_ref, sent=False)
+            await self.recorder.give_back(message)
             return
         self.leases.hold(order_ref, message, claimed_at)
         # A message the transport keeps redelivering (its consumers die on it) counts
         # like a claim that keeps expiring: both end in retries_exhausted.
         delivery = Delivery(
             message,
-            event,
-            body=body,
-            fingerprint=fingerprint,
+            r.event,
+            body=r.body,
+            fingerprint=r.fingerprint,
             claim=claim,
             gate=self.gate,
             recorder=self.recorder,
