@@ -188,7 +188,8 @@ async def test_a_piped_run_draws_nothing_and_its_stdout_is_json(
     assert process.returncode == 0
     # No bar, no table: only the summary line, plain text.
     assert err.decode().splitlines() == [err.decode().strip()]
-    assert err.startswith(b"worker run: events.jsonl: ") and b"\x1b" not in err
+    assert err.startswith(b"worker run: events.jsonl: ")
+    assert b"\x1b" not in err  # no colour or cursor codes
     assert outcome_counts(json_lines(out))["delivered"] == ORDERS
 
 
