@@ -27,3 +27,28 @@ def require(service: str, host: str = "127.0.0.1", port: int | None = None) -> N
         if os.environ.get("WORKER_REQUIRE_SERVICES") == "1":
             pytest.fail(f"{message}; WORKER_REQUIRE_SERVICES=1 requires it")
         pytest.skip(f"{message}; start it to run this test")
+
+
+async def delete_redis_keys(prefix: str) -> None:
+    """Delete a test's keys (those under `prefix`) from the test database."""
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(REDIS_URL)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
+        if keys:
+            await client.delete(*keys)
+    finally:
+        await client.aclose()
+
+
+async def drop_postgres_tables(prefix: str) -> None:
+    """Drop a test's state tables and functions (those named `prefix`...)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(POSTGRES_URL)
+    try:
+        await conn.execute(f"DROP TABLE IF EXISTS {prefix}orders, {prefix}checkpoints")
+        await conn.execute(f"DROP FUNCTION IF EXISTS {prefix}orders_claim, {prefix}orders_release")
+    finally:
+        await conn.close()

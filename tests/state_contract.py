@@ -27,6 +27,7 @@ from worker.state.base import (
     UPSERT,
     Claim,
     ClaimStatus,
+    Record,
     StateStore,
     Want,
 )
@@ -282,6 +283,43 @@ class StateStoreContract:
             assert sorted((a.status, b.status)) == sorted((ClaimStatus.CREATE, ClaimStatus.BUSY)), (
                 ref
             )
+
+    # -- lookup (worker inspect) -----------------------------------------------------------
+
+    async def test_lookup_of_an_unknown_order_is_none_and_takes_nothing(
+        self, store: StateStore
+    ) -> None:
+        assert await store.lookup("ORD-1") is None
+        assert (await store.claim("ORD-1", "w1", LEASE)).status is ClaimStatus.CREATE
+
+    async def test_lookup_reads_each_state_as_stored(
+        self, store: StateStore, replica: StateStore, clock: FakeClock
+    ) -> None:
+        await store.claim("ORD-flight", "w1", LEASE, Want("fp-a", v(3)))
+        flying = await replica.lookup("ORD-flight")
+        assert flying == Record(
+            IN_FLIGHT, clock.t, owner="w1", lease_until=clock.t + LEASE, attempts=1, op="create"
+        )
+        await done(store, "ORD-done", Want("fp-a", Version(INSTANT, 1_700_000_000_000_001)), "c-1")
+        assert await replica.lookup("ORD-done") == Record(
+            DONE,
+            clock.t,
+            attempts=1,
+            contact_ref="c-1",
+            href="h-c-1",
+            fingerprint="fp-a",
+            version=Version(INSTANT, 1_700_000_000_000_001),
+        )
+        assert (await store.claim("ORD-dead", "w1", LEASE, UPSERT_B)).held
+        await store.fail("ORD-dead", "w1", "cdp_rejected", fingerprint="fp-b")
+        dead = await replica.lookup("ORD-dead")
+        assert dead is not None
+        assert (dead.status, dead.reason, dead.fingerprint, dead.owner) == (
+            DEAD, "cdp_rejected", "fp-b", None
+        )  # fmt: skip
+        # Reading took nothing: the in-flight order is still w1's.
+        assert (await replica.claim("ORD-flight", "w2", LEASE)).status is ClaimStatus.BUSY
+        assert await store.renew("ORD-flight", "w1", LEASE) is True
 
     # -- complete / fail -----------------------------------------------------------------
 

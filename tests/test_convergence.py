@@ -24,7 +24,7 @@ import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from services import POSTGRES_URL, REDIS_URL, require
+from services import POSTGRES_URL, REDIS_URL, delete_redis_keys, drop_postgres_tables, require
 
 from worker.config import Settings
 from worker.demo import changed, contact_event, convergence_problems, expected_bodies
@@ -121,28 +121,17 @@ async def redis_stores(tmp_path: Path) -> AsyncIterator[Callable[[], Any]]:
     prefix = f"test-convergence-{uuid.uuid4().hex[:8]}:"
     async with _replicas(lambda: RedisStateStore(REDIS_URL, key_prefix=prefix)) as replica:
         yield replica
-    import redis.asyncio as aioredis
-
-    client = aioredis.Redis.from_url(REDIS_URL)
-    keys = [key async for key in client.scan_iter(match=prefix + "*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
+    await delete_redis_keys(prefix)
 
 
 @asynccontextmanager
 async def postgres_stores(tmp_path: Path) -> AsyncIterator[Callable[[], Any]]:
-    import asyncpg
-
     from worker.state.postgres import PostgresStateStore
 
     prefix = f"test_conv_{uuid.uuid4().hex[:8]}_"
     async with _replicas(lambda: PostgresStateStore(POSTGRES_URL, table_prefix=prefix)) as replica:
         yield replica
-    conn = await asyncpg.connect(POSTGRES_URL)
-    await conn.execute(f"DROP TABLE IF EXISTS {prefix}orders, {prefix}checkpoints")
-    await conn.execute(f"DROP FUNCTION IF EXISTS {prefix}orders_claim, {prefix}orders_release")
-    await conn.close()
+    await drop_postgres_tables(prefix)
 
 
 @asynccontextmanager

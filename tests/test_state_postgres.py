@@ -19,7 +19,7 @@ pytest.importorskip("asyncpg")
 pytest.register_assert_rewrite("state_contract")
 
 import asyncpg  # noqa: E402
-from services import POSTGRES_URL, require  # noqa: E402
+from services import POSTGRES_URL, drop_postgres_tables, require  # noqa: E402
 from state_contract import LEASE, StateStoreContract, closing, opened  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
@@ -28,15 +28,6 @@ from worker.state.base import DELETE, DELETE_FINGERPRINT, Want  # noqa: E402
 from worker.state.postgres import PostgresStateStore  # noqa: E402
 
 StoreFactory = Callable[..., PostgresStateStore]
-
-
-async def _drop_tables(prefix: str) -> None:
-    conn = await asyncpg.connect(POSTGRES_URL)
-    try:
-        await conn.execute(f"DROP TABLE IF EXISTS {prefix}orders, {prefix}checkpoints")
-        await conn.execute(f"DROP FUNCTION IF EXISTS {prefix}orders_claim, {prefix}orders_release")
-    finally:
-        await conn.close()
 
 
 @pytest.fixture
@@ -55,7 +46,7 @@ async def make_store(table_prefix: str) -> AsyncIterator[StoreFactory]:
 
     async with closing(build) as make:
         yield make
-    await _drop_tables(table_prefix)
+    await drop_postgres_tables(table_prefix)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ pytest.importorskip("redis.asyncio")
 pytest.register_assert_rewrite("state_contract")
 
 import redis.asyncio as aioredis  # noqa: E402
-from services import REDIS_URL, require  # noqa: E402
+from services import REDIS_URL, delete_redis_keys, require  # noqa: E402
 from state_contract import DAY, LEASE, FakeClock, StateStoreContract, closing, opened  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
@@ -29,16 +29,6 @@ from worker.state.redis import RedisStateStore  # noqa: E402
 from worker.versions import NUMBER, Version  # noqa: E402
 
 StoreFactory = Callable[..., RedisStateStore]
-
-
-async def _delete_keys(prefix: str) -> None:
-    client = aioredis.Redis.from_url(REDIS_URL)
-    try:
-        keys = [key async for key in client.scan_iter(match=f"{prefix}*", count=1000)]
-        if keys:
-            await client.delete(*keys)
-    finally:
-        await client.aclose()
 
 
 @pytest.fixture
@@ -53,7 +43,7 @@ async def make_store() -> AsyncIterator[StoreFactory]:
 
     async with closing(build) as make:
         yield make
-    await _delete_keys(prefix)
+    await delete_redis_keys(prefix)
 
 
 @pytest.fixture

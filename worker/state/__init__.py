@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from worker import _extras
 from worker.config import default
 from worker.errors import ConfigError
-from worker.state.base import Claim, ClaimStatus, StateStore, Want
+from worker.state.base import Claim, ClaimStatus, Record, StateStore, Want
 from worker.state.memory import MemoryStateStore
 from worker.state.sqlite import SqliteStateStore
 
@@ -24,6 +24,7 @@ __all__ = [
     "ClaimStatus",
     "MemoryStateStore",
     "PostgresStateStore",
+    "Record",
     "RedisStateStore",
     "SqliteStateStore",
     "StateStore",

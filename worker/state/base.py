@@ -20,6 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 # The envelope's ops, re-exported: the backends and their tests speak of them here.
 from worker.contact import DELETE as DELETE
@@ -76,6 +77,55 @@ class Want:
 
 # The default question: an upsert whose content is unknown (a done record is a duplicate).
 ANY_UPSERT = Want()
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """One orderRef's row, the same columns in every backend (`COLUMNS`).
+
+    While in flight, `contact_ref`, `href`, `fingerprint` and `version` still describe what
+    CDP confirmed before the claim, so that `release` can put them back.
+    """
+
+    status: str
+    updated_at: float
+    owner: str | None = None
+    lease_until: float = 0.0
+    attempts: int = 0
+    op: str | None = None
+    contact_ref: str | None = None
+    href: str | None = None
+    fingerprint: str | None = None
+    version: Version | None = None
+    reason: str | None = None
+
+    @classmethod
+    def from_columns(cls, row: Sequence[Any]) -> Record:
+        """A record from its stored columns, in `COLUMNS` order (strings from redis, typed
+        values from sql; None or "" for a column with nothing)."""
+        status, updated_at, owner, lease_until, attempts, op, ref, href, fp, kind, version, why = (
+            row
+        )
+        return cls(
+            str(status),
+            float(updated_at or 0.0),
+            owner or None,
+            float(lease_until or 0.0),
+            int(attempts or 0),
+            op or None,
+            ref or None,
+            href or None,
+            fp or None,
+            Version(kind, int(version)) if kind else None,
+            why or None,
+        )
+
+
+# A record's stored columns (redis: hash fields), in `Record.from_columns` order.
+COLUMNS = (
+    "status", "updated_at", "owner", "lease_until", "attempts", "op", "contact_ref", "href",
+    "fingerprint", "version_kind", "version", "reason",
+)  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -252,6 +302,11 @@ class StateStore(ABC):
         reopened; False (and nothing changes) for a done, deleted, in-flight or missing
         one: a contact that exists, or a delivery under way, is never reopened.
         """
+
+    @abstractmethod
+    async def lookup(self, order_ref: str) -> Record | None:
+        """The order's record as stored, or None: read only, nothing is taken or changed
+        (`worker inspect`). A record past its retention may be gone already."""
 
     @abstractmethod
     async def get_checkpoint(self, key: str) -> str | None:

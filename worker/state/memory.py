@@ -11,8 +11,7 @@ from collections.abc import Callable, Sequence
 
 from worker.errors import StateError
 from worker.state import base, rules
-from worker.state.base import ANY_UPSERT, FINISHED, Claim, StateStore, Want
-from worker.state.rules import Record
+from worker.state.base import ANY_UPSERT, FINISHED, Claim, Record, StateStore, Want
 from worker.versions import Version
 
 
@@ -55,6 +54,10 @@ class MemoryStateStore(StateStore):
 
     def record(self, order_ref: str) -> Record | None:
         """The order's record as stored (tests look at it)."""
+        return self._orders.get(order_ref)
+
+    async def lookup(self, order_ref: str) -> Record | None:
+        self._check_open()
         return self._orders.get(order_ref)
 
     async def claim(

@@ -25,7 +25,16 @@ import asyncpg
 from worker._urls import ParsedUrl, check_server_url
 from worker.errors import ConfigError, StateError
 from worker.state import base
-from worker.state.base import ANY_UPSERT, Claim, ClaimStatus, StateStore, Want, not_owner
+from worker.state.base import (
+    ANY_UPSERT,
+    COLUMNS,
+    Claim,
+    ClaimStatus,
+    Record,
+    StateStore,
+    Want,
+    not_owner,
+)
 from worker.versions import Version
 
 OPTION = "--state / WORKER_STATE"
@@ -259,7 +268,7 @@ _FORGET = (
     "UPDATE {orders} SET status = 'in_flight', owner = NULL, lease_until = 0, attempts = 0,"
     " op = 'reconcile', reason = NULL, updated_at = $2 WHERE order_ref = $1 AND status = 'dead'"
 )
-_STATUS = "SELECT status FROM {orders} WHERE order_ref = $1"
+_LOOKUP = f"SELECT {', '.join(COLUMNS)} FROM {{orders}} WHERE order_ref = $1"  # noqa: S608 - constant names
 _ANY_ORDER = "SELECT EXISTS (SELECT 1 FROM {orders})"
 _GET_CHECKPOINT = "SELECT value FROM {checkpoints} WHERE key = $1"
 _SET_CHECKPOINT = (
@@ -283,6 +292,7 @@ class _Sql:
         self.schema = _SCHEMA.format_map(names) + _FUNCTIONS.format_map(names)
         self.claim = _CLAIM.format_map(names)
         self.claim_many = _CLAIM_MANY.format_map(names)
+        self.lookup = _LOOKUP.format_map(names)
         self.renew = _RENEW.format_map(names)
         self.complete = _COMPLETE.format_map(names)
         self.mark_deleted = _MARK_DELETED.format_map(names)
@@ -515,6 +525,10 @@ class PostgresStateStore(StateStore):
 
     async def forget(self, order_ref: str) -> bool:
         return await self._execute("forget", self._sql.forget, order_ref, base.now()) == 1
+
+    async def lookup(self, order_ref: str) -> Record | None:
+        row = await self._fetchrow("lookup", self._sql.lookup, order_ref)
+        return None if row is None else Record.from_columns([row[name] for name in COLUMNS])
 
     async def get_checkpoint(self, key: str) -> str | None:
         value = await self._fetchval("get_checkpoint", self._sql.get_checkpoint, key)

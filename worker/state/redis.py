@@ -45,7 +45,16 @@ from redis.exceptions import NoScriptError, RedisError
 from worker._urls import ParsedUrl, check_server_url, scrub_password
 from worker.errors import ConfigError, StateError
 from worker.state import base
-from worker.state.base import ANY_UPSERT, Claim, ClaimStatus, StateStore, Want, not_owner
+from worker.state.base import (
+    ANY_UPSERT,
+    COLUMNS,
+    Claim,
+    ClaimStatus,
+    Record,
+    StateStore,
+    Want,
+    not_owner,
+)
 from worker.versions import Version
 
 T = TypeVar("T")
@@ -523,6 +532,11 @@ class RedisStateStore(StateStore):
     async def forget(self, order_ref: str) -> bool:
         keys = [self._key(order_ref), self.finished_key]
         return bool(await self._script("forget", keys, [order_ref, base.now()]))
+
+    async def lookup(self, order_ref: str) -> Record | None:
+        pending = self._live_client().hmget(self._key(order_ref), list(COLUMNS))
+        row = await self._call("lookup", pending)
+        return None if row[0] is None else Record.from_columns(row)
 
     async def get_checkpoint(self, key: str) -> str | None:
         client = self._live_client()

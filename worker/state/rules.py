@@ -11,7 +11,6 @@ suite (`tests/state_contract.py`) holds all four to the same answers.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 from worker import versions
@@ -26,31 +25,11 @@ from worker.state.base import (
     UPDATE,
     Claim,
     ClaimStatus,
+    Record,
     Want,
     not_owner,
 )
 from worker.versions import Version
-
-
-@dataclass(frozen=True, slots=True)
-class Record:
-    """One orderRef's row.
-
-    While in flight, `contact_ref`, `href`, `fingerprint` and `version` still describe what
-    CDP confirmed before the claim, so that `release` can put them back.
-    """
-
-    status: str
-    updated_at: float
-    owner: str | None = None
-    lease_until: float = 0.0
-    attempts: int = 0
-    op: str | None = None
-    contact_ref: str | None = None
-    href: str | None = None
-    fingerprint: str | None = None
-    version: Version | None = None
-    reason: str | None = None
 
 
 def _take(

@@ -25,8 +25,7 @@ from typing import Any, TypeVar
 from worker._batching import Batcher
 from worker.errors import ConfigError, StateError, WorkerError
 from worker.state import base, rules
-from worker.state.base import ANY_UPSERT, FINISHED, Claim, StateStore, Want
-from worker.state.rules import Record
+from worker.state.base import ANY_UPSERT, FINISHED, Claim, Record, StateStore, Want
 from worker.versions import Version
 
 T = TypeVar("T")
@@ -69,11 +68,8 @@ _ADDED_COLUMNS = (
     ("version_kind", "TEXT"),
     ("version", "INTEGER"),
 )
-# One row as rules.Record has it, in its field order.
-_SELECT = (
-    "SELECT status, updated_at, owner, lease_until, attempts, op, contact_ref, href,"
-    " fingerprint, version_kind, version, reason FROM orders WHERE order_ref = ?"
-)
+# One row, in Record.from_columns' order.
+_SELECT = f"SELECT {', '.join(base.COLUMNS)} FROM orders WHERE order_ref = ?"  # noqa: S608 - constant names
 _REPLACE = (
     "INSERT OR REPLACE INTO orders (order_ref, status, updated_at, owner, lease_until,"
     " attempts, op, contact_ref, href, fingerprint, version_kind, version, reason)"
@@ -334,6 +330,9 @@ class SqliteStateStore(StateStore):
 
         return await self._submit(op)
 
+    async def lookup(self, order_ref: str) -> Record | None:
+        return await self._submit(lambda conn: _read(conn, order_ref))
+
     async def get_checkpoint(self, key: str) -> str | None:
         def op(conn: sqlite3.Connection) -> str | None:
             row = conn.execute("SELECT value FROM checkpoints WHERE key = ?", (key,)).fetchone()
@@ -387,23 +386,7 @@ def _claim(
 
 def _read(conn: sqlite3.Connection, order_ref: str) -> Record | None:
     row = conn.execute(_SELECT, (order_ref,)).fetchone()
-    if row is None:
-        return None
-    (status, updated_at, owner, lease_until, attempts, op, contact_ref, href) = row[:8]
-    fingerprint, version_kind, version, reason = row[8:]
-    return Record(
-        status,
-        updated_at,
-        owner,
-        lease_until or 0.0,
-        attempts,
-        op,
-        contact_ref,
-        href,
-        fingerprint,
-        None if version_kind is None else Version(version_kind, version),
-        reason,
-    )
+    return None if row is None else Record.from_columns(row)
 
 
 def _write(
