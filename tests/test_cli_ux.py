@@ -182,3 +182,21 @@ def test_run_errors_list_the_sources(capsys: pytest.CaptureFixture[str]) -> None
     assert "group=" in str(refused.value)
     with pytest.raises(ConfigError, match=r"did you mean file:\./events\.jsonl\?"):
         open_source("./events.jsonl")
+
+
+def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"{bad\n" * 50_000)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "worker", "validate", str(events)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert process.stdout is not None
+    assert process.stdout.readline().startswith(b"line 1, column 2: malformed_json")
+    process.stdout.close()  # as `| head -1` does
+    _, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert stderr == b""  # no BrokenPipeError traceback

@@ -323,6 +323,28 @@ class CdpClient:
         """GET one contact: OK with its ref and href, NOT_FOUND when there is none."""
         return await self._send_to_contact("GET", contact_ref, None, "read")
 
+    async def contact_fields(self, contact_ref: str) -> tuple[Outcome, dict[str, Any] | None]:
+        """GET one contact with its fields (`worker inspect`): personal data, which the
+        Outcome never holds, so that no log line or letter can carry it."""
+        read: list[dict[str, Any]] = []
+
+        def keep(status: int, payload: bytes) -> Outcome:
+            try:
+                fields = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                fields = None
+            if not isinstance(fields, dict):
+                return Outcome(Verdict.RETRY, str(status), status, message="unreadable contact")
+            read.append(fields)
+            return Outcome(Verdict.OK, str(status), status, contact_ref=contact_ref)
+
+        try:
+            url = self.contact_url(contact_ref)
+        except ValueError:
+            return BAD_REF, None
+        outcome = await self._send("GET", url, None, "read", ref=contact_ref, read_success=keep)
+        return outcome, read[0] if read else None
+
     async def update_contact(self, contact_ref: str, body: Mapping[str, Any]) -> Outcome:
         """Replace the whole contact with `body`: OK with its ref and href, NOT_FOUND when
         it was deleted at CDP, IN_DOUBT when no answer came (send it again: a replace is

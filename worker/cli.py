@@ -1,4 +1,5 @@
-"""`worker` command line (DESIGN section 6): run, emulator, demo, check, validate, schema."""
+"""`worker` command line (DESIGN section 6): run, emulator, demo, check, validate,
+publish, dlq, inspect, schema."""
 
 from __future__ import annotations
 
@@ -206,6 +207,33 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     )
     dlq_replay.add_argument("--dry-run", action="store_true", help="say what would be done")
 
+    inspect = commands.add_parser(
+        "inspect",
+        help="what happened to one order: its record, and with --cdp what CDP holds",
+        description="Print the state store's record of ORDER_REF (status, contact, version, "
+        "attempts, lease owner and expiry, a dead letter's reason and when) without taking "
+        "it, and with --cdp the order's contacts at CDP now and whether they still hold what "
+        "the record says was sent. No personal data is printed unless --show-contact. "
+        "Exit 0 if the store knows the order, 1 if not, 2 on a configuration error.",
+        epilog="--cdp reads CDP_BASE_URL, CDP_CLIENT_KEY, CDP_API_TOKEN (or their _FILE "
+        "forms), CDP_API_VERSION and CDP_CA_FILE from the environment, as `worker run` does.",
+    )
+    inspect.add_argument("order_ref", metavar="ORDER_REF", help="the order's orderRef")
+    inspect.add_argument(
+        "--state",
+        default=None,
+        metavar="URL",
+        help=f"state store URL (default $WORKER_STATE or {default('state')})",
+    )
+    inspect.add_argument(
+        "--cdp", action="store_true", help="also list what CDP holds for the order now"
+    )
+    inspect.add_argument(
+        "--show-contact",
+        action="store_true",
+        help="with --cdp, print each contact's fields (personal data!)",
+    )
+
     schema = commands.add_parser(
         "schema",
         help="print the event envelope's JSON Schema",
@@ -245,8 +273,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         "publish": command_publish,
         "dlq": command_dlq,
         "schema": command_schema,
+        "inspect": command_inspect,
     }[args.command]
-    sys.exit(handler(args))
+    try:
+        code = handler(args)
+        sys.stdout.flush()  # here, where a closed pipe can still be told apart
+    except BrokenPipeError:
+        # The reader went away (`worker dlq list URL | head`): stop quietly, as other
+        # command-line tools do, and keep Python from complaining again at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = EXIT_FAILURE
+    sys.exit(code)
 
 
 def command_run(args: argparse.Namespace) -> int:
@@ -502,6 +539,23 @@ def _dlq_list(letters: list[dict[str, object]], *, show_events: bool) -> int:
         else:
             print(dlq.describe(letter))
     return EXIT_OK
+
+
+def command_inspect(args: argparse.Namespace) -> int:
+    from . import _loops, inspection
+
+    try:
+        state, client = inspection.open_parts(args.state, cdp=args.cdp)
+    except ConfigError as exc:
+        print(f"worker inspect: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        return _loops.run(
+            inspection.run(args.order_ref, state, client, show_contact=args.show_contact)
+        )
+    except (ConfigError, StateError) as exc:
+        print(f"worker inspect: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE
 
 
 def command_schema(args: argparse.Namespace) -> int:
