@@ -137,7 +137,9 @@ def run_worker(url: str, folder: Path, events: Path, **settings: str) -> dict[st
     )
     log_path = folder / "worker.log"
     with log_path.open("wb") as log:
-        _, cpu = child_cpu([sys.executable, "-m", "worker", "run"], env=env, stdout=log)
+        _, cpu = child_cpu(
+            [sys.executable, "-m", "worker", "run"], env=env, stdout=log, stderr=subprocess.DEVNULL
+        )
     times: dict[str, datetime] = {}
     delivered = finished = 0
     for line in log_path.read_bytes().splitlines():

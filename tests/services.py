@@ -49,6 +49,9 @@ async def drop_postgres_tables(prefix: str) -> None:
     conn = await asyncpg.connect(POSTGRES_URL)
     try:
         await conn.execute(f"DROP TABLE IF EXISTS {prefix}orders, {prefix}checkpoints")
-        await conn.execute(f"DROP FUNCTION IF EXISTS {prefix}orders_claim, {prefix}orders_release")
+        await conn.execute(
+            f"DROP FUNCTION IF EXISTS {prefix}orders_claim, {prefix}orders_release,"
+            f" {prefix}orders_finish"
+        )
     finally:
         await conn.close()

@@ -27,6 +27,7 @@ from worker.state.base import (
     UPSERT,
     Claim,
     ClaimStatus,
+    Finish,
     Record,
     StateStore,
     Want,
@@ -283,6 +284,55 @@ class StateStoreContract:
             assert sorted((a.status, b.status)) == sorted((ClaimStatus.CREATE, ClaimStatus.BUSY)), (
                 ref
             )
+
+    # -- record_many ---------------------------------------------------------------------
+
+    async def test_record_many_records_each_as_its_own_method_would(
+        self, store: StateStore, replica: StateStore, clock: FakeClock
+    ) -> None:
+        for ref in ("ORD-done", "ORD-erased", "ORD-dead"):
+            assert (await store.claim(ref, "w1", LEASE, Want("fp-a", v(2)))).held
+        await done(store, "ORD-again", UPSERT_A, "c-9")
+        await store.claim("ORD-other", "w2", LEASE)
+        answers = await replica.record_many(
+            "w1",
+            [
+                Finish("ORD-done", DONE, "c-1", "h-1", "fp-a", v(2)),
+                Finish("ORD-other", DONE, "c-2", "h-2", "fp-a"),  # w2's: refused
+                Finish("ORD-erased", DELETED, version=v(2)),
+                Finish("ORD-dead", DEAD, fingerprint="fp-a", reason="cdp_rejected"),
+                Finish("ORD-again", DONE, "c-9", "h-c-9", "fp-a"),  # a retried write: fine
+                Finish("ORD-never", DELETED),  # nobody's: refused
+            ],
+        )
+        assert [type(a).__name__ for a in answers] == [
+            "NoneType", "NotOwner", "NoneType", "NoneType", "NoneType", "NotOwner"
+        ]  # fmt: skip
+        assert "ORD-other" in str(answers[1])
+        assert await store.lookup("ORD-done") == Record(
+            DONE, clock.t, attempts=1, contact_ref="c-1", href="h-1", fingerprint="fp-a",
+            version=v(2),
+        )  # fmt: skip
+        erased = await store.lookup("ORD-erased")
+        assert erased is not None
+        assert (erased.status, erased.version) == (DELETED, v(2))
+        dead = await store.lookup("ORD-dead")
+        assert dead is not None
+        assert (dead.status, dead.reason) == (DEAD, "cdp_rejected")
+        other = await store.lookup("ORD-other")
+        assert other is not None
+        assert (other.status, other.owner) == (IN_FLIGHT, "w2")  # untouched
+        assert await store.lookup("ORD-never") is None
+
+    async def test_record_many_of_nothing_is_nothing(self, store: StateStore) -> None:
+        assert await store.record_many("w1", []) == []
+
+    async def test_record_many_refuses_an_order_twice(self, store: StateStore) -> None:
+        await store.claim("ORD-1", "w1", LEASE)
+        twice = [Finish("ORD-1", DELETED), Finish("ORD-1", DEAD, reason="r")]
+        with pytest.raises(ValueError, match="twice"):
+            await store.record_many("w1", twice)
+        assert await store.renew("ORD-1", "w1", LEASE) is True  # still held, unrecorded
 
     # -- lookup (worker inspect) -----------------------------------------------------------
 

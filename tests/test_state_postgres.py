@@ -24,7 +24,7 @@ from state_contract import LEASE, StateStoreContract, closing, opened  # noqa: E
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, open_state_store  # noqa: E402
-from worker.state.base import DELETE, DELETE_FINGERPRINT, Want  # noqa: E402
+from worker.state.base import DELETE, DELETE_FINGERPRINT, DONE, Finish, Want  # noqa: E402
 from worker.state.postgres import PostgresStateStore  # noqa: E402
 
 StoreFactory = Callable[..., PostgresStateStore]
@@ -114,6 +114,18 @@ async def test_claim_many_is_one_statement(
     monkeypatch.setattr(pg_store, "_pool", counting)
     answers = await pg_store.claim_many([(f"ORD-{i}", Want()) for i in range(200)], "w", LEASE)
     assert [a.status for a in answers] == [ClaimStatus.CREATE] * 200
+    assert counting.calls == ["fetch"]
+
+
+async def test_record_many_is_one_statement(
+    pg_store: PostgresStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs = [f"ORD-{i}" for i in range(100)]
+    await pg_store.claim_many([(ref, Want()) for ref in refs], "w", LEASE)
+    counting = _CountingPool(pg_store._pool)
+    monkeypatch.setattr(pg_store, "_pool", counting)
+    finishes = [Finish(ref, DONE, f"c-{ref}", "h", "fp") for ref in reversed(refs)]
+    assert await pg_store.record_many("w", finishes) == [None] * 100
     assert counting.calls == ["fetch"]
 
 

@@ -24,7 +24,7 @@ from state_contract import DAY, LEASE, FakeClock, StateStoreContract, closing, o
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, open_state_store  # noqa: E402
-from worker.state.base import Want  # noqa: E402
+from worker.state.base import DEAD, DELETED, DONE, Finish, Want  # noqa: E402
 from worker.state.redis import RedisStateStore  # noqa: E402
 from worker.versions import NUMBER, Version  # noqa: E402
 
@@ -119,6 +119,35 @@ async def test_claim_many_is_one_pipeline_of_evalsha(
     answers = await redis_store.claim_many([(f"ORD-{i}", Want()) for i in range(50)], "w1", LEASE)
     assert [a.status for a in answers] == [ClaimStatus.CREATE] * 50
     assert sent == [["EVALSHA"] * 50]  # no SCRIPT EXISTS first: one round trip
+
+
+async def test_record_many_is_one_pipeline_of_evalsha(
+    redis_store: RedisStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refs = [f"ORD-{i}" for i in range(30)]
+    await redis_store.claim_many([(ref, Want()) for ref in refs], "w1", LEASE)
+    client = redis_store._client
+    assert client is not None
+    sent: list[int] = []
+    pipeline = client.pipeline
+
+    def counting(*args: Any, **options: Any) -> Any:
+        pipe = pipeline(*args, **options)
+        execute = pipe.execute
+
+        async def counted(*a: Any, **o: Any) -> Any:
+            sent.append(len(pipe.command_stack))
+            return await execute(*a, **o)
+
+        pipe.execute = counted
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", counting)
+    finishes = [Finish(ref, DONE, f"c-{ref}", "h", "fp") for ref in refs[:10]]
+    finishes += [Finish(ref, DELETED) for ref in refs[10:20]]
+    finishes += [Finish(ref, DEAD, reason="cdp_rejected") for ref in refs[20:]]
+    assert await redis_store.record_many("w1", finishes) == [None] * 30
+    assert sent == [30]
 
 
 async def test_claim_many_reloads_its_script_after_a_script_flush(

@@ -20,7 +20,7 @@ from state_contract import LEASE, StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
 from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
-from worker.state.base import Want  # noqa: E402
+from worker.state.base import DELETED, Finish, Want  # noqa: E402
 
 
 class TestSqliteState(StateStoreContract):
@@ -57,6 +57,15 @@ async def test_claim_many_is_one_commit(sqlite_store: SqliteStateStore) -> None:
     before = sqlite_store.commits
     answers = await sqlite_store.claim_many([(f"ORD-{i}", Want()) for i in range(300)], "w", LEASE)
     assert [a.status for a in answers] == [ClaimStatus.CREATE] * 300
+    assert sqlite_store.commits - before == 1
+
+
+async def test_record_many_is_one_commit(sqlite_store: SqliteStateStore) -> None:
+    refs = [f"ORD-{i}" for i in range(300)]
+    await sqlite_store.claim_many([(ref, Want()) for ref in refs], "w", LEASE)
+    before = sqlite_store.commits
+    answers = await sqlite_store.record_many("w", [Finish(ref, DELETED) for ref in refs])
+    assert answers == [None] * 300
     assert sqlite_store.commits - before == 1
 
 

@@ -14,11 +14,13 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from ._batching import Batcher
 from .contact import Event
 from .errors import InvalidEvent, NotOwner, SourceError, StateError
 from .observability import Metrics, get_logger
 from .sources import DeadLetterSink, Message, Source, dead_letter
-from .state import StateStore
+from .state import Finish, StateStore
+from .state.base import DEAD, DELETED, DONE
 
 log = get_logger("worker.outcomes")
 
@@ -53,6 +55,11 @@ class Recorder:
         self._dead_letters = dead_letters
         self._metrics = metrics
         self._owner = owner
+        # Outcomes of events that end at about the same time go to the store together:
+        # one record_many (one transaction, pipeline or statement) for all of them.
+        self._records: Batcher[Finish, NotOwner | None] = Batcher(
+            self._record_many, name="state-records"
+        )
         self.summary: Counter[str] = Counter()
         # Outcomes waiting for the part that records them to answer again (see stalled).
         self.waiting: Counter[str] = Counter()
@@ -77,27 +84,14 @@ class Recorder:
         """CDP's `contact` holds the event's body (`fingerprint`; None: unknown): record
         `done`, ack, count `outcome` (delivered, updated or reconciled)."""
         ref, href = contact
-        await self._durably(
-            STATE,
-            lambda: self._state.complete(
-                event.order_ref,
-                self._owner,
-                ref,
-                href,
-                fingerprint=fingerprint,
-                version=event.version,
-            ),
-        )
+        await self._record(Finish(event.order_ref, DONE, ref, href, fingerprint, event.version))
         await self._source.ack(message)
         self._metrics.mark_success()
         self.count(outcome, contact_ref=ref)
 
     async def deleted(self, message: Message, event: Event) -> None:
         """CDP holds no contact for the order any more: record `deleted`, ack, count."""
-        await self._durably(
-            STATE,
-            lambda: self._state.mark_deleted(event.order_ref, self._owner, version=event.version),
-        )
+        await self._record(Finish(event.order_ref, DELETED, version=event.version))
         await self._source.ack(message)
         self._metrics.mark_success()
         self.count("deleted")
@@ -131,15 +125,10 @@ class Recorder:
             raw=message.body,  # kept only if the event cannot be written back as JSON
         )
         await self._store(letter)
-        await self._durably(
-            STATE,
-            lambda: self._state.fail(
-                event.order_ref,
-                self._owner,
-                reason,
-                fingerprint=fingerprint,
-                version=event.version,
-            ),
+        await self._record(
+            Finish(
+                event.order_ref, DEAD, fingerprint=fingerprint, version=event.version, reason=reason
+            )
         )
         # CDP's error text (detail) stays out of the log: it may quote the contact.
         await self._acked_dead(message, reason, status=status)
@@ -198,6 +187,20 @@ class Recorder:
             await self._source.nack(message, delay=delay)
         except Exception:
             log.exception("source.nack_failed")
+
+    async def _record(self, finish: Finish) -> None:
+        """Record an outcome in the state store, with those of about the same moment,
+        however long the store is away (see `_durably`)."""
+
+        async def write() -> None:
+            refused = await self._records.submit(finish)
+            if refused is not None:
+                raise refused
+
+        await self._durably(STATE, write)
+
+    async def _record_many(self, finishes: list[Finish]) -> list[NotOwner | None]:
+        return await self._state.record_many(self._owner, finishes)
 
     async def _store(self, letter: dict[str, Any]) -> None:
         """Store a dead letter, however long the sink is away (see `_durably`)."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from worker import _extras
 from worker.config import default
 from worker.errors import ConfigError
-from worker.state.base import Claim, ClaimStatus, Record, StateStore, Want
+from worker.state.base import Claim, ClaimStatus, Finish, Record, StateStore, Want
 from worker.state.memory import MemoryStateStore
 from worker.state.sqlite import SqliteStateStore
 
@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # imported lazily at run time: see open_state_store
 __all__ = [
     "Claim",
     "ClaimStatus",
+    "Finish",
     "MemoryStateStore",
     "PostgresStateStore",
     "Record",

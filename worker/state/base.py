@@ -121,6 +121,20 @@ class Record:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Finish:
+    """An outcome to record (`record_many`): DONE with the contact CDP holds and the
+    fingerprint of its body, DELETED, or DEAD with its reason (the contact is kept)."""
+
+    order_ref: str
+    status: str  # DONE, DELETED or DEAD
+    contact_ref: str | None = None
+    href: str | None = None
+    fingerprint: str | None = None
+    version: Version | None = None
+    reason: str | None = None
+
+
 # A record's stored columns (redis: hash fields), in `Record.from_columns` order.
 COLUMNS = (
     "status", "updated_at", "owner", "lease_until", "attempts", "op", "contact_ref", "href",
@@ -157,10 +171,10 @@ def not_owner(order_ref: str, owner: str, action: str) -> NotOwner:
     return NotOwner(f"cannot {action} order {order_ref!r}: {owner!r} does not hold it")
 
 
-def check_distinct(wants: Sequence[tuple[str, Want]]) -> None:
-    """`claim_many`'s precondition: no orderRef twice in one batch."""
-    if len({order_ref for order_ref, _ in wants}) != len(wants):
-        raise ValueError("claim_many: an orderRef appears twice in one batch")
+def check_distinct(order_refs: Sequence[str], operation: str) -> None:
+    """The precondition of `claim_many` and `record_many`: no orderRef twice in one batch."""
+    if len(set(order_refs)) != len(order_refs):
+        raise ValueError(f"{operation}: an orderRef appears twice in one batch")
 
 
 def now() -> float:
@@ -228,7 +242,7 @@ class StateStore(ABC):
         a failure (StateError) may leave some of them claimed, whose leases then run out
         like those of a crashed worker. This default claims one after the other.
         """
-        check_distinct(wants)
+        check_distinct([ref for ref, _ in wants], "claim_many")
         return [await self.claim(ref, owner, lease_seconds, want) for ref, want in wants]
 
     @abstractmethod
@@ -240,6 +254,14 @@ class StateStore(ABC):
         """
 
     @abstractmethod
+    async def record_many(self, owner: str, finishes: Sequence[Finish]) -> list[NotOwner | None]:
+        """Record each outcome as `complete`, `mark_deleted` or `fail` would (by its
+        status), all in one store operation where the backend can (one transaction,
+        pipeline or statement): durable when this returns. Each has its own answer: None
+        (recorded), or the NotOwner its own method would raise. The orderRefs must be
+        distinct; a StateError means none of them may have been recorded.
+        """
+
     async def complete(
         self,
         order_ref: str,
@@ -256,8 +278,10 @@ class StateStore(ABC):
         Raises NotOwner unless `owner` holds it; completing a done record again with the
         same contact and fingerprint is harmless (a retried write that had landed).
         """
+        await self.record_one(
+            owner, Finish(order_ref, DONE, contact_ref, href, fingerprint, version)
+        )
 
-    @abstractmethod
     async def mark_deleted(
         self, order_ref: str, owner: str, *, version: Version | None = None
     ) -> None:
@@ -266,8 +290,8 @@ class StateStore(ABC):
         Durable when this returns. Raises NotOwner unless `owner` holds it, or the record
         is deleted already.
         """
+        await self.record_one(owner, Finish(order_ref, DELETED, version=version))
 
-    @abstractmethod
     async def fail(
         self,
         order_ref: str,
@@ -281,6 +305,14 @@ class StateStore(ABC):
         knew (if any) is kept. Durable when this returns. Raises NotOwner unless `owner`
         holds it.
         """
+        finish = Finish(order_ref, DEAD, fingerprint=fingerprint, version=version, reason=reason)
+        await self.record_one(owner, finish)
+
+    async def record_one(self, owner: str, finish: Finish) -> None:
+        """One outcome (`record_many` of one); NotOwner unless `owner` holds the order."""
+        (refused,) = await self.record_many(owner, [finish])
+        if refused is not None:
+            raise refused
 
     @abstractmethod
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:

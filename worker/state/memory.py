@@ -9,10 +9,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Sequence
 
-from worker.errors import StateError
+from worker.errors import NotOwner, StateError
 from worker.state import base, rules
-from worker.state.base import ANY_UPSERT, FINISHED, Claim, Record, StateStore, Want
-from worker.versions import Version
+from worker.state.base import ANY_UPSERT, FINISHED, Claim, Finish, Record, StateStore, Want
 
 
 class MemoryStateStore(StateStore):
@@ -69,7 +68,7 @@ class MemoryStateStore(StateStore):
         self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
     ) -> list[Claim]:
         self._check_open()
-        base.check_distinct(wants)
+        base.check_distinct([ref for ref, _ in wants], "claim_many")
         async with self._lock:
             t = base.now()
             answers = []
@@ -99,43 +98,21 @@ class MemoryStateStore(StateStore):
         async with self._lock:
             self._store(order_ref, change(self._orders.get(order_ref), base.now()))
 
-    async def complete(
-        self,
-        order_ref: str,
-        owner: str,
-        contact_ref: str,
-        href: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        await self._change(
-            order_ref,
-            lambda rec, now: rules.complete(
-                rec, order_ref, owner, now, contact_ref, href, fingerprint, version
-            ),
-        )
-
-    async def mark_deleted(
-        self, order_ref: str, owner: str, *, version: Version | None = None
-    ) -> None:
-        await self._change(
-            order_ref, lambda rec, now: rules.mark_deleted(rec, order_ref, owner, now, version)
-        )
-
-    async def fail(
-        self,
-        order_ref: str,
-        owner: str,
-        reason: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        await self._change(
-            order_ref,
-            lambda rec, now: rules.fail(rec, order_ref, owner, now, reason, fingerprint, version),
-        )
+    async def record_many(self, owner: str, finishes: Sequence[Finish]) -> list[NotOwner | None]:
+        self._check_open()
+        base.check_distinct([finish.order_ref for finish in finishes], "record_many")
+        async with self._lock:
+            t = base.now()
+            answers: list[NotOwner | None] = []
+            for finish in finishes:
+                ref = finish.order_ref
+                try:
+                    self._store(ref, rules.finish(self._orders.get(ref), owner, t, finish))
+                except NotOwner as refused:
+                    answers.append(refused)
+                else:
+                    answers.append(None)
+            return answers
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         await self._change(order_ref, lambda rec, now: rules.release(rec, owner, now, sent=sent))

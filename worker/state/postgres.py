@@ -23,13 +23,17 @@ from typing import Any, Protocol, TypeVar
 import asyncpg
 
 from worker._urls import ParsedUrl, check_server_url
-from worker.errors import ConfigError, StateError
+from worker.errors import ConfigError, NotOwner, StateError
 from worker.state import base
 from worker.state.base import (
     ANY_UPSERT,
     COLUMNS,
+    DEAD,
+    DELETED,
+    DONE,
     Claim,
     ClaimStatus,
+    Finish,
     Record,
     StateStore,
     Want,
@@ -191,6 +195,37 @@ _FUNCTIONS = """
         RETURN NEXT;
     END
     $$;
+    CREATE OR REPLACE FUNCTION {orders}_finish(
+        p_ref text, p_owner text, p_now double precision, p_status text, p_contact text,
+        p_href text, p_fp text, p_kind text, p_version bigint, p_reason text)
+    RETURNS boolean LANGUAGE plpgsql AS $$
+    BEGIN
+        -- rules.complete / mark_deleted / fail: done takes the contact and fingerprint,
+        -- deleted forgets them, dead keeps the contact; the version moves forward.
+        UPDATE {orders}
+           SET status = p_status,
+               contact_ref = CASE p_status WHEN 'done' THEN p_contact
+                                           WHEN 'deleted' THEN NULL ELSE contact_ref END,
+               href = CASE p_status WHEN 'done' THEN p_href
+                                    WHEN 'deleted' THEN NULL ELSE href END,
+               fingerprint = CASE WHEN p_status = 'deleted' THEN NULL ELSE p_fp END,
+               reason = CASE WHEN p_status = 'dead' THEN p_reason END,
+               owner = NULL, lease_until = 0, op = NULL, updated_at = p_now,
+               version = CASE WHEN p_kind IS NULL THEN version ELSE p_version END,
+               version_kind = COALESCE(p_kind, version_kind)
+         WHERE order_ref = p_ref AND status = 'in_flight' AND owner = p_owner;
+        IF FOUND THEN
+            RETURN true;
+        END IF;
+        -- Finished just so already: a retried write that had landed changes nothing.
+        IF p_status = 'done' THEN
+            RETURN EXISTS (SELECT 1 FROM {orders} WHERE order_ref = p_ref AND status = 'done'
+                           AND contact_ref = p_contact AND fingerprint IS NOT DISTINCT FROM p_fp);
+        END IF;
+        RETURN p_status = 'deleted'
+               AND EXISTS (SELECT 1 FROM {orders} WHERE order_ref = p_ref AND status = 'deleted');
+    END
+    $$;
     CREATE OR REPLACE FUNCTION {orders}_release(
         p_ref text, p_owner text, p_now double precision, p_sent boolean)
     RETURNS void LANGUAGE plpgsql AS $$
@@ -230,38 +265,19 @@ _CLAIM_MANY = (
     " w.on_change) AS c"
 )
 
-# The rest: $1 order_ref, $2 owner, $3 now, then as listed. Only the in-flight owner
-# matches; a version kind of NULL keeps the record's version (versions.forward).
-_OWNED = "order_ref = $1 AND status = 'in_flight' AND owner = $2"
-_FINISHED = "owner = NULL, lease_until = 0, op = NULL, updated_at = $3"
-_RENEW = "UPDATE {orders} SET lease_until = $4, updated_at = $3 WHERE {owned}"
-# $4 contact_ref, $5 href, $6 fingerprint, $7 version kind, $8 version. True if the owner
-# finished it, or it is done with this contact and fingerprint already (a retried write
-# that had landed: then nothing changes).
-_COMPLETE = (
-    "WITH finished AS (UPDATE {orders} SET status = 'done', contact_ref = $4, href = $5,"
-    " fingerprint = $6, reason = NULL, {finished}, version = CASE WHEN $7::text IS NULL"
-    " THEN version ELSE $8::bigint END, version_kind = COALESCE($7::text, version_kind)"
-    " WHERE {owned} RETURNING 1)"
-    " SELECT EXISTS (SELECT 1 FROM finished) OR EXISTS (SELECT 1 FROM {orders}"
-    " WHERE order_ref = $1 AND status = 'done' AND contact_ref = $4"
-    " AND fingerprint IS NOT DISTINCT FROM $6)"
+# $1 order_ref, $2 owner, $3 now, $4 the new lease end; only the in-flight owner matches.
+_RENEW = (
+    "UPDATE {orders} SET lease_until = $4, updated_at = $3"
+    " WHERE order_ref = $1 AND status = 'in_flight' AND owner = $2"
 )
-# $4 version kind, $5 version. True if the owner finished it, or it is deleted already.
-_MARK_DELETED = (
-    "WITH finished AS (UPDATE {orders} SET status = 'deleted', contact_ref = NULL,"
-    " href = NULL, fingerprint = NULL, reason = NULL, {finished}, version = CASE WHEN"
-    " $4::text IS NULL THEN version ELSE $5::bigint END,"
-    " version_kind = COALESCE($4::text, version_kind) WHERE {owned} RETURNING 1)"
-    " SELECT EXISTS (SELECT 1 FROM finished) OR EXISTS (SELECT 1 FROM {orders}"
-    " WHERE order_ref = $1 AND status = 'deleted')"
-)
-# $4 reason, $5 fingerprint, $6 version kind, $7 version. True if the owner finished it.
-_FAIL = (
-    "WITH finished AS (UPDATE {orders} SET status = 'dead', reason = $4, fingerprint = $5,"
-    " {finished}, version = CASE WHEN $6::text IS NULL THEN version ELSE $7::bigint END,"
-    " version_kind = COALESCE($6::text, version_kind) WHERE {owned} RETURNING 1)"
-    " SELECT EXISTS (SELECT 1 FROM finished)"
+# Outcomes in one statement: $1 order_refs, $4..$10 statuses, contact refs, hrefs,
+# fingerprints, version kinds, versions and reasons (arrays, one element per order); $2
+# owner, $3 now. Sorted by the caller, as claims are. True for each one recorded.
+_FINISH_MANY = (
+    "SELECT w.i, {orders}_finish(w.ref, $2, $3, w.status, w.contact, w.href, w.fp, w.kind,"
+    " w.version, w.reason) AS ok FROM unnest($1::text[], $4::text[], $5::text[], $6::text[],"
+    " $7::text[], $8::text[], $9::bigint[], $10::text[]) WITH ORDINALITY"
+    " AS w(ref, status, contact, href, fp, kind, version, reason, i)"
 )
 # $2 now. Reopened in doubt (`rules.forget`): the replayed event lists first.
 _FORGET = (
@@ -286,17 +302,13 @@ class _Sql:
         names = {
             "orders": f"{prefix}orders",
             "checkpoints": f"{prefix}checkpoints",
-            "owned": _OWNED,
-            "finished": _FINISHED,
         }
         self.schema = _SCHEMA.format_map(names) + _FUNCTIONS.format_map(names)
         self.claim = _CLAIM.format_map(names)
         self.claim_many = _CLAIM_MANY.format_map(names)
         self.lookup = _LOOKUP.format_map(names)
         self.renew = _RENEW.format_map(names)
-        self.complete = _COMPLETE.format_map(names)
-        self.mark_deleted = _MARK_DELETED.format_map(names)
-        self.fail = _FAIL.format_map(names)
+        self.finish_many = _FINISH_MANY.format_map(names)
         self.release = _RELEASE.format_map(names)
         self.forget = _FORGET.format_map(names)
         self.get_checkpoint = _GET_CHECKPOINT.format_map(names)
@@ -449,7 +461,7 @@ class PostgresStateStore(StateStore):
         self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
     ) -> list[Claim]:
         """One statement (one round trip, one transaction) for the whole batch."""
-        base.check_distinct(wants)
+        base.check_distinct([ref for ref, _ in wants], "claim_many")
         if not wants:
             return []
         ordered = sorted(range(len(wants)), key=lambda i: wants[i][0])  # see _CLAIM_MANY
@@ -480,45 +492,32 @@ class PostgresStateStore(StateStore):
         sql = self._sql.renew
         return await self._execute("renew", sql, order_ref, owner, t, t + lease_seconds) == 1
 
-    async def _finish(
-        self, action: str, sql: str, order_ref: str, owner: str, *args: object
-    ) -> None:
-        """Run a statement that finishes the record and says whether it did (or it had
-        been finished just so); NotOwner if not."""
-        if not await self._fetchval(action, sql, order_ref, owner, base.now(), *args):
-            raise not_owner(order_ref, owner, action.replace("_", " "))
-
-    async def complete(
-        self,
-        order_ref: str,
-        owner: str,
-        contact_ref: str,
-        href: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        sql = self._sql.complete
-        args = (contact_ref, href, fingerprint, *_version_args(version))
-        await self._finish("complete", sql, order_ref, owner, *args)
-
-    async def mark_deleted(
-        self, order_ref: str, owner: str, *, version: Version | None = None
-    ) -> None:
-        sql = self._sql.mark_deleted
-        await self._finish("mark_deleted", sql, order_ref, owner, *_version_args(version))
-
-    async def fail(
-        self,
-        order_ref: str,
-        owner: str,
-        reason: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        args = (reason, fingerprint, *_version_args(version))
-        await self._finish("fail", self._sql.fail, order_ref, owner, *args)
+    async def record_many(self, owner: str, finishes: Sequence[Finish]) -> list[NotOwner | None]:
+        """One statement (one round trip, one transaction) for the whole batch."""
+        base.check_distinct([finish.order_ref for finish in finishes], "record_many")
+        if not finishes:
+            return []
+        ordered = sorted(finishes, key=lambda finish: finish.order_ref)  # see _CLAIM_MANY
+        versions = [_version_args(finish.version) for finish in ordered]
+        rows = await self._fetch(
+            "record_many",
+            self._sql.finish_many,
+            [finish.order_ref for finish in ordered],
+            owner,
+            base.now(),
+            [finish.status for finish in ordered],
+            [finish.contact_ref for finish in ordered],
+            [finish.href for finish in ordered],
+            [finish.fingerprint for finish in ordered],
+            [kind for kind, _ in versions],
+            [value for _, value in versions],
+            [finish.reason for finish in ordered],
+        )
+        recorded = {ordered[int(row["i"]) - 1].order_ref: bool(row["ok"]) for row in rows}
+        return [
+            None if recorded.get(f.order_ref) else not_owner(f.order_ref, owner, _ACTIONS[f.status])
+            for f in finishes
+        ]
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         await self._fetchval("release", self._sql.release, order_ref, owner, base.now(), sent)
@@ -546,6 +545,10 @@ class PostgresStateStore(StateStore):
 
     async def sweep(self, retention_seconds: float) -> int:
         return await self._execute("sweep", self._sql.sweep, base.now() - retention_seconds)
+
+
+# What each outcome's NotOwner says the owner could not do.
+_ACTIONS = {DONE: "complete", DELETED: "mark deleted", DEAD: "fail"}
 
 
 def _claim_of(row: Mapping[str, Any]) -> Claim:

@@ -43,13 +43,17 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, RedisError
 
 from worker._urls import ParsedUrl, check_server_url, scrub_password
-from worker.errors import ConfigError, StateError
+from worker.errors import ConfigError, NotOwner, StateError
 from worker.state import base
 from worker.state.base import (
     ANY_UPSERT,
     COLUMNS,
+    DEAD,
+    DELETED,
+    DONE,
     Claim,
     ClaimStatus,
+    Finish,
     Record,
     StateStore,
     Want,
@@ -293,6 +297,10 @@ def _check_url(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
 
 
+# What each outcome's NotOwner says the owner could not do.
+_ACTIONS = {DONE: "complete", DELETED: "mark deleted", DEAD: "fail"}
+
+
 def _claim_of(row: Sequence[Any]) -> Claim:
     """The claim script's answer as a Claim."""
     answer, attempts, contact_ref, href, previous, reason = row
@@ -448,25 +456,33 @@ class RedisStateStore(StateStore):
     ) -> list[Claim]:
         """The claim script once per order, all in one pipeline: one round trip (and
         each key still its own script call, so a cluster may spread them over slots)."""
-        base.check_distinct(wants)
+        base.check_distinct([ref for ref, _ in wants], "claim_many")
         if not wants:
             return []
-        client, script, t = self._live_client(), self._scripts["claim"], base.now()
-        calls = [self._claim_call(ref, owner, t, lease_seconds, want) for ref, want in wants]
-        pipe = client.pipeline(transaction=False)
-        for keys, args in calls:
+        t = base.now()
+        calls = [
+            ("claim", *self._claim_call(ref, owner, t, lease_seconds, want)) for ref, want in wants
+        ]
+        return [_claim_of(row) for row in await self._pipelined("claim_many", calls)]
+
+    async def _pipelined(
+        self, action: str, calls: Sequence[tuple[str, list[str], Sequence[Any]]]
+    ) -> list[Any]:
+        """Run each (script, keys, args) in one pipeline, one round trip; their answers."""
+        pipe = self._live_client().pipeline(transaction=False)
+        for name, keys, args in calls:
             # EVALSHA itself: redis-py's pipelined scripts ask SCRIPT EXISTS first, a
             # second round trip per batch.
-            pipe.evalsha(script.sha, len(keys), *keys, *args)
-        rows = await self._call("claim_many", pipe.execute(raise_on_error=False))
-        for i, row in enumerate(rows):
-            if isinstance(row, NoScriptError):  # the server lost its scripts (a restart):
-                rows[i] = await self._script("claim", *calls[i])  # not run: safe to send
-            elif isinstance(row, Exception):
+            pipe.evalsha(self._scripts[name].sha, len(keys), *keys, *args)
+        answers: list[Any] = await self._call(action, pipe.execute(raise_on_error=False))
+        for i, answer in enumerate(answers):
+            if isinstance(answer, NoScriptError):  # the server lost its scripts (a restart):
+                answers[i] = await self._script(*calls[i])  # this one did not run: send it
+            elif isinstance(answer, Exception):
                 raise StateError(
-                    f"redis state store at {self._where}: claim failed: {self._scrub(row)}"
+                    f"redis state store at {self._where}: {action} failed: {self._scrub(answer)}"
                 )
-        return [_claim_of(row) for row in rows]
+        return answers
 
     def _claim_call(
         self, order_ref: str, owner: str, t: float, lease_seconds: float, want: Want
@@ -484,45 +500,38 @@ class RedisStateStore(StateStore):
         renewed = await self._script("renew", [self._key(order_ref)], [owner, t, t + lease_seconds])
         return bool(renewed)
 
-    async def _finish(self, action: str, order_ref: str, owner: str, *fields: object) -> None:
-        """Run a script that finishes the record; NotOwner if `owner` did not hold it."""
-        keys = [self._key(order_ref), self.finished_key]
-        args = (owner, base.now(), order_ref, self._ttl_ms, *fields)
-        if not await self._script(action, keys, args):
-            raise not_owner(order_ref, owner, action.replace("_", " "))
+    async def record_many(self, owner: str, finishes: Sequence[Finish]) -> list[NotOwner | None]:
+        """Each outcome's script (complete, mark_deleted, fail); several in one pipeline:
+        one round trip."""
+        base.check_distinct([finish.order_ref for finish in finishes], "record_many")
+        t = base.now()
+        calls = [self._finish_call(owner, t, finish) for finish in finishes]
+        if len(calls) == 1:  # one script call is a round trip already
+            action, keys, args = calls[0]
+            done = [await self._script(action, keys, args)]
+        else:
+            done = await self._pipelined("record_many", calls)
+        return [
+            None if ok else not_owner(f.order_ref, owner, _ACTIONS[f.status])
+            for f, ok in zip(finishes, done, strict=True)
+        ]
 
-    async def complete(
-        self,
-        order_ref: str,
-        owner: str,
-        contact_ref: str,
-        href: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        await self._finish(
-            "complete", order_ref, owner, contact_ref, href, fingerprint or "",
-            *_version_args(version),
-        )  # fmt: skip
-
-    async def mark_deleted(
-        self, order_ref: str, owner: str, *, version: Version | None = None
-    ) -> None:
-        await self._finish("mark_deleted", order_ref, owner, *_version_args(version))
-
-    async def fail(
-        self,
-        order_ref: str,
-        owner: str,
-        reason: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        await self._finish(
-            "fail", order_ref, owner, reason, fingerprint or "", *_version_args(version)
-        )
+    def _finish_call(
+        self, owner: str, t: float, finish: Finish
+    ) -> tuple[str, list[str], tuple[Any, ...]]:
+        """The script that records `finish`, its keys and arguments."""
+        versions = _version_args(finish.version)
+        fields: tuple[Any, ...]
+        if finish.status == DONE:
+            action = "complete"
+            fields = (finish.contact_ref, finish.href, finish.fingerprint or "", *versions)
+        elif finish.status == DELETED:
+            action, fields = "mark_deleted", versions
+        else:
+            action = "fail"
+            fields = (finish.reason, finish.fingerprint or "", *versions)
+        keys = [self._key(finish.order_ref), self.finished_key]
+        return action, keys, (owner, t, finish.order_ref, self._ttl_ms, *fields)
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         keys = [self._key(order_ref), self.finished_key]

@@ -25,6 +25,7 @@ from worker.state.base import (
     UPDATE,
     Claim,
     ClaimStatus,
+    Finish,
     Record,
     Want,
     not_owner,
@@ -203,6 +204,17 @@ def fail(
         fingerprint=fingerprint,
         version=version,
     )
+
+
+def finish(rec: Record | None, owner: str, now: float, outcome: Finish) -> Record:
+    """`complete`, `mark_deleted` or `fail`, by the outcome's status."""
+    ref, version = outcome.order_ref, outcome.version
+    if outcome.status == DONE:
+        contact_ref, href = outcome.contact_ref or "", outcome.href or ""
+        return complete(rec, ref, owner, now, contact_ref, href, outcome.fingerprint, version)
+    if outcome.status == DELETED:
+        return mark_deleted(rec, ref, owner, now, version)
+    return fail(rec, ref, owner, now, outcome.reason or "", outcome.fingerprint, version)
 
 
 def forget(rec: Record | None, now: float) -> Record | None:

@@ -23,10 +23,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from worker._batching import Batcher
-from worker.errors import ConfigError, StateError, WorkerError
+from worker.errors import ConfigError, NotOwner, StateError, WorkerError
 from worker.state import base, rules
-from worker.state.base import ANY_UPSERT, FINISHED, Claim, Record, StateStore, Want
-from worker.versions import Version
+from worker.state.base import ANY_UPSERT, FINISHED, Claim, Finish, Record, StateStore, Want
 
 T = TypeVar("T")
 Op = Callable[[sqlite3.Connection], Any]
@@ -243,7 +242,7 @@ class SqliteStateStore(StateStore):
     ) -> list[Claim]:
         """One op of the batch's transaction for all of them: one hop into the writer
         thread, and all or none of them written (a savepoint undoes a half-done batch)."""
-        base.check_distinct(wants)
+        base.check_distinct([ref for ref, _ in wants], "claim_many")
 
         def op(conn: sqlite3.Connection) -> list[Claim]:
             conn.execute("SAVEPOINT claim_many")
@@ -279,43 +278,25 @@ class SqliteStateStore(StateStore):
 
         await self._submit(op)
 
-    async def complete(
-        self,
-        order_ref: str,
-        owner: str,
-        contact_ref: str,
-        href: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        await self._change(
-            order_ref,
-            lambda rec, now: rules.complete(
-                rec, order_ref, owner, now, contact_ref, href, fingerprint, version
-            ),
-        )
+    async def record_many(self, owner: str, finishes: Sequence[Finish]) -> list[NotOwner | None]:
+        """One op of the batch's transaction for all of them (each rule checks before it
+        writes: a refused one writes nothing, and refuses only itself)."""
+        base.check_distinct([finish.order_ref for finish in finishes], "record_many")
 
-    async def mark_deleted(
-        self, order_ref: str, owner: str, *, version: Version | None = None
-    ) -> None:
-        await self._change(
-            order_ref, lambda rec, now: rules.mark_deleted(rec, order_ref, owner, now, version)
-        )
+        def op(conn: sqlite3.Connection) -> list[NotOwner | None]:
+            t = base.now()
+            answers: list[NotOwner | None] = []
+            for finish in finishes:
+                found = _read(conn, finish.order_ref)
+                try:
+                    _write(conn, finish.order_ref, rules.finish(found, owner, t, finish), found)
+                except NotOwner as refused:
+                    answers.append(refused)
+                else:
+                    answers.append(None)
+            return answers
 
-    async def fail(
-        self,
-        order_ref: str,
-        owner: str,
-        reason: str,
-        *,
-        fingerprint: str | None = None,
-        version: Version | None = None,
-    ) -> None:
-        await self._change(
-            order_ref,
-            lambda rec, now: rules.fail(rec, order_ref, owner, now, reason, fingerprint, version),
-        )
+        return await self._submit(op) if finishes else []
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         await self._change(order_ref, lambda rec, now: rules.release(rec, owner, now, sent=sent))
