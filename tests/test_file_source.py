@@ -749,6 +749,23 @@ async def test_stdin_streams_lines_and_ends_at_eof() -> None:
     assert rest.decode().splitlines() == ['stdin:4 {"n":4} 1', 'stdin:5 {"n":5} 1', "END"]
 
 
+async def test_stdin_read_in_blocks_keeps_every_line_once_in_order() -> None:
+    # 60,000 lines, several reads' worth, each block ending mid-line: lines split across
+    # two reads come out whole, none lost or doubled, numbered as in the input.
+    lines = [body(n) for n in range(1, 60_001)]
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", STDIN_READER, cwd=REPO,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, errors = await asyncio.wait_for(process.communicate(b"\n".join(lines)), 120)
+    assert errors == b""
+    printed = out.decode().splitlines()
+    assert printed[-1] == "END"
+    expected = [f'stdin:{n} {{"n":{n}}} 1' for n in range(1, 60_001)]
+    assert printed[:-1] == expected
+
+
 def test_the_stdin_url_gives_a_finite_stdin_source() -> None:
     source = open_source("file:-", state=None)
     assert isinstance(source, FileSource)

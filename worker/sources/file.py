@@ -17,6 +17,7 @@ place) is finished first, every line of it acked, before the new one is read.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import hashlib
 import os
@@ -48,6 +49,9 @@ RECENT_BYTES = 4 * 1024 * 1024
 MAX_AHEAD = 20_000
 # How often --follow looks for new lines at the end of the file.
 FOLLOW_POLL_SECONDS = 0.2
+# stdin is read this much at a time, and at most this many blocks wait to be fetched.
+STDIN_READ_BYTES = 64 * 1024
+STDIN_BLOCKS = 64
 # Acks gather this long before the checkpoint is written (one write for them all): an ack
 # never waits for the write, and a crash reads at most this much again.
 CHECKPOINT_INTERVAL = 0.05
@@ -125,7 +129,10 @@ class FileSource(Source):
         self._key = "file:-" if self._stdin else f"file:{Path(path).resolve()}"
         self._label = "stdin" if self._stdin else Path(path).name
         self._file: IO[bytes] | None = None
-        self._lines: asyncio.Queue[bytes | None] | None = None  # stdin reader thread output
+        # The stdin reader thread's output: blocks of whole lines, None at the end; and
+        # the lines of a block taken but not yet handed out.
+        self._lines: asyncio.Queue[list[bytes] | None] | None = None
+        self._taken: collections.deque[bytes] = collections.deque()
         self._eof = False
         self._next_line = 1
         self._offset = 0
@@ -292,14 +299,23 @@ class FileSource(Source):
 
     def _start_stdin_reader(self) -> None:
         # A daemon thread: a blocking read of stdin must never hold up the process's exit.
+        # It hands over what one read returned, as whole lines: one hop into the loop per
+        # block, not per line, and a line is handed over as soon as its newline arrives.
         loop = asyncio.get_running_loop()
-        lines: asyncio.Queue[bytes | None] = asyncio.Queue(maxsize=10_000)
-        self._lines = lines
+        blocks: asyncio.Queue[list[bytes] | None] = asyncio.Queue(maxsize=STDIN_BLOCKS)
+        self._lines = blocks
+
+        def hand_over(block: list[bytes] | None) -> None:
+            asyncio.run_coroutine_threadsafe(blocks.put(block), loop).result()
 
         def pump() -> None:
-            for raw in sys.stdin.buffer:
-                asyncio.run_coroutine_threadsafe(lines.put(raw), loop).result()
-            asyncio.run_coroutine_threadsafe(lines.put(None), loop).result()
+            stdin, partial = sys.stdin.buffer.fileno(), b""
+            while chunk := os.read(stdin, STDIN_READ_BYTES):
+                *whole, partial = (partial + chunk).split(b"\n")
+                if whole:
+                    hand_over([line + b"\n" for line in whole])
+            hand_over([partial] if partial else [])  # a last line without its newline
+            hand_over(None)
 
         threading.Thread(target=pump, name="stdin-reader", daemon=True).start()
 
@@ -322,21 +338,7 @@ class FileSource(Source):
 
     async def _next_raw_lines(self, limit: int, timeout: float) -> list[bytes]:
         if self._lines is not None:
-            out: list[bytes] = []
-            try:
-                first = await asyncio.wait_for(self._lines.get(), timeout)
-            except TimeoutError:
-                return out
-            item: bytes | None = first
-            while True:
-                if item is None:
-                    self._eof = True
-                    break
-                out.append(item)
-                if len(out) >= limit or self._lines.empty():
-                    break
-                item = self._lines.get_nowait()
-            return out
+            return await self._next_stdin_lines(self._lines, limit, timeout)
         if self.follow and self._switch is None:
             self._switch = self._changed()
         if self._switch == "rotated" and not self._old_drained:
@@ -353,6 +355,25 @@ class FileSource(Source):
         if not out and self.follow:
             await asyncio.sleep(min(timeout, FOLLOW_POLL_SECONDS))
         return out
+
+    async def _next_stdin_lines(
+        self, blocks: asyncio.Queue[list[bytes] | None], limit: int, timeout: float
+    ) -> list[bytes]:
+        """Up to `limit` lines of what the reader thread handed over, waiting up to
+        `timeout` for the first block if none is here."""
+        taken = self._taken
+        if not taken and not self._eof:
+            try:
+                block = await asyncio.wait_for(blocks.get(), timeout)
+            except TimeoutError:
+                return []
+            while block is not None:
+                taken.extend(block)
+                if len(taken) >= limit or blocks.empty():
+                    break
+                block = blocks.get_nowait()
+            self._eof = block is None
+        return [taken.popleft() for _ in range(min(limit, len(taken)))]
 
     async def fetch(self, max_messages: int, timeout: float) -> list[Message] | None:
         batch = self._redeliveries.take(max_messages)
