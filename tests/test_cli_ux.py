@@ -200,3 +200,13 @@ def test_output_cut_short_by_its_reader_ends_quietly(tmp_path: Path) -> None:
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == 1
     assert stderr == b""  # no BrokenPipeError traceback
+
+
+@pytest.mark.parametrize("timeout", ["0", "-1", "inf", "nan"])
+def test_check_refuses_a_timeout_that_is_no_duration(
+    capsys: pytest.CaptureFixture[str], timeout: str
+) -> None:
+    code, out, err = run_main(capsys, "check", "--timeout", timeout)
+    assert code == 2
+    assert "--timeout: expected a duration above 0" in err
+    assert out == ""

@@ -222,6 +222,12 @@ async def test_the_command_prints_no_personal_data_unless_asked(
         assert "replica-b" in out
         code, out, _ = await inspect(UNKNOWN_REF)
         assert code == 1
+        code, out, _ = await inspect(DELIVERED.upper())  # as a person may paste it
+        assert code == 0
+        assert "status         done" in out
+        code, out, err = await inspect("not-a-uuid", "--cdp")
+        assert (code, out) == (2, "")
+        assert err == "worker inspect: ORDER_REF: expected a UUID, as events' orderRef\n"
 
 
 async def test_a_state_file_that_is_not_there_is_an_error_not_an_empty_store(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -20,10 +20,10 @@ from harness import Harness, free_port
 from prometheus_client import generate_latest
 
 from worker.emulator import Emulator
-from worker.errors import SourceError, StateError
+from worker.errors import NotOwner, SourceError, StateError
 from worker.pipeline import Worker
 from worker.sources import MemoryDeadLetterSink, MemorySource
-from worker.state import ClaimStatus, MemoryStateStore, Want
+from worker.state import Claim, ClaimStatus, Finish, MemoryStateStore, Want
 
 Events = Callable[[int], list[dict[str, Any]]]
 MakeWorker = Callable[..., Harness]
@@ -350,20 +350,32 @@ async def test_cdp_error_text_quoting_the_contact_stays_out_of_the_logs(
 
 
 class FlakyState(MemoryStateStore):
-    """A memory store whose first `complete` / first `renew` calls fail, as a disk might."""
+    """A memory store whose first outcome records, first `renew` calls or first
+    `claim_many` fail, as a disk might (that claim_many after claiming: a pipeline whose
+    connection dropped after the server ran it)."""
 
-    def __init__(self, *, complete_failures: int = 0, renew_failures: int = 0) -> None:
-        super().__init__()
-        self.complete_failures = complete_failures
-        self.renew_failures = renew_failures
-
-    async def complete(
-        self, order_ref: str, owner: str, contact_ref: str, href: str, **fields: Any
+    def __init__(
+        self, *, record_failures: int = 0, renew_failures: int = 0, claim_failures: int = 0
     ) -> None:
-        if self.complete_failures:
-            self.complete_failures -= 1
+        super().__init__()
+        self.record_failures = record_failures
+        self.renew_failures = renew_failures
+        self.claim_failures = claim_failures
+
+    async def record_many(self, owner: str, finishes: Sequence[Finish]) -> list[NotOwner | None]:
+        if self.record_failures:
+            self.record_failures -= 1
             raise StateError("disk I/O error")
-        await super().complete(order_ref, owner, contact_ref, href, **fields)
+        return await super().record_many(owner, finishes)
+
+    async def claim_many(
+        self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        claims = await super().claim_many(wants, owner, lease_seconds)
+        if self.claim_failures:
+            self.claim_failures -= 1
+            raise StateError("connection lost after the claims landed")
+        return claims
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         if self.renew_failures:
@@ -378,17 +390,34 @@ async def test_a_contact_created_while_the_store_is_down_is_recorded_once_it_is_
     # CDP confirmed the contact; the store refuses to record it for a while (Redis away
     # for seconds). The outcome is kept and recorded when the store answers again: not
     # given back, not left busy for a whole lease, not listed or posted again.
-    state = FlakyState(complete_failures=5)
+    state = FlakyState(record_failures=5)
     await state.open()
     event = events(1)[0]
     harness = make_worker([event], state=state, backoff_base=FAST)
     await asyncio.wait_for(harness.run(), 20)
     await state.close()
+    assert state.record_failures == 0  # the store did refuse five times
     one_contact_each(emulator, [event])
     assert emulator.stats()["requests"] == {"POST": 1}
     assert harness.worker.summary["delivered"] == 1
     assert harness.source.nacked == []
     assert len(harness.source.acked) == 1
+
+
+async def test_claims_of_a_failed_claim_many_are_given_back_not_left_busy(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    # The batch's claims landed but the answer was lost: each event claims again on its
+    # own, which must not find its own claim busy for a whole lease (10 s here).
+    state = FlakyState(claim_failures=1)
+    await state.open()
+    batch = events(20)
+    harness = make_worker(batch, state=state, backoff_base=FAST)
+    await asyncio.wait_for(harness.run(), 5)
+    await state.close()
+    one_contact_each(emulator, batch)
+    assert harness.worker.summary["delivered"] == 20
+    assert harness.source.nacked == []
 
 
 async def test_no_request_is_sent_for_an_order_whose_lease_may_be_lost(

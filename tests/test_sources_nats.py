@@ -13,6 +13,7 @@ from typing import Any
 import orjson
 import pytest
 import services
+from nats.js.errors import NotFoundError
 from source_contract import MakeSource, Publish, SourceContract, bodies, collect, nothing_more
 
 from worker.errors import ConfigError, SourceError
@@ -278,6 +279,26 @@ class TestNatsSource(SourceContract):
         source = await make_nats()
         (event,) = await collect(source, 1)
         await source.ack(event)
+
+    async def test_reading_letters_changes_no_stream(self, nats_url: str) -> None:
+        from nats.js.api import StreamConfig
+
+        from worker import dlq
+
+        stream, subject = _param(nats_url, "stream"), _param(nats_url, "subject")
+        letter = {"reason": "invalid_event", "eventId": "e0"}
+        async with jetstream() as js:  # an earlier version's layout, not moved yet
+            config = StreamConfig(name=stream, subjects=[subject, subject + ".dead-letter"])
+            await js.add_stream(config)
+            await js.publish(subject + ".dead-letter", orjson.dumps(letter))
+        beside = default_dead_letter_url(nats_url)
+        assert [found["eventId"] for found in await dlq.read_letters(beside)] == ["e0"]
+        async with jetstream() as js:
+            info = await js.stream_info(stream)
+            assert info.config.subjects == [subject, subject + ".dead-letter"]  # untouched
+            assert info.state.messages == 1
+            with pytest.raises(NotFoundError):  # no stream made by looking
+                await js.stream_info(stream + "_DEAD_LETTER")
 
     async def test_a_dead_letter_subject_the_operators_stream_captures_is_refused(
         self, nats_url: str

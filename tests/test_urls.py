@@ -110,3 +110,15 @@ def test_a_bare_path_is_refused_with_the_url_it_likely_meant(value: str, meant: 
 )
 def test_urls_and_host_forms_are_no_bare_paths(value: str) -> None:
     refuse_bare_path(value, "--source", suggest="file:")  # left to the URL's own checks
+
+
+@pytest.mark.parametrize(
+    "value", ["postgres//u:s3cret@h/db", "amqp//user:s3cret@host/vhost", "my_user:s3cret@db:5432/x"]
+)
+def test_a_server_url_with_a_slip_in_its_scheme_is_refused_without_echoing_it(value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        refuse_bare_path(value, "--state", suggest="sqlite:///")
+    assert "s3cret" not in str(refused.value)
+    assert str(refused.value) == (
+        "--state: unsupported URL without a scheme; did you mean sqlite:///PATH, or a server URL?"
+    )

@@ -126,16 +126,19 @@ def refuse_bare_path(url: str, label: str, *, suggest: str) -> None:
     """ConfigError if `url` is a path (no scheme, no //host) where a URL belongs, saying
     what was likely meant: `./events.jsonl` -> "did you mean file:./events.jsonl?".
 
-    Such a value is echoed: with neither a scheme nor a host it carries no credentials.
+    Such a value is echoed only if it cannot be a server URL with a slip in its scheme
+    (`postgres//user:secret@host`): one with `@` or `//` may carry a password.
     """
     try:
         parts = urlsplit(url)
     except ValueError:
         return  # not a path either: the URL's own check reports it
     if not parts.scheme and not parts.netloc and not url.startswith("//"):
-        raise ConfigError(
-            f"{label}: unsupported URL without a scheme; did you mean {suggest}{url}?"
-        )
+        if "@" in url or "//" in url:  # a server URL with a slip in its scheme: it may
+            meant = f"{suggest}PATH, or a server URL"  # hold a password, never echoed
+        else:
+            meant = f"{suggest}{url}"
+        raise ConfigError(f"{label}: unsupported URL without a scheme; did you mean {meant}?")
 
 
 def _without_secrets(query: str) -> str:

@@ -368,9 +368,13 @@ def command_demo(args: argparse.Namespace) -> int:
 
 
 def command_check(args: argparse.Namespace) -> int:
+    import math
     import urllib.error
     import urllib.request
 
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        print("worker check: --timeout: expected a duration above 0, such as 3s", file=sys.stderr)
+        return EXIT_CONFIG
     port = os.environ.get("WORKER_HTTP_PORT") or default("http_port")
     url = args.url or f"http://127.0.0.1:{port}/readyz"
     try:
@@ -543,16 +547,20 @@ def _dlq_list(letters: list[dict[str, object]], *, show_events: bool) -> int:
 
 def command_inspect(args: argparse.Namespace) -> int:
     from . import _loops, inspection
+    from .contact import order_ref_path
 
+    try:
+        order_ref = order_ref_path(args.order_ref)  # as the worker keys it: lowercase
+    except ValueError:
+        print("worker inspect: ORDER_REF: expected a UUID, as events' orderRef", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         state, client = inspection.open_parts(args.state, cdp=args.cdp)
     except ConfigError as exc:
         print(f"worker inspect: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     try:
-        return _loops.run(
-            inspection.run(args.order_ref, state, client, show_contact=args.show_contact)
-        )
+        return _loops.run(inspection.run(order_ref, state, client, show_contact=args.show_contact))
     except (ConfigError, StateError) as exc:
         print(f"worker inspect: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError) else EXIT_FAILURE

@@ -35,7 +35,7 @@ async def read_letters(url: str, *, label: str = "URL") -> list[Letter]:
     sink = open_dead_letter_sink(url, label=label)
     if isinstance(sink, FileDeadLetterSink) and not await asyncio.to_thread(_exists, sink.path):
         raise ConfigError(f"{label}: {sink.path} does not exist")
-    await sink.open()
+    await sink.open_to_read()
     try:
         return await sink.read_all()
     finally:

@@ -1,9 +1,10 @@
 """The core loop: source -> parse -> claim -> pace -> POST -> record -> ack.
 
-`Worker.run()` fetches messages in batches and works each in its own task, at most
-`max_pending` at a time: parse (contact.py), claim the orderRef (state/), then `Delivery`
-(delivery.py) follows the event through DESIGN section 3, sending every request through
-the request gate (gate.py). Every exit goes through the outcome recorder (outcomes.py):
+`Worker.run()` fetches messages in batches, parses them (contact.py) and claims the first
+event of each order in the batch in one store operation (`claim_many`, state/); each
+event is then worked in its own task, at most `max_pending` at a time: `Delivery`
+(delivery.py) follows it through DESIGN section 3, sending every request through the
+request gate (gate.py). Every exit goes through the outcome recorder (outcomes.py):
 the outcome is recorded durably before the ack, or the message is given back (nack) and
 its claim with it. Events of one orderRef are worked one after the other in this
 process; other replicas are kept out by the claim's lease (leases.py), renewed while the
@@ -194,6 +195,7 @@ class Worker:
         self._few_enough = asyncio.Event()  # set once len(_tasks) <= _wake_at
         self._wake_at = 0
         self._working: dict[str, asyncio.Future[None]] = {}  # orderRef -> its delivery
+        self._waiting: Counter[str] = Counter()  # orderRef -> its events waiting their turn
         self._bug_failures: dict[str, int] = {}  # message id -> unexpected failures so far
         self._busy_said: dict[str, float] = {}  # orderRef -> when busy_elsewhere was logged
         self._running = False
@@ -405,7 +407,8 @@ class Worker:
         for message in messages:
             try:
                 event = self._parse(message)
-                waits = event.order_ref in self._working
+                # Busy while worked, and while an earlier event of it waits its turn.
+                waits = event.order_ref in self._working or event.order_ref in self._waiting
                 item = None if waits else _Ready(message, event, *self._body_of(event))
             except InvalidEvent as invalid:
                 self._spawn(message, self.recorder.reject(message, invalid))
@@ -421,6 +424,7 @@ class Worker:
         if not ready:
             return
         claimed_at = time.monotonic()
+        claims: list[Claim] | None
         try:
             claims = await self.state.claim_many(
                 [(r.event.order_ref, r.want(self.settings.on_change)) for r in ready],
@@ -428,12 +432,23 @@ class Worker:
                 self.settings.lease_seconds,
             )
         except Exception:  # noqa: BLE001 - each event claims on its own, and reports
+            claims = None
+        if claims is None or len(claims) != len(ready):
             for r in ready:
-                self._finished(r.event.order_ref)
-                self._spawn(r.message, self._one_at_a_time(r.event, r.message))
+                self._spawn(r.message, self._claim_again(r))
             return
         for r, claim in zip(ready, claims, strict=True):
             self._spawn(r.message, self._claimed(r, claim, claimed_at))
+
+    async def _claim_again(self, r: _Ready) -> None:
+        """After a failed claim_many: some claims may have landed (a pipeline is not a
+        transaction), and a claim of ours would answer BUSY for a whole lease. Give them
+        back (a no-op where we hold nothing; nothing was sent), then claim on our own."""
+        try:
+            await self.state.release(r.event.order_ref, self.owner, sent=False)
+        finally:
+            self._finished(r.event.order_ref)
+        await self._one_at_a_time(r.event, r.message)
 
     def _parse(self, message: Message) -> Event:
         return parse_event(
@@ -494,12 +509,17 @@ class Worker:
         """
         _bind(event)
         order_ref = event.order_ref
+        self._waiting[order_ref] += 1
         try:
             while (earlier := self._working.get(order_ref)) is not None:
                 await asyncio.shield(earlier)  # shielded: our cancellation must not cancel it
         except asyncio.CancelledError:
             await self.recorder.give_back(message)  # drained while waiting for its twin
             raise
+        finally:
+            self._waiting[order_ref] -= 1
+            if not self._waiting[order_ref]:
+                del self._waiting[order_ref]
         self._working[order_ref] = asyncio.get_running_loop().create_future()
         try:
             if self.gate.stopping:  # fetched before the stop, not started: give it back

@@ -281,6 +281,11 @@ class DeadLetterSink(ABC):
     async def read_all(self) -> list[dict[str, Any]]:
         """Every letter stored, oldest first, leaving them in place (`worker dlq`)."""
 
+    async def open_to_read(self) -> None:
+        """Open for `read_all` only (`worker dlq`): a sink that sets itself up at `open`
+        (streams, queues) changes nothing on the server here."""
+        await self.open()
+
 
 class Publisher(ABC):
     """Puts events into a source (`worker publish`, tests, benchmarks, backfills)."""

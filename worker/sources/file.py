@@ -309,13 +309,21 @@ class FileSource(Source):
             asyncio.run_coroutine_threadsafe(blocks.put(block), loop).result()
 
         def pump() -> None:
-            stdin, partial = sys.stdin.buffer.fileno(), b""
-            while chunk := os.read(stdin, STDIN_READ_BYTES):
-                *whole, partial = (partial + chunk).split(b"\n")
-                if whole:
+            stdin, partial = sys.stdin.buffer.fileno(), list[bytes]()
+            try:
+                while chunk := os.read(stdin, STDIN_READ_BYTES):
+                    if b"\n" not in chunk:  # a long line: joined once its end is here
+                        partial.append(chunk)
+                        continue
+                    *whole, rest = b"".join([*partial, chunk]).split(b"\n")
+                    partial = [rest] if rest else []
                     hand_over([line + b"\n" for line in whole])
-            hand_over([partial] if partial else [])  # a last line without its newline
-            hand_over(None)
+                if partial:
+                    hand_over([b"".join(partial)])  # a last line without its newline
+            except OSError as exc:  # stdin closed under us: what was read is all there is
+                log.error("source.stdin_failed", error=str(exc))  # noqa: TRY400 - one line
+            finally:
+                hand_over(None)
 
         threading.Thread(target=pump, name="stdin-reader", daemon=True).start()
 

@@ -479,6 +479,10 @@ class NatsDeadLetterSink(DeadLetterSink):
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(self._cannot_set_up(exc)) from None
 
+    async def open_to_read(self) -> None:
+        """Connect only: no stream is made, changed or moved by looking at the letters."""
+        await self._nats.connect()
+
     def _cannot_set_up(self, exc: BaseException) -> str:
         return (
             f"{self._nats.label}: cannot set up stream {self.own_stream!r} for subject "
@@ -551,12 +555,15 @@ class NatsDeadLetterSink(DeadLetterSink):
             seq = int(found.seq or seq) + 1
 
     async def read_all(self) -> list[dict[str, Any]]:
-        """Every letter in the letters' stream, oldest first."""
+        """Every letter in the letters' stream, oldest first, then any an earlier version
+        left in the operator's stream that no sink has moved yet."""
         letters: list[dict[str, Any]] = []
+        streams = [self.own_stream] + ([self.stream] if self.stream != self.own_stream else [])
         try:
-            async for found in self._stored(self.own_stream):
-                with contextlib.suppress(orjson.JSONDecodeError):
-                    letters.append(orjson.loads(found.data or b""))
+            for stream in streams:
+                async for found in self._stored(stream):
+                    with contextlib.suppress(orjson.JSONDecodeError):
+                        letters.append(orjson.loads(found.data or b""))
         except (nats.errors.Error, OSError) as exc:
             raise SourceError(
                 f"cannot read {self.subject!r} in {self.own_stream!r}: {self._nats.describe(exc)}"

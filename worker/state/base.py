@@ -185,7 +185,7 @@ def now() -> float:
 class StateStore(ABC):
     """Idempotency by orderRef. All methods are coroutines and atomic.
 
-    When `claim` returns CLAIMED or IN_DOUBT the caller owns the record (`owner`) until
+    When `claim`'s answer holds the order (`Claim.held`) the caller owns the record (`owner`) until
     `lease_until`; only the owner may renew, complete, fail or release it. A lease that
     runs out makes the next `claim` by anyone return IN_DOUBT and transfer ownership.
     Until that happens the owner still holds the record: renew/complete/fail/release by the
@@ -259,7 +259,9 @@ class StateStore(ABC):
         status), all in one store operation where the backend can (one transaction,
         pipeline or statement): durable when this returns. Each has its own answer: None
         (recorded), or the NotOwner its own method would raise. The orderRefs must be
-        distinct; a StateError means none of them may have been recorded.
+        distinct. After a StateError some may have been recorded (a pipeline is no
+        transaction): recording them again is harmless, but for `fail`, whose NotOwner then
+        only means the order was finished already.
         """
 
     async def complete(

@@ -2,7 +2,7 @@
 
 Layout (`key_prefix` defaults to `cdp-sync:`):
 
-- `cdp-sync:order:<orderRef>`: a hash per orderRef with the fields of `rules.Record`
+- `cdp-sync:order:<orderRef>`: a hash per orderRef with the fields of `base.Record`
   (status, owner, lease_until, attempts, op, contact_ref, href, fingerprint, version_kind,
   version, reason, updated_at); absent fields are None.
 - `cdp-sync:finished`: a sorted set of the finished orderRefs scored by updated_at, so a
@@ -454,8 +454,8 @@ class RedisStateStore(StateStore):
     async def claim_many(
         self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
     ) -> list[Claim]:
-        """The claim script once per order, all in one pipeline: one round trip (and
-        each key still its own script call, so a cluster may spread them over slots)."""
+        """The claim script once per order, all in one pipeline: one round trip. Not a
+        transaction: a failure may leave some claimed (the pipeline gives them back)."""
         base.check_distinct([ref for ref, _ in wants], "claim_many")
         if not wants:
             return []

@@ -241,21 +241,13 @@ class SqliteStateStore(StateStore):
         self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
     ) -> list[Claim]:
         """One op of the batch's transaction for all of them: one hop into the writer
-        thread, and all or none of them written (a savepoint undoes a half-done batch)."""
+        thread, and all or none of them written (`_all_or_none`)."""
         base.check_distinct([ref for ref, _ in wants], "claim_many")
 
         def op(conn: sqlite3.Connection) -> list[Claim]:
-            conn.execute("SAVEPOINT claim_many")
-            try:
-                answers = [_claim(conn, ref, owner, lease_seconds, want) for ref, want in wants]
-            except BaseException:
-                conn.execute("ROLLBACK TO claim_many")
-                raise
-            finally:
-                conn.execute("RELEASE claim_many")
-            return answers
+            return [_claim(conn, ref, owner, lease_seconds, want) for ref, want in wants]
 
-        return await self._submit(op) if wants else []
+        return await self._submit(_all_or_none(op)) if wants else []
 
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:
         def op(conn: sqlite3.Connection) -> bool:
@@ -283,6 +275,7 @@ class SqliteStateStore(StateStore):
         writes: a refused one writes nothing, and refuses only itself)."""
         base.check_distinct([finish.order_ref for finish in finishes], "record_many")
 
+        @_all_or_none
         def op(conn: sqlite3.Connection) -> list[NotOwner | None]:
             t = base.now()
             answers: list[NotOwner | None] = []
@@ -354,6 +347,23 @@ class SqliteStateStore(StateStore):
 
 
 # -- operations: run on the writer thread, inside the batch's transaction --------------------
+
+
+def _all_or_none(op: Callable[[sqlite3.Connection], T]) -> Callable[[sqlite3.Connection], T]:
+    """`op` of many orders, undone whole if it fails part-way (a savepoint): it fails
+    its own caller only, as an op of one order does, and writes nothing."""
+
+    def whole(conn: sqlite3.Connection) -> T:
+        conn.execute("SAVEPOINT many")
+        try:
+            return op(conn)
+        except BaseException:
+            conn.execute("ROLLBACK TO many")
+            raise
+        finally:
+            conn.execute("RELEASE many")
+
+    return whole
 
 
 def _claim(
