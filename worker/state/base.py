@@ -177,6 +177,15 @@ def check_distinct(order_refs: Sequence[str], operation: str) -> None:
         raise ValueError(f"{operation}: an orderRef appears twice in one batch")
 
 
+# What an owner that does not hold the order cannot do, by the outcome recorded.
+RECORDING = {DONE: "complete", DELETED: "record the deletion of", DEAD: "fail"}
+
+
+def refused(finish: Finish, owner: str) -> NotOwner:
+    """The NotOwner of recording `finish` for an order `owner` does not hold."""
+    return not_owner(finish.order_ref, owner, RECORDING[finish.status])
+
+
 def now() -> float:
     """Wall-clock seconds: leases and retention are compared across processes and hosts."""
     return time.time()

@@ -28,16 +28,12 @@ from worker.state import base
 from worker.state.base import (
     ANY_UPSERT,
     COLUMNS,
-    DEAD,
-    DELETED,
-    DONE,
     Claim,
     ClaimStatus,
     Finish,
     Record,
     StateStore,
     Want,
-    not_owner,
 )
 from worker.versions import Version
 
@@ -514,10 +510,7 @@ class PostgresStateStore(StateStore):
             [finish.reason for finish in ordered],
         )
         recorded = {ordered[int(row["i"]) - 1].order_ref: bool(row["ok"]) for row in rows}
-        return [
-            None if recorded.get(f.order_ref) else not_owner(f.order_ref, owner, _ACTIONS[f.status])
-            for f in finishes
-        ]
+        return [None if recorded.get(f.order_ref) else base.refused(f, owner) for f in finishes]
 
     async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
         await self._fetchval("release", self._sql.release, order_ref, owner, base.now(), sent)
@@ -545,10 +538,6 @@ class PostgresStateStore(StateStore):
 
     async def sweep(self, retention_seconds: float) -> int:
         return await self._execute("sweep", self._sql.sweep, base.now() - retention_seconds)
-
-
-# What each outcome's NotOwner says the owner could not do.
-_ACTIONS = {DONE: "complete", DELETED: "mark deleted", DEAD: "fail"}
 
 
 def _claim_of(row: Mapping[str, Any]) -> Claim:

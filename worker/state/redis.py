@@ -48,7 +48,6 @@ from worker.state import base
 from worker.state.base import (
     ANY_UPSERT,
     COLUMNS,
-    DEAD,
     DELETED,
     DONE,
     Claim,
@@ -57,7 +56,6 @@ from worker.state.base import (
     Record,
     StateStore,
     Want,
-    not_owner,
 )
 from worker.versions import Version
 
@@ -297,10 +295,6 @@ def _check_url(url: str) -> str:
     return f"{parts.hostname or 'localhost'}:{parts.port or 6379}/{db}"
 
 
-# What each outcome's NotOwner says the owner could not do.
-_ACTIONS = {DONE: "complete", DELETED: "mark deleted", DEAD: "fail"}
-
-
 def _claim_of(row: Sequence[Any]) -> Claim:
     """The claim script's answer as a Claim."""
     answer, attempts, contact_ref, href, previous, reason = row
@@ -512,8 +506,7 @@ class RedisStateStore(StateStore):
         else:
             done = await self._pipelined("record_many", calls)
         return [
-            None if ok else not_owner(f.order_ref, owner, _ACTIONS[f.status])
-            for f, ok in zip(finishes, done, strict=True)
+            None if ok else base.refused(f, owner) for f, ok in zip(finishes, done, strict=True)
         ]
 
     def _finish_call(

@@ -22,6 +22,7 @@ from worker.state.base import (
     DONE,
     IN_FLIGHT,
     RECONCILE,
+    RECORDING,
     UPDATE,
     Claim,
     ClaimStatus,
@@ -153,7 +154,7 @@ def complete(
         and (rec.contact_ref, rec.fingerprint) == (contact_ref, fingerprint)
     ):
         return rec  # a retried write that had landed
-    held = _owned(rec, order_ref, owner, "complete")
+    held = _owned(rec, order_ref, owner, RECORDING[DONE])
     return _finished(
         held,
         DONE,
@@ -172,7 +173,7 @@ def mark_deleted(
     """`deleted`; raises NotOwner (see `StateStore.mark_deleted`)."""
     if rec is not None and rec.status == DELETED:
         return rec
-    held = _owned(rec, order_ref, owner, "record the deletion of")
+    held = _owned(rec, order_ref, owner, RECORDING[DELETED])
     return _finished(
         held,
         DELETED,
@@ -195,7 +196,7 @@ def fail(
     version: Version | None,
 ) -> Record:
     """`dead`; raises NotOwner (see `StateStore.fail`)."""
-    held = _owned(rec, order_ref, owner, "fail")
+    held = _owned(rec, order_ref, owner, RECORDING[DEAD])
     return _finished(
         held,
         DEAD,
