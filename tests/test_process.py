@@ -313,7 +313,8 @@ async def test_check_reports_readiness(cdp: Emulator, tmp_path: Path) -> None:
 # What `worker check` (every container health probe) must not load: the server side of
 # the worker, the emulator and the demo. It needs the standard library and config.
 HEAVY = ("aiohttp", "asyncio", "structlog", "prometheus_client", "worker.emulator", "worker.demo",
-         "worker.pipeline", "worker.sources", "worker.state")  # fmt: skip
+         "worker.pipeline", "worker.sources", "worker.state", "rich", "worker._console",
+         "worker.inspection")  # fmt: skip
 LOADED_BY_CHECK = (
     "import sys\n"
     "from worker.cli import main\n"
