@@ -193,6 +193,9 @@ class Recorder:
         however long the store is away (see `_durably`)."""
 
         async def write() -> None:
+            if self._state.groups_writes:  # it batches already: no second hand-off
+                await self._state.record_one(self._owner, finish)
+                return
             refused = await self._records.submit(finish)
             if refused is not None:
                 raise refused

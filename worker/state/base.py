@@ -20,7 +20,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 # The envelope's ops, re-exported: the backends and their tests speak of them here.
 from worker.contact import DELETE as DELETE
@@ -200,6 +200,11 @@ class StateStore(ABC):
     Until that happens the owner still holds the record: renew/complete/fail/release by the
     owner succeed after its lease ran out, as long as nobody claimed it meanwhile.
     """
+
+    #: True for a store that groups concurrent operations into one commit itself
+    #: (sqlite's writer thread, memory's lock): a caller may send it outcomes one by
+    #: one. False: each call is a round trip, and callers batch with `record_many`.
+    groups_writes: ClassVar[bool] = False
 
     @abstractmethod
     async def open(self) -> None:

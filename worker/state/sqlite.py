@@ -96,6 +96,8 @@ class SqliteStateStore(StateStore):
     `commits` counts committed transactions (observability, and proof of batching).
     """
 
+    groups_writes = True  # the writer thread commits whatever queued meanwhile at once
+
     def __init__(
         self,
         path: str | os.PathLike[str],
