@@ -193,7 +193,7 @@ async def test_records_of_the_previous_release_are_updated_once(
 ) -> None:
     order = events(1)[0]
     await make_worker([order]).run()
-    record = state.record(order["orderRef"])
+    record = await state.lookup(order["orderRef"])
     assert record is not None
     # As the release before fingerprints wrote it: done, content unknown.
     state._orders[order["orderRef"]] = dataclasses.replace(record, fingerprint=None, version=None)

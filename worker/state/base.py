@@ -244,6 +244,7 @@ class StateStore(ABC):
         never older. A held answer counts an attempt.
         """
 
+    @abstractmethod
     async def claim_many(
         self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
     ) -> list[Claim]:
@@ -253,11 +254,9 @@ class StateStore(ABC):
         The orderRefs must be distinct (ValueError otherwise): the pipeline claims the
         first event of each order in a fetched batch this way, and the others after it.
         Each claim is atomic on its own, as `claim`; the batch is not atomic as a whole:
-        a failure (StateError) may leave some of them claimed, whose leases then run out
-        like those of a crashed worker. This default claims one after the other.
+        a failure (StateError) may leave some of them claimed: the caller gives those
+        back (`release`, which is a no-op where it holds nothing).
         """
-        check_distinct([ref for ref, _ in wants], "claim_many")
-        return [await self.claim(ref, owner, lease_seconds, want) for ref, want in wants]
 
     @abstractmethod
     async def renew(self, order_ref: str, owner: str, lease_seconds: float) -> bool:

@@ -53,10 +53,6 @@ class MemoryStateStore(StateStore):
         else:
             self._orders[order_ref] = rec
 
-    def record(self, order_ref: str) -> Record | None:
-        """The order's record as stored (tests look at it)."""
-        return self._orders.get(order_ref)
-
     async def lookup(self, order_ref: str) -> Record | None:
         self._check_open()
         return self._orders.get(order_ref)
