@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import enum
 import re
 import ssl
@@ -25,6 +24,7 @@ from typing import Any, Literal
 
 import aiohttp
 import orjson
+from yarl import URL
 
 from .contact import order_ref_path
 
@@ -244,6 +244,8 @@ class CdpClient:
         ca_file: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self._base = URL(self.base_url)
+        self._base_path = self._base.raw_path.rstrip("/")
         self._ca_file = ca_file
         self.api_version = api_version
         self._timeout = aiohttp.ClientTimeout(
@@ -298,8 +300,15 @@ class CdpClient:
         return self._session
 
     def contacts_url(self, order_ref: str) -> str:
-        # order_ref_path raises unless order_ref is a UUID: nothing unvalidated reaches a URL.
-        return f"{self.base_url}/{self.api_version}/orders/{order_ref_path(order_ref)}/contacts"
+        return str(self._contacts_address(order_ref))
+
+    def _contacts_address(self, order_ref: str) -> URL:
+        """`contacts_url` as aiohttp takes it, built from parts already encoded (the
+        base's, and a UUID's hex digits and hyphens): no parsing or quoting per request.
+        order_ref_path raises unless order_ref is a UUID: nothing unvalidated reaches a URL."""
+        base = self._base
+        path = f"{self._base_path}/{self.api_version}/orders/{order_ref_path(order_ref)}/contacts"
+        return URL.build(scheme=base.scheme, authority=base.raw_authority, path=path, encoded=True)
 
     def contact_url(self, contact_ref: str) -> str:
         # contact_ref_path raises unless the ref is one plain path segment.
@@ -307,12 +316,13 @@ class CdpClient:
 
     async def create_contact(self, order_ref: str, body: Mapping[str, Any]) -> Outcome:
         """POST the contact. OK with its ref and href; otherwise see `classify`."""
-        return await self._send("POST", self.contacts_url(order_ref), orjson.dumps(body), "create")
+        address = self._contacts_address(order_ref)
+        return await self._send("POST", address, orjson.dumps(body), "create")
 
     async def list_contacts(self, order_ref: str) -> Outcome:
         """GET the order's contacts. OK with `contacts` on success; otherwise as classify."""
         outcome = await self._send(
-            "GET", self.contacts_url(order_ref), None, "read", read_success=_listed
+            "GET", self._contacts_address(order_ref), None, "read", read_success=_listed
         )
         if outcome.verdict is Verdict.NOT_FOUND:
             # An unknown order has no contacts; some proxies say so with a 404.
@@ -371,7 +381,7 @@ class CdpClient:
     async def _send(
         self,
         method: str,
-        url: str,
+        url: str | URL,
         data: bytes | None,
         kind: Kind,
         *,
@@ -392,16 +402,20 @@ class CdpClient:
                 if read_success is not None and 200 <= status < 300:
                     outcome = read_success(status, payload)
                 else:
-                    href = url if ref is not None else None
+                    href = str(url) if ref is not None else None
                     outcome = classify(
                         status, response.headers, payload, kind=kind, ref=ref, href=href
                     )
         except (TimeoutError, aiohttp.ClientError) as exc:
             # A read changes nothing: with no answer it is simply asked again.
             outcome = classify_error(exc, sent_possible=kind != "read")
-        return dataclasses.replace(
-            outcome, message=self._redact(outcome.message), duration=time.perf_counter() - started
-        )
+        # The outcome was made just now for this request alone (never a shared constant):
+        # its duration and redacted message are set in place, as a frozen dataclass's own
+        # __post_init__ would, instead of a copy per request (dataclasses.replace).
+        object.__setattr__(outcome, "duration", time.perf_counter() - started)
+        if outcome.message is not None:
+            object.__setattr__(outcome, "message", self._redact(outcome.message))
+        return outcome
 
     def _redact(self, message: str | None) -> str | None:
         if message is None:

@@ -20,7 +20,7 @@ import hashlib
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from types import MappingProxyType
 from typing import Any
 
@@ -73,6 +73,7 @@ _INSTANT_PATTERN = (
     r"([Zz]|[+-]\d{2}(?::?\d{2})?)?)?"
 )
 _INSTANT_RE = re.compile(_INSTANT_PATTERN, re.ASCII)
+_DAY_RE = re.compile(r"\d{4}-\d{2}-\d{2}", re.ASCII)  # a day alone: midnight UTC
 _SAFE_NAME_RE = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 
 _DATE_MESSAGE = "expected YYYY-MM-DD or ISO 8601 date-time"
@@ -216,6 +217,9 @@ def _date(path: str, value: object) -> str | None:
     if not text:
         return None
     try:
+        if _DAY_RE.fullmatch(text):  # the usual form (a birth date, an expiry): no shift
+            date.fromisoformat(text)  # a real day, or ValueError
+            return f"{text}T00:00:00.000Z"
         return _format_instant(_parse_instant(text))
     except (ValueError, OverflowError):
         raise FieldRejected(f"{path}: {_DATE_MESSAGE}") from None
@@ -234,8 +238,14 @@ def _guest_ref(path: str, value: object) -> str | None:
 def _string_list(path: str, value: object) -> list[str] | None:
     if not isinstance(value, list):
         raise FieldRejected(f"{path}: expected an array of strings, got {_json_type(value)}")
-    items = [_string(f"{path}[{index}]", item) for index, item in enumerate(value)]
-    return [item for item in items if item] or None
+    items = []
+    for index, item in enumerate(value):
+        # _string only for what is not a string: it raises, naming the item's path (a
+        # path built per item would cost more than the rest of the field).
+        text = item.strip() if isinstance(item, str) else _string(f"{path}[{index}]", item)
+        if text:
+            items.append(text)
+    return items or None
 
 
 _IDENTIFIER_KEYS = frozenset(("provider", "id", "expiryDate"))
@@ -291,6 +301,7 @@ _FIELDS_BY_VERSION: dict[str, dict[str, _Normaliser]] = {
     "v2.1": {**_FIELDS, **_V21_FIELDS, "guestRef": _guest_ref},
 }
 _BODY_FIELDS: tuple[str, ...] = (*_FIELDS, *_V21_FIELDS)
+_PATHS = {key: f"contact.{key}" for key in _FIELDS_BY_VERSION["v2.1"]}  # built once, not per event
 _REQUIRED: tuple[str, ...] = ("firstName", "lastName")
 _HINTS = {"guest": " (send guestRef: the worker builds guest.href)"}
 
@@ -319,7 +330,7 @@ def _contact(value: object, api_version: str) -> tuple[dict[str, Any], str | Non
             if item is not None:  # null is absent, and absent is fine under v2
                 raise FieldRejected(f"contact.{key}: needs CDP_API_VERSION=v2.1")
             continue
-        if item is not None and (result := normalise(f"contact.{key}", item)) is not None:
+        if item is not None and (result := normalise(_PATHS[key], item)) is not None:
             contact[key] = result
     for key in _REQUIRED:
         if key not in contact:

@@ -68,6 +68,9 @@ class RequestGate:
         self._slots = asyncio.Semaphore(concurrency)
         self._stopping = asyncio.Event()
         metrics.concurrency_limit.set(concurrency)
+        # Read at each scrape, not kept up per request (two locked updates per request).
+        self._in_flight = 0
+        metrics.in_flight.set_function(lambda: self._in_flight)
         if limiter.shared is not None:
             paused = metrics.paused.labels("rate_limit_backend")
             limiter.shared.on_change = lambda available: paused.set(0 if available else 1)
@@ -183,19 +186,20 @@ class RequestGate:
     async def _pace(self) -> None:
         """The rate limit (its wait counted), then the stop flag."""
         waited = await self.limiter.acquire()
-        self.metrics.rate_limit_wait.inc(waited)
+        if waited:
+            self.metrics.rate_limit_wait.inc(waited)
         if self._stopping.is_set():
             raise Draining
 
     async def _timed(self, call: Call) -> Outcome:
         """Send, and count what came back; a 429 brakes every request of the process."""
         metrics = self.metrics
-        metrics.in_flight.inc()
+        self._in_flight += 1
         try:
             outcome = await call()
         finally:
-            metrics.in_flight.dec()
-        metrics.requests.labels(outcome.label).inc()
+            self._in_flight -= 1
+        metrics.requests_by_status[outcome.label].inc()
         metrics.request_duration.observe(outcome.duration)
         self.latencies.append(outcome.duration)
         self.recent.note(outcome)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
 import sys
 import time
@@ -56,18 +57,61 @@ _FORBIDDEN_KEYS = frozenset(
 REDACTED = "[redacted]"
 
 
+# Keys already judged (the code logs the same few dozen keys over and over): normalising
+# every key of every line cost more than rendering it. Bounded, in case keys ever vary.
+_JUDGED: dict[str, bool] = {}
+_JUDGED_MAX = 4096
+
+
 def _normalise_key(key: str) -> str:
     return key.lower().replace("_", "").replace("-", "")
+
+
+def _forbidden(key: str) -> bool:
+    judged = _JUDGED.get(key)
+    if judged is None:
+        judged = _normalise_key(key) in _FORBIDDEN_KEYS
+        if len(_JUDGED) < _JUDGED_MAX:
+            _JUDGED[key] = judged
+    return judged
 
 
 def redact_sensitive(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
     """structlog processor: replace values of keys that name PII or credentials."""
-    for key in list(event_dict):
-        if _normalise_key(key) in _FORBIDDEN_KEYS:
+    for key in event_dict:  # values replaced in place: the dict keeps its size
+        if _forbidden(key):
             event_dict[key] = REDACTED
     return event_dict
+
+
+# structlog's add_log_level names: its methods' names, but for these two.
+_LEVEL_OF_METHOD = {"warn": "warning", "exception": "error"}
+
+
+class _UtcStamp:
+    """`level` and `timestamp` (ISO 8601, UTC, "Z") in one processor, as structlog's
+    add_log_level and TimeStamper(fmt="iso", utc=True) write them, with the date and time
+    to the second formatted once per second instead of once per line."""
+
+    def __init__(self) -> None:
+        self._second = -1
+        self._prefix = ""
+
+    def __call__(
+        self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        event_dict["level"] = _LEVEL_OF_METHOD.get(method, method)
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
+            self._second, self._prefix = second, moment.isoformat()[:19]
+        micro = int((now - second) * 1_000_000)
+        # isoformat's own rule: no fraction when there is none.
+        event_dict["timestamp"] = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+        return event_dict
 
 
 class StdoutLogger:
@@ -142,8 +186,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _UtcStamp(),
             structlog.processors.format_exc_info,
             redact_sensitive,
             renderer,
@@ -175,6 +218,21 @@ OUTCOMES = (
     "delivered", "updated", "deleted", "duplicate", "stale", "changed_ignored",
     "dead_lettered", "reconciled",
 )  # fmt: skip
+
+
+class ByLabel:
+    """The children of a metric with one label, each looked up once (`labels()` hashes
+    and locks on every call: the hot path asks the same few values again and again)."""
+
+    def __init__(self, metric: Counter) -> None:
+        self._metric = metric
+        self._children: dict[str, Counter] = {}
+
+    def __getitem__(self, value: str) -> Counter:
+        child = self._children.get(value)
+        if child is None:
+            child = self._children[value] = self._metric.labels(value)
+        return child
 
 
 class Metrics:
@@ -227,8 +285,10 @@ class Metrics:
         self.source_lag = Gauge(
             p + "source_lag", "Messages waiting in the source (where it can tell)", registry=r
         )
+        self.events_by_outcome = ByLabel(self.events)
+        self.requests_by_status = ByLabel(self.requests)
         for outcome in OUTCOMES:
-            self.events.labels(outcome)  # export zeroes so rate() works from the start
+            self.events_by_outcome[outcome]  # export zeroes so rate() works from the start
 
     def mark_success(self) -> None:
         self.last_success.set(time.time())

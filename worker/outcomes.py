@@ -250,7 +250,7 @@ class Recorder:
 
     def count(self, outcome: str, **fields: Any) -> None:
         """Count a finished event, and say so in one log line."""
-        self._metrics.events.labels(outcome).inc()
+        self._metrics.events_by_outcome[outcome].inc()
         self.summary[outcome] += 1
         level = log.warning if outcome == "dead_lettered" else log.info
         level(f"event.{outcome}", **fields)
