@@ -96,21 +96,23 @@ class _UtcStamp:
     to the second formatted once per second instead of once per line."""
 
     def __init__(self) -> None:
-        self._second = -1
-        self._prefix = ""
+        # (second, its text) in one attribute: a thread that logs meanwhile reads both or
+        # neither of a new pair, never one second's text under another's number.
+        self._second: tuple[int, str] = (-1, "")
 
     def __call__(
         self, _logger: Any, method: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
         event_dict["level"] = _LEVEL_OF_METHOD.get(method, method)
         now = time.time()
-        second = int(now)
-        if second != self._second:
-            moment = datetime.datetime.fromtimestamp(second, datetime.UTC)
-            self._second, self._prefix = second, moment.isoformat()[:19]
+        second, prefix = self._second
+        if int(now) != second:
+            second = int(now)
+            prefix = datetime.datetime.fromtimestamp(second, datetime.UTC).isoformat()[:19]
+            self._second = (second, prefix)
         micro = int((now - second) * 1_000_000)
         # isoformat's own rule: no fraction when there is none.
-        event_dict["timestamp"] = f"{self._prefix}.{micro:06d}Z" if micro else f"{self._prefix}Z"
+        event_dict["timestamp"] = f"{prefix}.{micro:06d}Z" if micro else f"{prefix}Z"
         return event_dict
 
 
