@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import types
 
 import pytest
 
-from worker._batching import Batcher
+from worker._batching import LONELY, Batcher
 
 
 async def test_what_arrives_during_a_flush_goes_in_the_next_one() -> None:
@@ -119,3 +120,57 @@ async def test_a_full_batch_does_not_wait_for_the_window() -> None:
     batcher: Batcher[int, int] = Batcher(flush, name="test", max_batch=3, window=30.0)
     results = await asyncio.wait_for(asyncio.gather(*(batcher.submit(n) for n in range(3))), 5)
     assert results == [0, 1, 2]
+
+
+def recording_batcher(window: float = 0.0) -> tuple[Batcher[str, str], list[list[str]]]:
+    batches: list[list[str]] = []
+
+    async def flush(items: list[str]) -> list[str | BaseException]:
+        batches.append(items)
+        return [item.upper() for item in items]
+
+    return Batcher(flush, name="test", window=window), batches
+
+
+async def test_an_unhurried_item_rides_with_the_next_batch() -> None:
+    batcher, batches = recording_batcher()
+    unhurried = asyncio.create_task(batcher.submit("checkpoint", within=30.0))
+    await asyncio.sleep(0.01)
+    assert batches == []  # it started no flush of its own
+    assert await batcher.submit("outcome") == "OUTCOME"
+    assert await asyncio.wait_for(unhurried, 5) == "CHECKPOINT"
+    assert batches == [["checkpoint", "outcome"]]  # one flush for both
+
+
+async def test_an_unhurried_item_alone_goes_within_its_time() -> None:
+    batcher, batches = recording_batcher()
+    assert await asyncio.wait_for(batcher.submit("checkpoint", within=0.01), 5) == "CHECKPOINT"
+    assert batches == [["checkpoint"]]
+
+
+async def test_wait_idle_flushes_unhurried_items_too() -> None:
+    batcher, batches = recording_batcher()
+    unhurried = asyncio.create_task(batcher.submit("checkpoint", within=30.0))
+    await asyncio.sleep(0)
+    await asyncio.wait_for(batcher.wait_idle(), 5)
+    assert unhurried.done()
+    assert unhurried.result() == "CHECKPOINT"
+    assert batches == [["checkpoint"]]
+
+
+async def test_an_item_long_after_the_last_does_not_wait_for_the_window(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = [1000.0]
+    # The batcher's clock alone (the loop's own keeps running).
+    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    batcher, batches = recording_batcher(window=30.0)
+    clock[0] += 30.0 * LONELY + 1  # a paced caller: no company is coming
+    assert await asyncio.wait_for(batcher.submit("alone"), 5) == "ALONE"
+    # One that follows closely is taken for a burst again: it waits for company.
+    clock[0] += 0.001
+    waiting = asyncio.create_task(batcher.submit("close behind"))
+    await asyncio.sleep(0.05)
+    assert not waiting.done()
+    waiting.cancel()
+    assert batches == [["alone"]]

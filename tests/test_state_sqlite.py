@@ -92,6 +92,20 @@ async def test_concurrent_completes_share_commits(sqlite_store: SqliteStateStore
     assert all(c.status is ClaimStatus.DUPLICATE for c in claims)
 
 
+async def test_a_checkpoint_rides_with_an_outcomes_commit(sqlite_store: SqliteStateStore) -> None:
+    await sqlite_store.claim("ORD-1", "w", LEASE)
+    before = sqlite_store.commits
+    checkpoint = asyncio.create_task(sqlite_store.set_checkpoint("file", "7"))
+    await asyncio.sleep(0)  # queued, and in no hurry
+    await sqlite_store.complete("ORD-1", "w", "c-1", "h")
+    await checkpoint
+    assert sqlite_store.commits - before == 1  # one commit for both
+    assert await sqlite_store.get_checkpoint("file") == "7"
+    before = sqlite_store.commits
+    await asyncio.wait_for(sqlite_store.set_checkpoint("file", "8"), 5)  # alone: its own
+    assert sqlite_store.commits - before == 1
+
+
 async def test_a_failing_op_fails_only_itself(sqlite_store: SqliteStateStore) -> None:
     refs = [f"ORD-{i}" for i in range(20)]
     await asyncio.gather(*(sqlite_store.claim(ref, "w1", LEASE) for ref in refs))

@@ -16,11 +16,15 @@ others riding on the same flush (they would wait for ever).
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
+
+# An item that came more than this many windows after the one before it goes at once.
+LONELY = 5
 
 
 class Batcher(Generic[T, R]):
@@ -46,25 +50,52 @@ class Batcher(Generic[T, R]):
         self._window = window
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
+        self._due: asyncio.TimerHandle | None = None  # the flush an unhurried item waits for
+        # When the latest item came, and the gap before it (a new batcher assumes company).
+        self._last_submit = time.monotonic()
+        self._gap = 0.0
 
-    async def submit(self, item: T) -> R:
-        """Queue `item`; return its result once the batch it went in is flushed."""
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+    async def submit(self, item: T, *, within: float | None = None) -> R:
+        """Queue `item`; return its result once the batch it went in is flushed.
+
+        `within`: the item is in no hurry. It starts no flush of its own; it goes with the
+        next batch another item starts, or `within` seconds from now, whichever is first
+        (a checkpoint rides with the outcomes' commit instead of paying for one).
+        """
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[R] = loop.create_future()
         self._queued.append((item, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._run(), name=self._name)
+        if within is None:
+            now = time.monotonic()
+            self._gap, self._last_submit = now - self._last_submit, now
+            self._start()
+        elif self._due is None:
+            self._due = loop.call_later(within, self._start)
         return await future
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far has been flushed."""
+        if self._queued:
+            self._start()  # unhurried items too: nothing is left behind
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
 
+    def _start(self) -> None:
+        """Have everything queued flushed: unhurried items go with this batch."""
+        if self._due is not None:
+            self._due.cancel()
+            self._due = None
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._run(), name=self._name)
+
     async def _run(self) -> None:
         while self._queued:
-            if self._window and (self._max_batch is None or len(self._queued) < self._max_batch):
+            not_full = self._max_batch is None or len(self._queued) < self._max_batch
+            if self._window and not_full and self._gap < LONELY * self._window:
                 # A short window lets the callers of about the same moment join the batch
-                # (with requests 40 ms long they trickle in: 2 per commit without it).
+                # (with requests 40 ms long they trickle in: 2 per commit without it). Not
+                # for an item that came long after the one before it (a paced worker's):
+                # no company is coming, and waiting would cost a wake-up for nothing.
                 await asyncio.sleep(self._window)
             cut = len(self._queued) if self._max_batch is None else self._max_batch
             batch, self._queued = self._queued[:cut], self._queued[cut:]
@@ -79,6 +110,9 @@ class Batcher(Generic[T, R]):
                 for _, future in batch + self._queued:
                     future.cancel()
                 self._queued = []
+                if self._due is not None:
+                    self._due.cancel()
+                    self._due = None
                 raise
             for (_, future), result in zip(batch, results, strict=True):
                 if future.done():  # a cancelled caller no longer waits

@@ -53,7 +53,8 @@ FOLLOW_POLL_SECONDS = 0.2
 STDIN_READ_BYTES = 64 * 1024
 STDIN_BLOCKS = 64
 # Acks gather this long before the checkpoint is written (one write for them all): an ack
-# never waits for the write, and a crash reads at most this much again.
+# never waits for the write, and a crash reads at most this much again (and what the store
+# holds it back to share a commit: sqlite's CHECKPOINT_RIDE).
 CHECKPOINT_INTERVAL = 0.05
 
 
