@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -179,6 +180,19 @@ def test_the_loop_is_one_of_three_and_uvloop_must_be_there_when_asked_for(
     assert _loops.loop_factory("auto") is None  # falls back to asyncio's loop
     with pytest.raises(ConfigError, match="uvloop is not installed"):
         _loops.loop_factory("uvloop")
+
+
+def test_worker_run_collects_rarely_with_start_up_frozen_out() -> None:
+    # In a process of its own: freezing is for the whole interpreter.
+    script = (
+        "import gc; from worker import _loops, cli;"
+        "_loops.collect_rarely(cli.WORKER_GC_THRESHOLDS);"
+        "print(gc.get_threshold(), gc.get_freeze_count() > 10_000)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert done.stdout.split("\n")[0] == "(50000, 20, 20) True"  # imports' objects frozen
 
 
 # --- durations, and messages that say what is expected (issue 11) -------------------------

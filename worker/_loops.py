@@ -9,6 +9,7 @@ e.g. to rule it out while chasing a bug.
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -54,3 +55,17 @@ def running_loop_name() -> str:
     """Which loop runs this coroutine ("uvloop" or "asyncio"), for the start-up line."""
     module = type(asyncio.get_running_loop()).__module__
     return "uvloop" if module.startswith("uvloop") else "asyncio"
+
+
+def collect_rarely(thresholds: tuple[int, int, int]) -> None:
+    """Freeze start-up's objects out of the garbage collector and set its `thresholds`
+    (allocations between two collections of the youngest generation, then collections of
+    one generation between two of the next; Python's defaults are 700, 10, 10).
+
+    A long-running process keeps the hundreds of thousands of objects its imports made
+    for its whole life; with the defaults, every full collection walked them all again.
+    Reference counting frees nearly everything a worker or the emulator drops (a worker
+    leaves 0.1 objects per event to the collector), so collections can be rare.
+    """
+    gc.freeze()
+    gc.set_threshold(*thresholds)

@@ -156,7 +156,10 @@ def run_from_args(args: argparse.Namespace) -> int:
     from .. import _loops
 
     config = config_from_args(args)
-    _collect_rarely()
+    # Requests that arrive during a collection's pause are all timestamped after it, as
+    # if sent at once: full collections over its thousands of contacts paused it 30-40 ms,
+    # 5 more requests in a second (`max_posts_in_any_second`) than the workers sent.
+    _loops.collect_rarely(GC_THRESHOLDS)
     try:
         _loops.run(_serve(config, args.host, args.port, tls_context(args)))
     except OSError as exc:  # typically the port is taken, or a TLS file unreadable
@@ -171,21 +174,6 @@ def run_from_args(args: argparse.Namespace) -> int:
 # Allocations between two collections of the youngest generation, and collections of
 # one generation between two of the next (Python's defaults: 700, 10, 10).
 GC_THRESHOLDS = (50_000, 1_000, 1_000)
-
-
-def _collect_rarely() -> None:
-    """Keep the garbage collector from pausing the emulator mid-run.
-
-    It measures: requests that arrive during a pause are all timestamped after it, as if
-    sent at once. Full collections over its thousands of long-lived contacts paused it
-    30-40 ms, which showed as 5 more requests in a second (`max_posts_in_any_second`)
-    than the workers sent. Start-up's objects are frozen out of the collector, and
-    collections made rare: the contacts stay alive for the run anyway.
-    """
-    import gc
-
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
