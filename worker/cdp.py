@@ -302,17 +302,21 @@ class CdpClient:
     def contacts_url(self, order_ref: str) -> str:
         return str(self._contacts_address(order_ref))
 
-    def _contacts_address(self, order_ref: str) -> URL:
-        """`contacts_url` as aiohttp takes it, built from parts already encoded (the
-        base's, and a UUID's hex digits and hyphens): no parsing or quoting per request.
-        order_ref_path raises unless order_ref is a UUID: nothing unvalidated reaches a URL."""
-        base = self._base
-        path = f"{self._base_path}/{self.api_version}/orders/{order_ref_path(order_ref)}/contacts"
-        return URL.build(scheme=base.scheme, authority=base.raw_authority, path=path, encoded=True)
-
     def contact_url(self, contact_ref: str) -> str:
         # contact_ref_path raises unless the ref is one plain path segment.
-        return f"{self.base_url}/{self.api_version}/orderContacts/{contact_ref_path(contact_ref)}"
+        return str(self._address(f"orderContacts/{contact_ref_path(contact_ref)}"))
+
+    def _contacts_address(self, order_ref: str) -> URL:
+        # order_ref_path raises unless order_ref is a UUID: nothing unvalidated reaches a URL.
+        return self._address(f"orders/{order_ref_path(order_ref)}/contacts")
+
+    def _address(self, path: str) -> URL:
+        """The API's URL for `path`, as aiohttp takes it, built from parts already encoded
+        (the base's, and validated refs: hex digits, letters, `_.-`): no parsing or
+        quoting per request."""
+        base = self._base
+        path = f"{self._base_path}/{self.api_version}/{path}"
+        return URL.build(scheme=base.scheme, authority=base.raw_authority, path=path, encoded=True)
 
     async def create_contact(self, order_ref: str, body: Mapping[str, Any]) -> Outcome:
         """POST the contact. OK with its ref and href; otherwise see `classify`."""
