@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from worker.config import Settings, load_settings
+from worker.pipeline import LEFTOVERS_TIMEOUT
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 
@@ -42,7 +43,8 @@ def test_compose_worker_settings_are_valid_for_the_worker() -> None:
         settings = load_settings({}, env)  # raises ConfigError, naming the option, if not
         assert isinstance(settings, Settings)
         grace = float(service["stop_grace_period"].rstrip("s"))
-        assert grace > settings.shutdown_timeout, "SIGKILL must not cut the drain short"
+        drain = settings.shutdown_timeout + LEFTOVERS_TIMEOUT
+        assert grace > drain, "SIGKILL must not cut the drain short"
 
 
 def test_dockerfile_runs_the_worker_itself_without_root() -> None:

@@ -33,6 +33,7 @@ import yaml
 
 from worker.config import OPTIONS, Settings, load_settings
 from worker.observability import Metrics
+from worker.pipeline import LEFTOVERS_TIMEOUT
 
 DEPLOY = Path(__file__).resolve().parent.parent / "deploy"
 K8S = DEPLOY / "k8s"
@@ -442,7 +443,8 @@ def test_credential_files_are_the_mounted_secret_keys() -> None:
 def test_grace_period_outlasts_the_shutdown_timeout(tmp_path: Path) -> None:
     settings = deployment_settings(tmp_path)
     grace = one("Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > settings.shutdown_timeout, "SIGKILL must not cut the drain short"
+    drain = settings.shutdown_timeout + LEFTOVERS_TIMEOUT
+    assert grace > drain, "SIGKILL must not cut the drain short"
 
 
 def test_probes_hit_health_and_readiness_on_the_metrics_port(tmp_path: Path) -> None:

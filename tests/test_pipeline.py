@@ -457,6 +457,52 @@ async def test_after_stop_nothing_new_is_sent_and_unsent_claims_are_not_in_doubt
     assert statuses[ClaimStatus.CREATE] == 12 - emulator.stats()["orders"]
 
 
+class SlowGivingBack(MemoryStateStore):
+    """A memory store whose claims wait for the test's word and whose releases take
+    longer than the shutdown timeout: a stop lands while a batch is being claimed, and
+    the drain cuts the giving back of those claims short."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.claiming = asyncio.Event()
+        self.go_on = asyncio.Event()
+
+    async def claim_many(
+        self, wants: Sequence[tuple[str, Want]], owner: str, lease_seconds: float
+    ) -> list[Claim]:
+        self.claiming.set()
+        await self.go_on.wait()
+        return await super().claim_many(wants, owner, lease_seconds)
+
+    async def release(self, order_ref: str, owner: str, *, sent: bool) -> None:
+        await asyncio.sleep(0.2)
+        await super().release(order_ref, owner, sent=sent)
+
+
+async def test_a_stop_during_a_claim_loses_no_message_and_no_claim(
+    make_worker: MakeWorker, emulator: Emulator, events: Events
+) -> None:
+    # The drain's timeout (20 ms) cancels the tasks that give the claims back (200 ms):
+    # what they could not do is done after the drain. Every message is acked or given
+    # back, and no order is left busy for a whole lease (10 s).
+    state = SlowGivingBack()
+    await state.open()
+    batch = events(6)
+    harness = make_worker(batch, state=state, shutdown_timeout=0.02)
+    run = asyncio.create_task(harness.run())
+    await asyncio.wait_for(state.claiming.wait(), 5)
+    harness.worker.stop()
+    state.go_on.set()
+    await asyncio.wait_for(run, 5)
+    settled = harness.source.acked + harness.source.nacked
+    assert sorted(message.id for message in settled) == sorted(f"mem-{n}" for n in range(1, 7))
+    for event in batch:
+        claim = await state.claim(event["orderRef"], "next-worker", 10)
+        assert claim.status is not ClaimStatus.BUSY, event["orderRef"]
+    assert emulator.stats()["requests"] == {}  # claimed as the stop came: nothing sent
+    await state.close()
+
+
 async def test_the_auth_pause_ends_only_when_a_probe_succeeds(
     make_worker: MakeWorker, emulator: Emulator, events: Events
 ) -> None:

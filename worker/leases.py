@@ -5,12 +5,19 @@ order over once it runs out. While an event is worked, `renew_forever` extends t
 every third of its length and holds the message at the source (so the transport does
 not redeliver it elsewhere either); before each request the gate calls `ensure`, so that
 nothing is sent for an order whose lease might end mid-request.
+
+It also keeps the ledger of claims not yet given back: every order a claim of ours may
+hold, from the moment the claim is asked for until its outcome is recorded or it is
+given back. A drain that cancels a task before it could give its claim back leaves the
+order there, and `release_outstanding` gives it back after the drain: a stop leaves no
+order busy for a whole lease.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterable
 
 from .errors import LeaseLost
 from .observability import get_logger
@@ -42,6 +49,17 @@ class Leases:
         self._needed = request_timeout + LEASE_MARGIN
         self._held: dict[str, Message] = {}  # orderRef -> the message being worked
         self._until: dict[str, float] = {}  # orderRef -> monotonic end of our lease
+        self._outstanding: set[str] = set()  # orderRefs a claim of ours may hold
+
+    def claiming(self, order_refs: Iterable[str]) -> None:
+        """A claim of these orders is about to be asked for: from now on it may be ours,
+        even if its answer never arrives."""
+        self._outstanding.update(order_refs)
+
+    def settled(self, order_ref: str) -> None:
+        """The claim of `order_ref` is over: not won, its outcome recorded, or left to
+        the worker that took the order over."""
+        self._outstanding.discard(order_ref)
 
     def hold(self, order_ref: str, message: Message, claimed_at: float) -> None:
         """A claim was just won (at `claimed_at`, monotonic): keep it alive from now on."""
@@ -99,3 +117,16 @@ class Leases:
             await self._state.release(order_ref, self.owner, sent=sent)
         except Exception as exc:  # noqa: BLE001 - the lease runs out on its own
             log.warning("state.release_failed", error=str(exc))
+        self.settled(order_ref)  # not reached if cancelled: release_outstanding does it
+
+    async def release_outstanding(self) -> int:
+        """Give back every claim still outstanding once the work is over; how many.
+
+        Only a cancellation leaves one: of a task that had not started, or that was
+        giving its claim back. Whether a request of it left is not known here, so each
+        is given back in doubt (the next claim lists the order's contacts first). A
+        claim that is not ours any more is left as it is (release is a no-op for it).
+        """
+        left = list(self._outstanding)
+        await asyncio.gather(*(self.release(order_ref, sent=True) for order_ref in left))
+        return len(left)

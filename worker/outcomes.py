@@ -61,6 +61,9 @@ class Recorder:
             self._record_many, name="state-records"
         )
         self.summary: Counter[str] = Counter()
+        # Messages fetched and neither acked nor given back yet, by identity (ids may
+        # repeat across a source's redeliveries): what a cut-short drain must return.
+        self._unsettled: dict[int, Message] = {}
         # Outcomes waiting for the part that records them to answer again (see stalled).
         self.waiting: Counter[str] = Counter()
 
@@ -71,6 +74,20 @@ class Recorder:
             if self.waiting[part]:
                 return why
         return None
+
+    def taken(self, messages: list[Message]) -> None:
+        """Messages just fetched: each leaves through an ack or a give-back."""
+        unsettled = self._unsettled
+        for message in messages:
+            unsettled[id(message)] = message
+
+    async def give_back_unsettled(self) -> int:
+        """Give back every message still neither acked nor given back (those of tasks a
+        drain cancelled before they could); how many there were."""
+        left = list(self._unsettled.values())
+        for message in left:
+            await self.give_back(message)
+        return len(left)
 
     async def done(
         self,
@@ -85,21 +102,21 @@ class Recorder:
         `done`, ack, count `outcome` (delivered, updated or reconciled)."""
         ref, href = contact
         await self._record(Finish(event.order_ref, DONE, ref, href, fingerprint, event.version))
-        await self._source.ack(message)
+        await self._ack(message)
         self._metrics.mark_success()
         self.count(outcome, contact_ref=ref)
 
     async def deleted(self, message: Message, event: Event) -> None:
         """CDP holds no contact for the order any more: record `deleted`, ack, count."""
         await self._record(Finish(event.order_ref, DELETED, version=event.version))
-        await self._source.ack(message)
+        await self._ack(message)
         self._metrics.mark_success()
         self.count("deleted")
 
     async def skipped(self, message: Message, outcome: str, **fields: Any) -> None:
         """Nothing to do at CDP (duplicate, stale, changed_ignored): ack and count; the
         claim wrote what it had to (the version moved forward)."""
-        await self._source.ack(message)
+        await self._ack(message)
         self.count(outcome, **fields)
 
     async def dead(
@@ -186,7 +203,12 @@ class Recorder:
         try:
             await self._source.nack(message, delay=delay)
         except Exception:
-            log.exception("source.nack_failed")
+            log.exception("source.nack_failed")  # the transport redelivers it itself
+        self._unsettled.pop(id(message), None)  # not reached if cancelled: tried again
+
+    async def _ack(self, message: Message) -> None:
+        await self._source.ack(message)
+        self._unsettled.pop(id(message), None)
 
     async def _record(self, finish: Finish) -> None:
         """Record an outcome in the state store, with those of about the same moment,
@@ -244,7 +266,7 @@ class Recorder:
                 self.waiting[part] -= 1
 
     async def _acked_dead(self, message: Message, reason: str, **fields: Any) -> None:
-        await self._source.ack(message)
+        await self._ack(message)
         self.summary[f"dead:{reason}"] += 1
         self.count("dead_lettered", reason=reason, **fields)
 

@@ -71,6 +71,9 @@ SKIPPED = {
     ClaimStatus.STALE: "stale",
     ClaimStatus.CHANGED: "changed_ignored",
 }
+# How long giving back what a cut-short drain left may take (see _return_leftovers): a
+# store or broker slower than this is away, and leases and redeliveries take over.
+LEFTOVERS_TIMEOUT = 5.0
 # Retention sweeps, once at start (by the store) and then this often.
 SWEEP_INTERVAL = 3600.0
 # How often the source's lag is read for the metric.
@@ -292,6 +295,7 @@ class Worker:
             with contextlib.suppress(Draining):  # stop() came: no more fetching
                 await self._consume()
             await self._drain()
+            await self._return_leftovers()
         finally:
             self._running = False
             for task in helpers:
@@ -374,6 +378,24 @@ class Worker:
                 task.cancel()
             await asyncio.wait(late)
 
+    async def _return_leftovers(self) -> None:
+        """Give back what the drain's cancellations left: claims, then messages.
+
+        A task cancelled before it started, or while it gave its claim back, leaves both
+        behind; without this its message would never come back from a source that is
+        not closed (and a broker's would only after its own timeout), and its order
+        would stay busy for a whole lease.
+        """
+        try:
+            async with asyncio.timeout(LEFTOVERS_TIMEOUT):
+                claims = await self.leases.release_outstanding()
+                messages = await self.recorder.give_back_unsettled()
+        except TimeoutError:
+            log.warning("worker.leftovers_timeout", timeout=LEFTOVERS_TIMEOUT)
+            return
+        if claims or messages:
+            log.info("worker.leftovers_returned", claims=claims, messages=messages)
+
     async def _watch_lag(self) -> None:
         while True:
             try:
@@ -403,6 +425,7 @@ class Worker:
         An event whose order is being worked already (in this process, or earlier in the
         batch) waits for it in its task, then claims on its own: see `_one_at_a_time`.
         """
+        self.recorder.taken(messages)
         ready: list[_Ready] = []
         for message in messages:
             try:
@@ -424,6 +447,7 @@ class Worker:
         if not ready:
             return
         claimed_at = time.monotonic()
+        self.leases.claiming(r.event.order_ref for r in ready)
         claims: list[Claim] | None
         try:
             claims = await self.state.claim_many(
@@ -445,7 +469,7 @@ class Worker:
         transaction), and a claim of ours would answer BUSY for a whole lease. Give them
         back (a no-op where we hold nothing; nothing was sent), then claim on our own."""
         try:
-            await self.state.release(r.event.order_ref, self.owner, sent=False)
+            await self.leases.release(r.event.order_ref, sent=False)
         finally:
             self._finished(r.event.order_ref)
         await self._one_at_a_time(r.event, r.message)
@@ -528,6 +552,7 @@ class Worker:
             r = _Ready(message, event, *self._body_of(event))
             claimed_at = time.monotonic()
             want = r.want(self.settings.on_change)
+            self.leases.claiming((order_ref,))
             claim = await self.state.claim(order_ref, self.owner, self.settings.lease_seconds, want)
             await self._act(r, claim, claimed_at)
         finally:
@@ -549,6 +574,7 @@ class Worker:
         """Deliver under the claim, or skip the event if the claim says so."""
         message, order_ref = r.message, r.event.order_ref
         if not claim.held:
+            self.leases.settled(order_ref)
             await self._skip(message, order_ref, claim)
             return
         if self.gate.stopping:  # claimed with its batch as the stop came: nothing sent
@@ -572,8 +598,10 @@ class Worker:
         )
         try:
             await delivery.run()
+            self.leases.settled(order_ref)  # its outcome is recorded
         except LeaseLost:
             # Another worker may own the order now: leave the record alone (it reconciles).
+            self.leases.settled(order_ref)
             log.warning("event.lease_lost", sent_in_doubt=delivery.sent_in_doubt)
             await self.recorder.give_back(message, delay=BUSY_RETRY_SECONDS)
         except (Draining, asyncio.CancelledError) as stopped:
