@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import signal
 import sqlite3
 import sys
@@ -19,8 +20,14 @@ pytest.register_assert_rewrite("state_contract")
 from state_contract import LEASE, StateStoreContract, closing  # noqa: E402
 
 from worker.errors import ConfigError, StateError  # noqa: E402
-from worker.state import ClaimStatus, SqliteStateStore, StateStore  # noqa: E402
-from worker.state.base import DELETED, Finish, Want  # noqa: E402
+from worker.state import (  # noqa: E402
+    ClaimStatus,
+    SqliteStateStore,
+    StateStore,
+    rules,
+)
+from worker.state.base import DEAD, DELETED, DONE, Finish, Want  # noqa: E402
+from worker.versions import Version  # noqa: E402
 
 
 class TestSqliteState(StateStoreContract):
@@ -67,6 +74,36 @@ async def test_record_many_is_one_commit(sqlite_store: SqliteStateStore) -> None
     answers = await sqlite_store.record_many("w", [Finish(ref, DELETED) for ref in refs])
     assert answers == [None] * 300
     assert sqlite_store.commits - before == 1
+
+
+@pytest.mark.parametrize(
+    "finish",
+    [
+        Finish("ORD-1", DONE, "c-2", "h-2", "fp-2", Version("n", 2)),
+        Finish("ORD-1", DONE, "c-2", "h-2", None, None),
+        Finish("ORD-1", DELETED, version=Version("t", 1_795_689_000_000_000)),
+        Finish("ORD-1", DEAD, fingerprint="fp-2", reason="cdp_rejected"),
+        Finish("ORD-1", DEAD, version=Version("n", 3), reason=None),
+    ],
+    ids=["done", "done-unversioned", "deleted", "dead", "dead-no-reason"],
+)
+async def test_an_outcome_of_a_held_claim_is_what_the_rules_make_of_it(
+    sqlite_store: SqliteStateStore, finish: Finish
+) -> None:
+    # record_many writes a held claim's outcome in one UPDATE, a translation of
+    # rules.finish: the row it leaves is the rules' own, field for field (but the time).
+    await sqlite_store.claim_many([("ORD-1", Want("fp-1", Version("n", 1)))], "w", LEASE)
+    await sqlite_store.record_one("w", Finish("ORD-1", DONE, "c-1", "h-1", "fp-1", Version("n", 1)))
+    await sqlite_store.claim_many([("ORD-1", Want("fp-2", Version("n", 2)))], "w", LEASE)
+    held = await sqlite_store.lookup("ORD-1")
+    expected = rules.finish(held, "w", 0.0, finish)
+    expected = dataclasses.replace(expected, reason=expected.reason or None)  # "" reads as None
+    commits = sqlite_store.commits
+    assert await sqlite_store.record_many("w", [finish]) == [None]
+    assert sqlite_store.commits == commits + 1
+    stored = await sqlite_store.lookup("ORD-1")
+    assert stored is not None
+    assert dataclasses.replace(stored, updated_at=0.0) == expected
 
 
 async def test_a_claim_many_that_fails_half_way_writes_none_of_it(

@@ -3,7 +3,8 @@
 `Record` is one orderRef's row (the same columns in every backend). Each function takes
 the record found (None: there is none) and returns the answer and the record to store
 (None: delete it; the record passed in, unchanged: write nothing). The memory and sqlite
-stores run these functions inside their lock or transaction; the redis Lua scripts and
+stores run these functions inside their lock or transaction (sqlite writes the outcome
+of a claim it holds with one UPDATE, `finish` translated); the redis Lua scripts and
 the postgres PL/pgSQL function are translations of them, line by line, and the contract
 suite (`tests/state_contract.py`) holds all four to the same answers.
 """
