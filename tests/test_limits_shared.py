@@ -60,14 +60,14 @@ async def test_three_replicas_together_stay_under_one_limit(shared_url: str) -> 
 
 async def test_the_shared_limit_admits_a_little_under_the_rate(shared_url: str) -> None:
     # SHARED_HEADROOM: what arrives at CDP in a second is what was admitted plus the
-    # jitter on the way, so the admissions themselves keep 1% under the rate.
+    # jitter on the way, so the admissions themselves keep 2% under the rate.
     stamps: list[float] = []
     started = time.monotonic()
     await replica(shared_url, 200.0, started + 3.0, stamps)
     span = stamps[-1] - stamps[0]
     # The schedule's first two slots come at once (the tolerance); then one per interval.
     assert len(stamps) - 2 <= span * 200.0 * SHARED_HEADROOM + 1
-    assert SHARED_HEADROOM == 0.99
+    assert SHARED_HEADROOM == 0.98
 
 
 async def test_an_unreachable_redis_admits_nothing_and_says_so() -> None:
