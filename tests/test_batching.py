@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import types
+from typing import TypeVar
 
 import pytest
 
-from worker._batching import LONELY, Batcher
+from worker._batching import EARLY, LONELY, PROBE_EVERY, Batcher
+
+T = TypeVar("T")
 
 
 async def test_what_arrives_during_a_flush_goes_in_the_next_one() -> None:
@@ -85,14 +88,16 @@ async def test_callers_of_a_flusher_cut_short_are_told_not_left_waiting() -> Non
     assert all(task.cancelled() for task in done)
 
 
-async def test_a_window_lets_callers_of_about_the_same_moment_share_a_batch() -> None:
-    async def trickle(batcher: Batcher[int, int]) -> None:
-        tasks = []
-        for n in range(5):  # one caller every loop iteration, as answers come in
-            tasks.append(asyncio.create_task(batcher.submit(n)))
-            await asyncio.sleep(0)
-        await asyncio.gather(*tasks)
+async def trickle(batcher: Batcher[T, T], items: list[T]) -> None:
+    """A caller for each item, one every loop iteration, as answers come in."""
+    tasks = []
+    for item in items:
+        tasks.append(asyncio.create_task(batcher.submit(item)))
+        await asyncio.sleep(0)
+    await asyncio.gather(*tasks)
 
+
+async def test_a_window_lets_callers_of_about_the_same_moment_share_a_batch() -> None:
     def batcher_and_batches(window: float) -> tuple[Batcher[int, int], list[list[int]]]:
         batches: list[list[int]] = []
 
@@ -103,10 +108,10 @@ async def test_a_window_lets_callers_of_about_the_same_moment_share_a_batch() ->
         return Batcher(flush, name="test", window=window), batches
 
     at_once, split = batcher_and_batches(0.0)
-    await trickle(at_once)
+    await trickle(at_once, list(range(5)))
     assert len(split) > 1  # each flush took what had queued by then
     windowed, joined = batcher_and_batches(0.05)
-    await trickle(windowed)
+    await trickle(windowed, list(range(5)))
     assert joined == [[0, 1, 2, 3, 4]]
 
 
@@ -172,5 +177,54 @@ async def test_an_item_long_after_the_last_does_not_wait_for_the_window(
     waiting = asyncio.create_task(batcher.submit("close behind"))
     await asyncio.sleep(0.05)
     assert not waiting.done()
-    waiting.cancel()
-    assert batches == [["alone"]]
+    # One that comes once the batch has waited half its window takes it along at once.
+    clock[0] += 30.0 * EARLY
+    assert await asyncio.wait_for(batcher.submit("late"), 5) == "LATE"
+    assert await waiting == "CLOSE BEHIND"
+    assert batches == [["alone"], ["close behind", "late"]]
+
+
+async def test_an_urgent_item_takes_the_waiting_batch_along_at_once() -> None:
+    batcher, batches = recording_batcher(window=30.0)
+    waiting = asyncio.create_task(batcher.submit("outcome"))
+    await asyncio.sleep(0.01)
+    assert not waiting.done()
+    assert await asyncio.wait_for(batcher.submit("claim", urgent=True), 5) == "CLAIM"
+    assert await waiting == "OUTCOME"
+    assert batches == [["outcome", "claim"]]
+
+
+async def test_enough_items_go_without_waiting_for_the_window() -> None:
+    batches: list[list[int]] = []
+
+    async def flush(items: list[int]) -> list[int | BaseException]:
+        batches.append(items)
+        return list(items)
+
+    batcher: Batcher[int, int] = Batcher(flush, name="test", window=30.0, enough=3)
+    await asyncio.wait_for(trickle(batcher, list(range(6))), 5)
+    assert batches == [[0, 1, 2], [3, 4, 5]]
+
+
+async def test_callers_one_after_the_other_are_not_kept_waiting_for_company(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    waits = 0
+    wait_for_company = Batcher._wait_for_company
+
+    async def counted(self: Batcher[str, str]) -> None:
+        nonlocal waits
+        waits += 1
+        await wait_for_company(self)
+
+    monkeypatch.setattr(Batcher, "_wait_for_company", counted)
+    batcher, batches = recording_batcher(window=0.05)
+    for n in range(4 * PROBE_EVERY):  # each waits for its own result: none has company
+        await batcher.submit(str(n))
+    # A few waits find out that no company comes, then one in PROBE_EVERY looks again.
+    assert waits <= 3 + 4, waits
+    assert len(batches) == 4 * PROBE_EVERY
+    # Company that comes back (one item each loop iteration, as answers come in) is
+    # found by the next probe, and waited for again.
+    await trickle(batcher, [str(n) for n in range(100)])
+    assert max(len(batch) for batch in batches[4 * PROBE_EVERY :]) >= 50

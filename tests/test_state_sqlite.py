@@ -129,6 +129,32 @@ async def test_concurrent_completes_share_commits(sqlite_store: SqliteStateStore
     assert all(c.status is ClaimStatus.DUPLICATE for c in claims)
 
 
+async def test_outcomes_that_trickle_in_share_a_commit_and_a_claim_does_not_wait(
+    tmp_path: Path,
+) -> None:
+    # A window long enough to see: the outcomes of answers that come one loop
+    # iteration after the other wait for each other; a claim (work waits for it) goes
+    # at once and takes them along.
+    store = SqliteStateStore(tmp_path / "state.db", commit_window=30.0)
+    await store.open()
+    try:
+        refs = [f"ORD-{i}" for i in range(6)]
+        await store.claim_many([(ref, Want()) for ref in refs], "w", LEASE)
+        before = store.commits
+        outcomes = []
+        for ref in refs:
+            outcomes.append(asyncio.create_task(store.complete(ref, "w", f"c-{ref}", "h")))
+            await asyncio.sleep(0)
+        await asyncio.sleep(0.05)
+        assert not any(outcome.done() for outcome in outcomes)  # waiting for company
+        claim = await asyncio.wait_for(store.claim("ORD-new", "w", LEASE), 5)
+        assert claim.status is ClaimStatus.CREATE
+        await asyncio.gather(*outcomes)
+        assert store.commits - before == 1  # the outcomes and the claim together
+    finally:
+        await store.close()
+
+
 async def test_a_checkpoint_rides_with_an_outcomes_commit(sqlite_store: SqliteStateStore) -> None:
     await sqlite_store.claim("ORD-1", "w", LEASE)
     before = sqlite_store.commits

@@ -2,12 +2,15 @@
 
 Acks to a broker, a file source's checkpoint, dead letters to a file, operations on the
 SQLite file: each caller wants "done and durable when I return", and one round trip,
-write or fsync per caller would
-cost far more than one per burst. `Batcher.submit(item)` queues the item and waits; a
-single flusher task takes everything queued, hands it to `flush` as one list, and
-settles every caller with its own result. Items that arrive while a flush is under way
-go together in the next one, so the batches grow by themselves with the load and no
-timer adds latency when it is light.
+write or fsync per caller would cost far more than one per burst. `Batcher.submit(item)`
+queues the item and waits; a single flusher task takes everything queued, hands it to
+`flush` as one list, and settles every caller with its own result. Items that arrive
+while a flush is under way go together in the next one, so the batches grow by
+themselves with the load.
+
+With a window, a batch may also wait for company before it goes (the SQLite store's
+commits: one costs about five operations in it): for as long as the window, less when
+company keeps coming, and only where waiting has been finding company lately.
 
 The flusher is a task of its own: a cancelled caller must not abandon the items of the
 others riding on the same flush (they would wait for ever).
@@ -23,17 +26,32 @@ from typing import Generic, TypeVar
 T = TypeVar("T")
 R = TypeVar("R")
 
-# An item that came more than this many windows after the one before it goes at once.
-LONELY = 5
+# With a window: an item that comes once the batch has waited this share of its window
+# takes the batch along at once (the flush rides that item's wake-up, not a timer's).
+EARLY = 0.5
+# With a window: a batch's first item waits for company only if the item before it came
+# within this share of the window. Further apart, the window would rarely catch a second
+# item, and waiting would cost a wake-up (and the caller the wait) for nothing.
+LONELY = 0.5
+# The company waiting found of late (items that joined a waiting batch, a moving average
+# with this weight for the newest): below COMPANY_MIN a batch waits only once in
+# PROBE_EVERY, so that callers one after the other (each waiting for its own result,
+# none can join another's) are not kept waiting for company that cannot come, and
+# company that comes back is seen again.
+COMPANY_WEIGHT = 0.25
+COMPANY_MIN = 0.5
+PROBE_EVERY = 16
 
 
 class Batcher(Generic[T, R]):
     """Runs `flush` over everything submitted meanwhile, one batch at a time.
 
     `flush(items)` returns one result (or exception) per item, in order; if it raises,
-    every caller of the batch gets that exception. `max_batch` bounds one batch;
-    `window` (seconds) is how long a batch that is not full waits for more before it
-    goes (0: at once, the batch is whatever queued while the last flush ran).
+    every caller of the batch gets that exception. `max_batch` bounds one batch.
+    `window` (seconds) is how long a batch may wait for company before it goes (0: at
+    once, the batch is whatever queued while the last flush ran): it goes when `enough`
+    items are in it, with the first item that comes once it has waited half the window
+    (EARLY), or when the window is over, whichever is first.
     """
 
     def __init__(
@@ -43,39 +61,55 @@ class Batcher(Generic[T, R]):
         name: str,
         max_batch: int | None = None,
         window: float = 0.0,
+        enough: int | None = None,
     ) -> None:
         self._flush = flush
         self._name = name
         self._max_batch = max_batch
         self._window = window
+        bounds = [n for n in (enough, max_batch) if n is not None]
+        self._enough = min(bounds) if bounds else None
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._due: asyncio.TimerHandle | None = None  # the flush an unhurried item waits for
         # When the latest item came, and the gap before it (a new batcher assumes company).
         self._last_submit = time.monotonic()
         self._gap = 0.0
+        self._first_at: float | None = None  # when the oldest item in a hurry came
+        self._urgent = False  # an urgent item is queued
+        self._waiting: asyncio.Future[None] | None = None  # set while a batch waits
+        self._company = 1.0  # see COMPANY_WEIGHT
+        self._unprobed = 0  # batches that went without waiting, company being scarce
 
-    async def submit(self, item: T, *, within: float | None = None) -> R:
+    async def submit(self, item: T, *, within: float | None = None, urgent: bool = False) -> R:
         """Queue `item`; return its result once the batch it went in is flushed.
 
+        `urgent`: the batch goes without waiting for company (whoever waits for this
+        item holds others up meanwhile: a claim that work waits for).
         `within`: the item is in no hurry. It starts no flush of its own; it goes with the
         next batch another item starts, or `within` seconds from now, whichever is first
         (a checkpoint rides with the outcomes' commit instead of paying for one).
         """
         loop = asyncio.get_running_loop()
         future: asyncio.Future[R] = loop.create_future()
-        self._queued.append((item, future))
         if within is None:
             now = time.monotonic()
+            if self._first_at is None:
+                self._first_at = now
+            self._urgent = self._urgent or urgent
             self._gap, self._last_submit = now - self._last_submit, now
+            self._queued.append((item, future))
             self._start()
-        elif self._due is None:
-            self._due = loop.call_later(within, self._start)
+        else:
+            self._queued.append((item, future))
+            if self._due is None:
+                self._due = loop.call_later(within, self._start)
         return await future
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far has been flushed."""
         if self._queued:
+            self._urgent = True  # no more waiting for company
             self._start()  # unhurried items too: nothing is left behind
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
@@ -87,18 +121,63 @@ class Batcher(Generic[T, R]):
             self._due = None
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._run(), name=self._name)
+        elif self._waiting is not None and self._waited_enough():
+            self._stop_waiting()
+
+    def _waited_enough(self) -> bool:
+        """Whether the batch should go now: enough in it, or waited long enough (or only
+        unhurried items in it: their time is up)."""
+        if self._urgent or self._first_at is None:
+            return True
+        if self._enough is not None and len(self._queued) >= self._enough:
+            return True
+        return time.monotonic() - self._first_at >= EARLY * self._window
+
+    def _stop_waiting(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None and not waiting.done():
+            waiting.set_result(None)
+
+    def _worth_waiting(self) -> bool:
+        """Whether the batch queued now waits for company (see LONELY, COMPANY_MIN)."""
+        if not self._window or self._waited_enough() or self._gap > LONELY * self._window:
+            return False
+        if self._company >= COMPANY_MIN:
+            return True
+        self._unprobed += 1
+        if self._unprobed < PROBE_EVERY:
+            return False
+        self._unprobed = 0
+        return True
+
+    async def _wait_for_company(self) -> None:
+        """Wait until the window is over or `_start` finds the batch ready to go."""
+        loop = asyncio.get_running_loop()
+        waiting = self._waiting = loop.create_future()
+        before = len(self._queued)
+        waited = 0.0 if self._first_at is None else time.monotonic() - self._first_at
+        timer = loop.call_later(self._window - waited, self._stop_waiting)
+        try:
+            await waiting
+        finally:
+            timer.cancel()
+            self._waiting = None
+        joined = len(self._queued) - before
+        self._company += COMPANY_WEIGHT * (joined - self._company)
 
     async def _run(self) -> None:
         while self._queued:
-            not_full = self._max_batch is None or len(self._queued) < self._max_batch
-            if self._window and not_full and self._gap < LONELY * self._window:
-                # A short window lets the callers of about the same moment join the batch
-                # (with requests 40 ms long they trickle in: 2 per commit without it). Not
-                # for an item that came long after the one before it (a paced worker's):
-                # no company is coming, and waiting would cost a wake-up for nothing.
-                await asyncio.sleep(self._window)
+            if self._worth_waiting():
+                # With requests 40 ms long, outcomes trickle in (2 per commit without a
+                # window); at 50/s one comes every 20 ms: a batch that waits for the next
+                # ones makes one commit (and one fsync, one thread hop) of several.
+                await self._wait_for_company()
             cut = len(self._queued) if self._max_batch is None else self._max_batch
             batch, self._queued = self._queued[:cut], self._queued[cut:]
+            # An urgent item goes in this batch; what max_batch left over has waited enough.
+            self._urgent = bool(self._queued)
+            if not self._queued:
+                self._first_at = None  # what comes next starts a batch of its own
             try:
                 results: Sequence[R | BaseException] = await self._flush([i for i, _ in batch])
             except Exception as exc:  # noqa: BLE001 - every caller of the batch must hear of it
