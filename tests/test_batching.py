@@ -127,14 +127,16 @@ async def test_a_full_batch_does_not_wait_for_the_window() -> None:
     assert results == [0, 1, 2]
 
 
-def recording_batcher(window: float = 0.0) -> tuple[Batcher[str, str], list[list[str]]]:
+def recording_batcher(
+    window: float = 0.0, enough: int | None = None
+) -> tuple[Batcher[str, str], list[list[str]]]:
     batches: list[list[str]] = []
 
     async def flush(items: list[str]) -> list[str | BaseException]:
         batches.append(items)
         return [item.upper() for item in items]
 
-    return Batcher(flush, name="test", window=window), batches
+    return Batcher(flush, name="test", window=window, enough=enough), batches
 
 
 async def test_an_unhurried_item_rides_with_the_next_batch() -> None:
@@ -195,15 +197,9 @@ async def test_an_urgent_item_takes_the_waiting_batch_along_at_once() -> None:
 
 
 async def test_enough_items_go_without_waiting_for_the_window() -> None:
-    batches: list[list[int]] = []
-
-    async def flush(items: list[int]) -> list[int | BaseException]:
-        batches.append(items)
-        return list(items)
-
-    batcher: Batcher[int, int] = Batcher(flush, name="test", window=30.0, enough=3)
-    await asyncio.wait_for(trickle(batcher, list(range(6))), 5)
-    assert batches == [[0, 1, 2], [3, 4, 5]]
+    batcher, batches = recording_batcher(window=30.0, enough=3)
+    await asyncio.wait_for(trickle(batcher, list("abcdef")), 5)
+    assert batches == [["a", "b", "c"], ["d", "e", "f"]]
 
 
 async def test_callers_one_after_the_other_are_not_kept_waiting_for_company(

@@ -168,9 +168,9 @@ class Batcher(Generic[T, R]):
     async def _run(self) -> None:
         while self._queued:
             if self._worth_waiting():
-                # With requests 40 ms long, outcomes trickle in (2 per commit without a
-                # window); at 50/s one comes every 20 ms: a batch that waits for the next
-                # ones makes one commit (and one fsync, one thread hop) of several.
+                # Answers to requests sent together come back a few ms apart, with
+                # stragglers behind: a batch that waits for them makes one commit (one
+                # fsync, one thread hop) of several.
                 await self._wait_for_company()
             cut = len(self._queued) if self._max_batch is None else self._max_batch
             batch, self._queued = self._queued[:cut], self._queued[cut:]
