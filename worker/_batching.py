@@ -50,8 +50,8 @@ class Batcher(Generic[T, R]):
     every caller of the batch gets that exception. `max_batch` bounds one batch.
     `window` (seconds) is how long a batch may wait for company before it goes (0: at
     once, the batch is whatever queued while the last flush ran): it goes when `enough`
-    items are in it, with the first item that comes once it has waited half the window
-    (EARLY), or when the window is over, whichever is first.
+    items are in it, with an urgent item, with the first item that comes once it has
+    waited half the window (EARLY), or when the window is over, whichever is first.
     """
 
     def __init__(
@@ -134,9 +134,8 @@ class Batcher(Generic[T, R]):
         return time.monotonic() - self._first_at >= EARLY * self._window
 
     def _stop_waiting(self) -> None:
-        waiting, self._waiting = self._waiting, None
-        if waiting is not None and not waiting.done():
-            waiting.set_result(None)
+        if self._waiting is not None and not self._waiting.done():
+            self._waiting.set_result(None)
 
     def _worth_waiting(self) -> bool:
         """Whether the batch queued now waits for company (see LONELY, COMPANY_MIN)."""
