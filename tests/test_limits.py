@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import random
 import statistics
 import time
 import types
@@ -18,6 +19,7 @@ from collections.abc import Coroutine
 from typing import Any
 
 import pytest
+from asyncio_throttle.throttler import Throttler
 
 import worker.limits as limits
 from worker.limits import (
@@ -114,8 +116,8 @@ async def test_rate_zero_has_no_throttler_and_never_waits() -> None:
 
 
 async def test_a_slice_goes_at_once_and_the_next_request_waits() -> None:
-    limiter = RateLimiter(100)  # 5 per 50 ms
-    assert all(completes_without_suspending(limiter.acquire()) for _ in range(5))
+    limiter = RateLimiter(100)  # 10 per 100 ms
+    assert all(completes_without_suspending(limiter.acquire()) for _ in range(10))
     assert not completes_without_suspending(limiter.acquire())
     assert not limiter._lock.locked()  # the abandoned waiter let go of the lock
 
@@ -123,12 +125,13 @@ async def test_a_slice_goes_at_once_and_the_next_request_waits() -> None:
 @pytest.mark.parametrize(
     ("rate", "per_slice", "period"),
     [
-        (100, 5, 0.05),
-        (200, 10, 0.05),
-        (1000, 50, 0.05),
-        (50, 3, 0.06),  # ceil(2.5) = 3 per 3/50 s
-        (33, 2, 2 / 33),
+        (100, 10, 0.1),
+        (200, 20, 0.1),
+        (1000, 100, 0.1),
+        (50, 5, 0.1),
+        (33, 4, 4 / 33),  # ceil(3.3) = 4 per 4/33 s
         (10, 1, 0.1),
+        (5, 1, 0.2),
         (1, 1, 1.0),
         (0.5, 1, 2.0),
     ],
@@ -148,9 +151,9 @@ def test_the_budget_is_sliced(rate: float, per_slice: int, period: float) -> Non
 # -- the rate limit: behaviour ---------------------------------------------------------------
 
 
-async def test_acquisitions_are_spread_over_slices_at_200_per_second() -> None:
-    limiter = RateLimiter(200)  # 10 per 50 ms
-    per_slice, period = 10, 0.05
+async def test_acquisitions_are_spread_over_slices_at_100_per_second() -> None:
+    limiter = RateLimiter(100)  # 10 per 100 ms
+    per_slice, period = 10, 0.1
     throttler = limiter._throttler
     assert throttler is not None
     original = throttler.acquire
@@ -175,7 +178,7 @@ async def test_acquisitions_are_spread_over_slices_at_200_per_second() -> None:
     # admission after any admission comes more than a whole period later ...
     for i in range(len(admitted) - per_slice):
         assert admitted[i + per_slice] - admitted[i] > period, i
-    # ... so there is no burst: any 50 ms window holds at most one slice's worth ...
+    # ... so there is no burst: any 100 ms window holds at most one slice's worth ...
     for i, start in enumerate(admitted):
         assert sum(1 for t in admitted[i:] if t - start < period) <= per_slice
     # ... and 60 acquisitions span more than five whole periods, however fast the machine.
@@ -184,7 +187,7 @@ async def test_acquisitions_are_spread_over_slices_at_200_per_second() -> None:
 
 
 async def test_only_one_coroutine_waits_inside_the_throttler() -> None:
-    limiter = RateLimiter(20)  # one per 50 ms
+    limiter = RateLimiter(20)  # two per 100 ms
     throttler = limiter._throttler
     assert throttler is not None
     original = throttler.acquire
@@ -372,10 +375,38 @@ async def test_the_waiter_sleeps_until_a_slot_frees_instead_of_polling(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # A poll interval of a whole second: a waiter that polled would take over a second
-    # per blocked request; one that sleeps until the oldest entry leaves takes 50 ms.
+    # per blocked request; one that sleeps until the oldest entry leaves takes 100 ms.
     monkeypatch.setattr(limits, "POLL_SECONDS", 1.0)
-    limiter = RateLimiter(20)  # one per 50 ms slice
+    limiter = RateLimiter(20)  # two per 100 ms slice
     started = time.monotonic()
     for _ in range(4):
         await limiter.acquire()
-    assert time.monotonic() - started < 0.9  # about 0.15 s; polling would be 3 s
+    assert time.monotonic() - started < 0.9  # about 0.1 s; polling would be 1 s
+
+
+def test_the_waiter_wakes_when_the_slot_is_free_on_uvloop_too() -> None:
+    # uvloop's timers count whole milliseconds of a clock read to the millisecond: a sleep
+    # of exactly the time left wakes up to 1.5 ms early a third of the time, and the
+    # throttler's own poll (POLL_SECONDS later) then costs a second wake-up per slice.
+    uvloop = pytest.importorskip("uvloop")
+    rng = random.Random(3)
+
+    def busy(seconds: float) -> None:  # the loop at work between wake-ups
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+
+    async def early_wakes() -> int:
+        throttler = Throttler(rate_limit=1, period=0.0105)
+        early = 0
+        for _ in range(60):
+            busy(rng.random() * 0.002)
+            await throttler.acquire()  # type: ignore[no-untyped-call]
+            busy(rng.random() * 0.002)
+            await limits._until_a_slot_is_free(throttler)
+            throttler.flush()  # type: ignore[no-untyped-call]
+            early += len(throttler._task_logs) >= throttler.rate_limit
+        return early
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        assert runner.run(early_wakes()) == 0
