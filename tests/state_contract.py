@@ -701,6 +701,9 @@ class StateStoreContract:
         await store.set_checkpoint("file:/data/a.jsonl", "2048")
         assert await store.get_checkpoint("file:/data/a.jsonl") == "2048"
         assert await store.get_checkpoint("file:/data/b.jsonl") is None
+        # Urgent (a source closing): written at once, durable when it returns, like any.
+        await store.set_checkpoint("file:/data/a.jsonl", "4096", urgent=True)
+        assert await store.get_checkpoint("file:/data/a.jsonl") == "4096"
 
     # -- sweep ---------------------------------------------------------------------------
 

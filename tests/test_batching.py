@@ -8,7 +8,7 @@ from typing import TypeVar
 
 import pytest
 
-from worker._batching import EARLY, LONELY, PROBE_EVERY, Batcher
+from worker._batching import EARLY, PROBE_EVERY, STRETCH, Batcher
 
 T = TypeVar("T")
 
@@ -128,7 +128,7 @@ async def test_a_full_batch_does_not_wait_for_the_window() -> None:
 
 
 def recording_batcher(
-    window: float = 0.0, enough: int | None = None
+    window: float = 0.0, enough: int | None = None, longest: float | None = None
 ) -> tuple[Batcher[str, str], list[list[str]]]:
     batches: list[list[str]] = []
 
@@ -136,7 +136,8 @@ def recording_batcher(
         batches.append(items)
         return [item.upper() for item in items]
 
-    return Batcher(flush, name="test", window=window, enough=enough), batches
+    batcher = Batcher(flush, name="test", window=window, longest=longest, enough=enough)
+    return batcher, batches
 
 
 async def test_an_unhurried_item_rides_with_the_next_batch() -> None:
@@ -172,7 +173,7 @@ async def test_an_item_long_after_the_last_does_not_wait_for_the_window(
     # The batcher's clock alone (the loop's own keeps running).
     monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     batcher, batches = recording_batcher(window=30.0)
-    clock[0] += 30.0 * LONELY + 1  # a paced caller: no company is coming
+    clock[0] += 30.0 / STRETCH + 1  # a paced caller: no company is coming
     assert await asyncio.wait_for(batcher.submit("alone"), 5) == "ALONE"
     # One that follows closely is taken for a burst again: it waits for company.
     clock[0] += 0.001
@@ -184,6 +185,75 @@ async def test_an_item_long_after_the_last_does_not_wait_for_the_window(
     assert await asyncio.wait_for(batcher.submit("late"), 5) == "LATE"
     assert await waiting == "CLOSE BEHIND"
     assert batches == [["alone"], ["close behind", "late"]]
+
+
+async def test_a_group_long_after_the_last_one_goes_at_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At a paced rate, answers come back in groups a slice apart: what is left of the
+    # window after a group rarely catches the next one, so the group goes as it is. Its
+    # second item came close behind the first, but the first one's gap is the batch's.
+    clock = [1000.0]
+    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    batcher, batches = recording_batcher(window=30.0)
+    clock[0] += 30.0 / STRETCH + 1
+    group = asyncio.gather(*(batcher.submit(item) for item in ("a", "b", "c")))
+    assert await asyncio.wait_for(group, 5) == ["A", "B", "C"]
+    assert batches == [["a", "b", "c"]]
+
+
+async def test_a_batch_after_a_gap_waits_long_enough_for_the_next_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Groups a gap apart (paced answers): with the window stretched to STRETCH gaps, the
+    # next group comes once the batch has waited half of it and takes it along.
+    clock = [1000.0]
+    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    batcher, batches = recording_batcher(window=1.0, longest=100.0)
+    gap = 10.0  # ten short windows: without the stretch, a lonely group going alone
+    clock[0] += gap
+    first = asyncio.gather(*(batcher.submit(item) for item in ("a", "b")))
+    await asyncio.sleep(0.05)
+    assert not first.done()
+    assert gap >= EARLY * STRETCH * gap  # the next group comes late enough to take it along
+    clock[0] += gap
+    assert await asyncio.wait_for(batcher.submit("c"), 5) == "C"
+    assert await first == ["A", "B"]
+    assert batches == [["a", "b", "c"]]
+
+
+async def test_the_rest_of_a_group_split_by_a_flush_waits_for_the_next_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The first answer of a group takes the waiting batch along; the rest of the group
+    # comes a moment later. With the gap before their group, they wait for the next group
+    # rather than the short window (a wake-up and a commit of their own).
+    clock = [1000.0]
+    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    batcher, batches = recording_batcher(window=0.2, longest=100.0)
+    gap = 10.0
+    clock[0] += gap
+    waiting = asyncio.ensure_future(batcher.submit("a"))
+    await asyncio.sleep(0.01)
+    clock[0] += gap
+    assert await asyncio.wait_for(batcher.submit("b1"), 5) == "B1"  # takes "a" along
+    assert await waiting == "A"
+    clock[0] += 0.001
+    rest = asyncio.ensure_future(batcher.submit("b2"))
+    await asyncio.sleep(0.5)  # longer than the short window
+    assert not rest.done()
+    clock[0] += gap
+    assert await asyncio.wait_for(batcher.submit("c1"), 5) == "C1"
+    assert await rest == "B2"
+    assert batches == [["a", "b1"], ["b2", "c1"]]
+
+
+async def test_a_batch_without_a_gap_keeps_the_short_window() -> None:
+    # The last outcomes of a busy run: no gap before them, so they wait the short window
+    # for company that will not come, not the longest.
+    batcher, batches = recording_batcher(window=0.05, longest=30.0)
+    assert await asyncio.wait_for(batcher.submit("last"), 5) == "LAST"
+    assert batches == [["last"]]
 
 
 async def test_an_urgent_item_takes_the_waiting_batch_along_at_once() -> None:

@@ -310,6 +310,61 @@ async def test_the_checkpoint_follows_the_acks_without_holding_them_up(
     await source.close()
 
 
+async def test_an_ack_after_a_quiet_spell_starts_the_write_at_once_and_the_next_waits(
+    events_file: Path,
+    db: Path,
+    store: SqliteStateStore,
+    opened: Opener,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # At a paced rate acks come a slice apart: a write that waited the interval first
+    # would be a wake-up of its own, where one that starts at once rides the store's next
+    # commit. Acks closer together than the interval still share one write.
+    monkeypatch.setattr("worker.sources.file.CHECKPOINT_INTERVAL", 30.0)
+    write_events(events_file, 3)
+    source = await opened(events_file, store)
+    messages = {m.token: m for m in await drain(source)}
+    written: list[str] = []
+    original = store.set_checkpoint
+
+    async def recording(key: str, value: str, *, urgent: bool = False) -> None:
+        written.append(value)
+        await original(key, value, urgent=urgent)
+
+    monkeypatch.setattr(store, "set_checkpoint", recording)
+    await source.ack(messages[1])
+    for _ in range(100):
+        if written:
+            break
+        await asyncio.sleep(0.01)
+    assert len(written) == 1  # not 30 s later
+    await checkpoint_soon(db, events_file, line=1)  # landed (with the store's next commit)
+    await source.ack(messages[2])
+    await asyncio.sleep(0.2)
+    assert len(written) == 1  # within the interval of the last write: it waits
+    await source.flush()
+    assert len(written) == 2
+    await source.close()
+
+
+async def test_closing_does_not_wait_for_the_checkpoint_to_ride_with_a_commit(
+    events_file: Path,
+    db: Path,
+    store: SqliteStateStore,
+    opened: Opener,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("worker.state.sqlite.CHECKPOINT_RIDE", 30.0)
+    write_events(events_file, 3)
+    source = await opened(events_file, store)
+    for message in await drain(source):
+        await source.ack(message)
+    await asyncio.wait_for(source.close(), 5)  # not 30 s
+    seen = await read_checkpoint(db, events_file)
+    assert seen is not None
+    assert seen["line"] == 3
+
+
 async def checkpoint_soon(db: Path, path: Path, *, line: int) -> dict[str, Any]:
     """The checkpoint once it has reached `line`: written CHECKPOINT_INTERVAL after the
     ack, so give it up to a few seconds on a loaded machine."""

@@ -169,6 +169,15 @@ async def test_a_checkpoint_rides_with_an_outcomes_commit(sqlite_store: SqliteSt
     assert sqlite_store.commits - before == 1
 
 
+async def test_an_urgent_checkpoint_does_not_wait_for_a_commit_to_ride_with(
+    sqlite_store: SqliteStateStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A source that closes (or switches files) waits for its checkpoint: it goes at once.
+    monkeypatch.setattr("worker.state.sqlite.CHECKPOINT_RIDE", 30.0)
+    await asyncio.wait_for(sqlite_store.set_checkpoint("file", "9", urgent=True), 5)
+    assert await sqlite_store.get_checkpoint("file") == "9"
+
+
 async def test_a_failing_op_fails_only_itself(sqlite_store: SqliteStateStore) -> None:
     refs = [f"ORD-{i}" for i in range(20)]
     await asyncio.gather(*(sqlite_store.claim(ref, "w1", LEASE) for ref in refs))

@@ -29,10 +29,14 @@ R = TypeVar("R")
 # With a window: an item that comes once the batch has waited this share of its window
 # takes the batch along at once (the flush rides that item's wake-up, not a timer's).
 EARLY = 0.5
-# With a window: a batch's first item waits for company only if the item before it came
-# within this share of the window. Further apart, the window would rarely catch a second
-# item, and waiting would cost a wake-up (and the caller the wait) for nothing.
-LONELY = 0.5
+# With a window: a batch whose first item came a gap `g` after the item before it expects
+# company about g later, and waits up to STRETCH * g for it (at least the window, at most
+# the longest). Paced requests are answered in groups a slice apart: the next group, g
+# later, comes once the batch has waited more than half of that (EARLY) and takes it
+# along, two groups to a commit. Where STRETCH * g is more than the longest, no company
+# is expected in time and the batch goes at once: waiting would cost a wake-up (and the
+# callers the wait) for nothing.
+STRETCH = 1.5
 # The company waiting found of late (items that joined a waiting batch, a moving average
 # with this weight for the newest): below COMPANY_MIN a batch waits only once in
 # PROBE_EVERY, so that callers one after the other (each waiting for its own result,
@@ -52,6 +56,8 @@ class Batcher(Generic[T, R]):
     once, the batch is whatever queued while the last flush ran): it goes when `enough`
     items are in it, with an urgent item, with the first item that comes once it has
     waited half the window (EARLY), or when the window is over, whichever is first.
+    `longest` (default: the window) is as far as the window of a batch that began after
+    a gap stretches (see STRETCH).
     """
 
     def __init__(
@@ -61,20 +67,25 @@ class Batcher(Generic[T, R]):
         name: str,
         max_batch: int | None = None,
         window: float = 0.0,
+        longest: float | None = None,
         enough: int | None = None,
     ) -> None:
         self._flush = flush
         self._name = name
         self._max_batch = max_batch
-        self._window = window
+        self._shortest = window
+        self._longest = window if longest is None else max(window, longest)
+        self._window = window  # the waiting batch's, stretched by the gap before it
         bounds = [n for n in (enough, max_batch) if n is not None]
         self._enough = min(bounds) if bounds else None
         self._queued: list[tuple[T, asyncio.Future[R]]] = []
         self._flusher: asyncio.Task[None] | None = None
         self._due: asyncio.TimerHandle | None = None  # the flush an unhurried item waits for
-        # When the latest item came, and the gap before it (a new batcher assumes company).
+        # When the latest item came, and the gap before the batch's first one (a new
+        # batcher assumes company).
         self._last_submit = time.monotonic()
         self._gap = 0.0
+        self._carried = 0.0  # the gap before the item that took the last batch along
         self._first_at: float | None = None  # when the oldest item in a hurry came
         self._urgent = False  # an urgent item is queued
         self._waiting: asyncio.Future[None] | None = None  # set while a batch waits
@@ -94,17 +105,26 @@ class Batcher(Generic[T, R]):
         future: asyncio.Future[R] = loop.create_future()
         if within is None:
             now = time.monotonic()
-            if self._first_at is None:
+            gap, self._last_submit = now - self._last_submit, now
+            if self._first_at is None:  # a new batch: the gap before it decides (STRETCH)
                 self._first_at = now
+                # The rest of a group whose first item took the last batch along: the
+                # gap before the group is this batch's too (see STRETCH).
+                self._gap, self._carried = max(gap, self._carried), 0.0
+                self._window = min(self._longest, max(self._shortest, STRETCH * self._gap))
             self._urgent = self._urgent or urgent
-            self._gap, self._last_submit = now - self._last_submit, now
             self._queued.append((item, future))
-            self._start()
+            self._start(gap)
         else:
             self._queued.append((item, future))
             if self._due is None:
                 self._due = loop.call_later(within, self._start)
         return await future
+
+    @property
+    def busy(self) -> bool:
+        """Whether a batch is being flushed (or waits for company) now."""
+        return self._flusher is not None and not self._flusher.done()
 
     async def wait_idle(self) -> None:
         """Return once everything submitted so far has been flushed."""
@@ -114,14 +134,16 @@ class Batcher(Generic[T, R]):
         if self._flusher is not None:
             await asyncio.wait([self._flusher])
 
-    def _start(self) -> None:
-        """Have everything queued flushed: unhurried items go with this batch."""
+    def _start(self, gap: float = 0.0) -> None:
+        """Have everything queued flushed: unhurried items go with this batch. `gap`: how
+        long before the item that calls this the one before it came."""
         if self._due is not None:
             self._due.cancel()
             self._due = None
-        if self._flusher is None or self._flusher.done():
+        if not self.busy:
             self._flusher = asyncio.create_task(self._run(), name=self._name)
-        elif self._waiting is not None and self._waited_enough():
+        elif self._waiting is not None and not self._waiting.done() and self._waited_enough():
+            self._carried = gap
             self._stop_waiting()
 
     def _waited_enough(self) -> bool:
@@ -138,8 +160,8 @@ class Batcher(Generic[T, R]):
             self._waiting.set_result(None)
 
     def _worth_waiting(self) -> bool:
-        """Whether the batch queued now waits for company (see LONELY, COMPANY_MIN)."""
-        if not self._window or self._waited_enough() or self._gap > LONELY * self._window:
+        """Whether the batch queued now waits for company (see STRETCH, COMPANY_MIN)."""
+        if not self._window or self._waited_enough() or STRETCH * self._gap > self._longest:
             return False
         if self._company >= COMPANY_MIN:
             return True

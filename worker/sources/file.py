@@ -20,10 +20,12 @@ import asyncio
 import collections
 import contextlib
 import hashlib
+import math
 import os
 import stat
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
@@ -52,9 +54,9 @@ FOLLOW_POLL_SECONDS = 0.2
 # stdin is read this much at a time, and at most this many blocks wait to be fetched.
 STDIN_READ_BYTES = 64 * 1024
 STDIN_BLOCKS = 64
-# Acks gather this long before the checkpoint is written (one write for them all): an ack
-# never waits for the write, and a crash reads at most this much again (and what the store
-# holds it back to share a commit: sqlite's CHECKPOINT_RIDE).
+# Checkpoint writes start at most this often (the acks meanwhile share the next one): an
+# ack never waits for the write, and a crash reads at most this much again (and what the
+# store holds it back to share a commit: sqlite's CHECKPOINT_RIDE).
 CHECKPOINT_INTERVAL = 0.05
 
 
@@ -141,8 +143,9 @@ class FileSource(Source):
         self._done_before = 0  # lines the checkpoint held finished at open (lines_done_before)
         self._redeliveries = Redeliveries()
         # Checkpoint writes, one at a time, each of the position at the moment it is made.
-        self._saves: Batcher[None, None] = Batcher(self._write_checkpoint, name="checkpoint")
+        self._saves: Batcher[bool, None] = Batcher(self._write_checkpoint, name="checkpoint")
         self._dirty = False  # acked since the last write
+        self._last_save = -math.inf  # when the last write started (time.monotonic)
         self._saver: asyncio.Task[None] | None = None
         self._identity_cache: tuple[int, dict[str, Any]] | None = None  # (head_bytes, it)
         # --follow: the file's first bytes as read (to see it rewritten in place), and a
@@ -272,7 +275,7 @@ class FileSource(Source):
         self._head, self._switch, self._old_drained = b"", None, False
         self._identity_cache = None
         try:
-            await self._save()
+            await self._save(urgent=True)
         except StateError as exc:  # the next ack saves again; until then a restart reads it all
             log.warning("source.checkpoint_failed", error=str(exc))
 
@@ -287,7 +290,7 @@ class FileSource(Source):
             await asyncio.gather(saver, return_exceptions=True)
         if self._dirty or interrupted:
             self._dirty = False
-            await self._save()  # after any earlier write: the Batcher keeps them in order
+            await self._save(urgent=True)  # after any earlier write: the Batcher keeps order
 
     async def close(self) -> None:
         try:
@@ -419,11 +422,14 @@ class FileSource(Source):
         self._save_soon()
 
     def _save_soon(self) -> None:
-        """Have the checkpoint written within CHECKPOINT_INTERVAL; the ack does not wait.
+        """Have the checkpoint written, at once if the last write is an interval old, else
+        an interval after it; the ack does not wait.
 
         The outcome was recorded in the state store before the ack: a crash before the
         checkpoint catches up only makes a restart read a few lines again, which the state
-        store skips as duplicates.
+        store skips as duplicates. An ack after a quiet spell (paced requests come back a
+        slice apart) writes at once rather than after a sleep of its own: the write rides
+        the store's next commit instead of costing a wake-up.
         """
         if self._state is None or self._stdin:
             return
@@ -436,8 +442,11 @@ class FileSource(Source):
     async def _save_later(self) -> None:
         failing = False
         while self._dirty:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            wait = self._last_save + CHECKPOINT_INTERVAL - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
             self._dirty = False
+            self._last_save = time.monotonic()
             try:
                 await self._save()
             except StateError as exc:  # kept dirty: tried again an interval later
@@ -448,16 +457,29 @@ class FileSource(Source):
             else:
                 failing = False
 
-    async def _save(self) -> None:
-        """Commit the checkpoint, as it is now or newer; one write serves many acks."""
-        if self._state is not None and not self._stdin:
-            await self._saves.submit(None)
+    async def _save(self, *, urgent: bool = False) -> None:
+        """Commit the checkpoint, as it is now or newer; one write serves many acks.
 
-    async def _write_checkpoint(self, acks: list[None]) -> list[None]:
+        `urgent`: the caller waits for it (closing, switching files), so the store writes
+        it at once rather than with its next commit. A write in flight may be waiting to
+        ride with that commit, and this one would queue behind it: an urgent write to the
+        store first takes it along, then this one goes (last, so that no older write can
+        land after it on a store with several connections).
+        """
+        if self._state is None or self._stdin:
+            return
+        if urgent and self._saves.busy:
+            await self._state.set_checkpoint(self._key, self._snapshot(), urgent=True)
+        await self._saves.submit(urgent)
+
+    async def _write_checkpoint(self, urgent: list[bool]) -> list[None]:
         assert self._state is not None
-        snapshot = self._done.dumps(self._identity_now())  # every ack of the batch is in it
-        await self._state.set_checkpoint(self._key, snapshot)
-        return acks
+        # Every ack of the batch is in the snapshot, taken now.
+        await self._state.set_checkpoint(self._key, self._snapshot(), urgent=any(urgent))
+        return [None] * len(urgent)
+
+    def _snapshot(self) -> str:
+        return self._done.dumps(self._identity_now())
 
     def _identity_now(self) -> dict[str, Any] | None:
         """The open file's identity, its head covering at most the finished bytes."""

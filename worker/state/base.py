@@ -360,8 +360,12 @@ class StateStore(ABC):
         """A source's saved position (e.g. the file source's acked byte offset), or None."""
 
     @abstractmethod
-    async def set_checkpoint(self, key: str, value: str) -> None:
-        """Save a source's position. Durable when this returns."""
+    async def set_checkpoint(self, key: str, value: str, *, urgent: bool = False) -> None:
+        """Save a source's position. Durable when this returns.
+
+        A store that groups its writes may hold a checkpoint back to share a later commit
+        (an older one only makes a restart read a few lines again); `urgent` (a source
+        closing, or switching files) has it written at once."""
 
     @property
     @abstractmethod

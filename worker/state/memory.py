@@ -128,7 +128,7 @@ class MemoryStateStore(StateStore):
         self._check_open()
         return self._checkpoints.get(key)
 
-    async def set_checkpoint(self, key: str, value: str) -> None:
+    async def set_checkpoint(self, key: str, value: str, *, urgent: bool = False) -> None:
         self._check_open()
         self._checkpoints[key] = value
 

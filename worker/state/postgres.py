@@ -526,7 +526,7 @@ class PostgresStateStore(StateStore):
         value = await self._fetchval("get_checkpoint", self._sql.get_checkpoint, key)
         return None if value is None else str(value)
 
-    async def set_checkpoint(self, key: str, value: str) -> None:
+    async def set_checkpoint(self, key: str, value: str, *, urgent: bool = False) -> None:
         await self._execute("set_checkpoint", self._sql.set_checkpoint, key, value, base.now())
 
     @property

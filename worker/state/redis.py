@@ -545,7 +545,7 @@ class RedisStateStore(StateStore):
         value = await self._call("get_checkpoint", client.hget(self.checkpoints_key, key))
         return None if value is None else str(value)  # str already: decode_responses
 
-    async def set_checkpoint(self, key: str, value: str) -> None:
+    async def set_checkpoint(self, key: str, value: str, *, urgent: bool = False) -> None:
         client = self._live_client()
         await self._call("set_checkpoint", client.hset(self.checkpoints_key, key, value))
 

@@ -43,14 +43,25 @@ Op = Callable[[sqlite3.Connection], Any]
 URL_PREFIX = "sqlite:///"
 # How long a commit may wait for more operations (see `Batcher`): outcomes of events
 # whose requests end within the window share one transaction, one fsync and one hop into
-# the writer thread. A commit costs about 225 us of CPU, an operation in it 40: at 40 ms
-# per request a commit carried 5 outcomes with a fixed 2 ms window, 15 with this one.
+# the writer thread. A commit costs about 225 us of CPU, an operation in it 40, and at a
+# paced rate the wake-ups around it (the writer's, the loop's when it is done) cost as
+# much again. At 40 ms per request a commit carried 5 outcomes with a fixed 2 ms window,
+# 15 with this one. Claims and reads never wait (urgent): the window holds up acks, not
+# work.
 COMMIT_WINDOW = 0.05
+# The window of a commit whose first outcome came after a gap stretches up to this (see
+# STRETCH in `Batcher`): at 50/s the answers of one slice come back 100 ms after the
+# last's, and two slices share a commit (with 50 ms, none did). Without a gap, the window
+# stays short: the last outcomes of a run do not wait this long for company.
+COMMIT_LONGEST = 0.25
 # A commit with this many operations goes at once: more would save little, and the
 # events it holds up are pending for longer.
 COMMIT_ENOUGH = 32
-# Longest a checkpoint waits for a commit to ride with before it has one of its own.
-CHECKPOINT_RIDE = 0.025
+# Longest a checkpoint waits for a commit to ride with before it has one of its own: longer
+# than a rate limit's slice (paced answers come back a slice apart, and the checkpoint of
+# one group's acks rides with the next group's outcomes). A crash reads again at most what
+# was acked this long, and the file source's CHECKPOINT_INTERVAL, before it.
+CHECKPOINT_RIDE = 0.25
 
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS orders (
@@ -154,6 +165,7 @@ class SqliteStateStore(StateStore):
             name="state-sqlite-commits",
             max_batch=max_batch,
             window=commit_window,
+            longest=COMMIT_LONGEST,
             enough=COMMIT_ENOUGH,
         )
         self._writer: ThreadPoolExecutor | None = None
@@ -373,7 +385,7 @@ class SqliteStateStore(StateStore):
 
         return await self._submit(op, urgent=True)
 
-    async def set_checkpoint(self, key: str, value: str) -> None:
+    async def set_checkpoint(self, key: str, value: str, *, urgent: bool = False) -> None:
         def op(conn: sqlite3.Connection) -> None:
             conn.execute(
                 "INSERT INTO checkpoints (key, value, updated_at) VALUES (?, ?, ?)"
@@ -382,8 +394,11 @@ class SqliteStateStore(StateStore):
                 (key, value, base.now()),
             )
 
-        # A checkpoint is never urgent (an older one only makes a restart skip fewer
-        # lines): it rides with the outcomes' next commit rather than paying for its own.
+        if urgent:
+            await self._submit(op, urgent=True)
+            return
+        # An older checkpoint only makes a restart skip fewer lines: it rides with the
+        # outcomes' next commit rather than paying for its own.
         await self._submit(op, within=CHECKPOINT_RIDE)
 
     @property
