@@ -202,50 +202,64 @@ async def test_a_group_long_after_the_last_one_goes_at_once(
     assert batches == [["a", "b", "c"]]
 
 
-async def test_a_batch_after_a_gap_waits_long_enough_for_the_next_group(
+async def test_a_batch_after_a_gap_waits_for_the_groups_that_follow(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # Groups a gap apart (paced answers): with the window stretched to STRETCH gaps, the
-    # next group comes once the batch has waited half of it and takes it along.
+    # next group joins the batch and the one after it takes the batch along.
     clock = [1000.0]
     monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     batcher, batches = recording_batcher(window=1.0, longest=100.0)
     gap = 10.0  # ten short windows: without the stretch, a lonely group going alone
+    assert gap < EARLY * STRETCH * gap <= 2 * gap  # the second group after it flushes
     clock[0] += gap
-    first = asyncio.gather(*(batcher.submit(item) for item in ("a", "b")))
+    first = asyncio.gather(*(batcher.submit(item) for item in ("a1", "a2")))
+    await asyncio.sleep(0.05)
+    clock[0] += gap
+    second = asyncio.ensure_future(batcher.submit("b"))
     await asyncio.sleep(0.05)
     assert not first.done()
-    assert gap >= EARLY * STRETCH * gap  # the next group comes late enough to take it along
+    assert not second.done()
     clock[0] += gap
     assert await asyncio.wait_for(batcher.submit("c"), 5) == "C"
-    assert await first == ["A", "B"]
-    assert batches == [["a", "b", "c"]]
+    assert await first == ["A1", "A2"]
+    assert await second == "B"
+    assert batches == [["a1", "a2", "b", "c"]]
 
 
-async def test_the_rest_of_a_group_split_by_a_flush_waits_for_the_next_group(
+async def test_the_rest_of_a_group_split_by_a_flush_waits_for_the_next_groups(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     # The first answer of a group takes the waiting batch along; the rest of the group
-    # comes a moment later. With the gap before their group, they wait for the next group
-    # rather than the short window (a wake-up and a commit of their own).
+    # comes a moment later. With the gap before their group, they wait for the groups
+    # that follow rather than the short window (a wake-up and a commit of their own).
     clock = [1000.0]
     monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     batcher, batches = recording_batcher(window=0.2, longest=100.0)
     gap = 10.0
+
+    async def group_member(item: str) -> asyncio.Future[str]:
+        task = asyncio.ensure_future(batcher.submit(item))
+        await asyncio.sleep(0.01)
+        return task
+
     clock[0] += gap
-    waiting = asyncio.ensure_future(batcher.submit("a"))
-    await asyncio.sleep(0.01)
+    a = await group_member("a")
     clock[0] += gap
-    assert await asyncio.wait_for(batcher.submit("b1"), 5) == "B1"  # takes "a" along
-    assert await waiting == "A"
+    b = await group_member("b")
+    clock[0] += gap
+    assert await asyncio.wait_for(batcher.submit("c1"), 5) == "C1"  # takes them along
+    assert [await a, await b] == ["A", "B"]
     clock[0] += 0.001
-    rest = asyncio.ensure_future(batcher.submit("b2"))
+    c2 = await group_member("c2")
     await asyncio.sleep(0.5)  # longer than the short window
-    assert not rest.done()
+    assert not c2.done()
     clock[0] += gap
-    assert await asyncio.wait_for(batcher.submit("c1"), 5) == "C1"
-    assert await rest == "B2"
-    assert batches == [["a", "b1"], ["b2", "c1"]]
+    d = await group_member("d")
+    clock[0] += gap
+    assert await asyncio.wait_for(batcher.submit("e1"), 5) == "E1"
+    assert [await c2, await d] == ["C2", "D"]
+    assert batches == [["a", "b", "c1"], ["c2", "d", "e1"]]
 
 
 async def test_a_batch_without_a_gap_keeps_the_short_window() -> None:

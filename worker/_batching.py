@@ -30,13 +30,15 @@ R = TypeVar("R")
 # takes the batch along at once (the flush rides that item's wake-up, not a timer's).
 EARLY = 0.5
 # With a window: a batch whose first item came a gap `g` after the item before it expects
-# company about g later, and waits up to STRETCH * g for it (at least the window, at most
+# company every g or so, and waits up to STRETCH * g for it (at least the window, at most
 # the longest). Paced requests are answered in groups a slice apart: the next group, g
-# later, comes once the batch has waited more than half of that (EARLY) and takes it
-# along, two groups to a commit. Where STRETCH * g is more than the longest, no company
-# is expected in time and the batch goes at once: waiting would cost a wake-up (and the
-# callers the wait) for nothing.
-STRETCH = 1.5
+# later, joins the batch; the one after, 2g later, comes once it has waited more than
+# half of that (EARLY) and takes it along (each with a margin of g/4 or more for jitter):
+# two groups and a bit to a commit. The rest of the group whose first item took a batch
+# along starts the next one with the gap before its group. Where STRETCH * g is more than
+# the longest, no company is expected in time and the batch goes at once: waiting would
+# cost a wake-up (and the callers the wait) for nothing.
+STRETCH = 2.5
 # The company waiting found of late (items that joined a waiting batch, a moving average
 # with this weight for the newest): below COMPANY_MIN a batch waits only once in
 # PROBE_EVERY, so that callers one after the other (each waiting for its own result,

@@ -50,10 +50,11 @@ URL_PREFIX = "sqlite:///"
 # work.
 COMMIT_WINDOW = 0.05
 # The window of a commit whose first outcome came after a gap stretches up to this (see
-# STRETCH in `Batcher`): at 50/s the answers of one slice come back 100 ms after the
-# last's, and two slices share a commit (with 50 ms, none did). Without a gap, the window
-# stays short: the last outcomes of a run do not wait this long for company.
-COMMIT_LONGEST = 0.25
+# STRETCH in `Batcher`): at a paced rate the answers of one slice come back 100 ms after
+# the last's, and two slices share a commit (with 50 ms, none did); gaps over 120 ms
+# (rates under 8/s) commit at once. Without a gap the window stays short: the last
+# outcomes of a run do not wait this long for company.
+COMMIT_LONGEST = 0.3
 # A commit with this many operations goes at once: more would save little, and the
 # events it holds up are pending for longer.
 COMMIT_ENOUGH = 32
