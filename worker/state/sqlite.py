@@ -142,7 +142,8 @@ class SqliteStateStore(StateStore):
     `retention_seconds`: done/dead records older than this are swept by `open()`; None
     sweeps nothing there. `max_batch`: most operations per transaction.
     `busy_timeout`: seconds to wait for another process's write lock. `commit_window`:
-    seconds a commit waits for more operations (COMMIT_WINDOW).
+    seconds a commit waits for more operations (COMMIT_WINDOW; after a gap, up to
+    COMMIT_LONGEST).
     `commits` counts committed transactions (observability, and proof of batching).
     """
 
