@@ -127,6 +127,14 @@ async def test_a_full_batch_does_not_wait_for_the_window() -> None:
     assert results == [0, 1, 2]
 
 
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The batcher's clock alone, moved by hand (the loop's own keeps running)."""
+    now = [1000.0]
+    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    return now
+
+
 def recording_batcher(
     window: float = 0.0, enough: int | None = None, longest: float | None = None
 ) -> tuple[Batcher[str, str], list[list[str]]]:
@@ -166,12 +174,7 @@ async def test_wait_idle_flushes_unhurried_items_too() -> None:
     assert batches == [["checkpoint"]]
 
 
-async def test_an_item_long_after_the_last_does_not_wait_for_the_window(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    clock = [1000.0]
-    # The batcher's clock alone (the loop's own keeps running).
-    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+async def test_an_item_long_after_the_last_does_not_wait_for_the_window(clock: list[float]) -> None:
     batcher, batches = recording_batcher(window=30.0)
     clock[0] += 30.0 / STRETCH + 1  # a paced caller: no company is coming
     assert await asyncio.wait_for(batcher.submit("alone"), 5) == "ALONE"
@@ -187,14 +190,10 @@ async def test_an_item_long_after_the_last_does_not_wait_for_the_window(
     assert batches == [["alone"], ["close behind", "late"]]
 
 
-async def test_a_group_long_after_the_last_one_goes_at_once(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_group_long_after_the_last_one_goes_at_once(clock: list[float]) -> None:
     # At a paced rate, answers come back in groups a slice apart: what is left of the
     # window after a group rarely catches the next one, so the group goes as it is. Its
     # second item came close behind the first, but the first one's gap is the batch's.
-    clock = [1000.0]
-    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     batcher, batches = recording_batcher(window=30.0)
     clock[0] += 30.0 / STRETCH + 1
     group = asyncio.gather(*(batcher.submit(item) for item in ("a", "b", "c")))
@@ -202,13 +201,9 @@ async def test_a_group_long_after_the_last_one_goes_at_once(
     assert batches == [["a", "b", "c"]]
 
 
-async def test_a_batch_after_a_gap_waits_for_the_groups_that_follow(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+async def test_a_batch_after_a_gap_waits_for_the_groups_that_follow(clock: list[float]) -> None:
     # Groups a gap apart (paced answers): with the window stretched to STRETCH gaps, the
     # next group joins the batch and the one after it takes the batch along.
-    clock = [1000.0]
-    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     batcher, batches = recording_batcher(window=1.0, longest=100.0)
     gap = 10.0  # ten short windows: without the stretch, a lonely group going alone
     assert gap < EARLY * STRETCH * gap <= 2 * gap  # the second group after it flushes
@@ -228,13 +223,11 @@ async def test_a_batch_after_a_gap_waits_for_the_groups_that_follow(
 
 
 async def test_the_rest_of_a_group_split_by_a_flush_waits_for_the_next_groups(
-    monkeypatch: pytest.MonkeyPatch,
+    clock: list[float],
 ) -> None:
     # The first answer of a group takes the waiting batch along; the rest of the group
     # comes a moment later. With the gap before their group, they wait for the groups
     # that follow rather than the short window (a wake-up and a commit of their own).
-    clock = [1000.0]
-    monkeypatch.setattr("worker._batching.time", types.SimpleNamespace(monotonic=lambda: clock[0]))
     batcher, batches = recording_batcher(window=0.2, longest=100.0)
     gap = 10.0
 

@@ -288,12 +288,19 @@ async def test_restart_after_a_long_gap_keeps_line_numbers_and_offsets_right(
     await store.close()
 
 
+async def three_lines_read(
+    events_file: Path, store: SqliteStateStore, opened: Opener
+) -> tuple[Source, dict[int, Message]]:
+    """A source over a file of three events, all read and none acked: by line number."""
+    write_events(events_file, 3)
+    source = await opened(events_file, store)
+    return source, {m.token: m for m in await drain(source)}
+
+
 async def test_the_checkpoint_follows_the_acks_without_holding_them_up(
     events_file: Path, db: Path, store: SqliteStateStore, opened: Opener
 ) -> None:
-    write_events(events_file, 3)
-    source = await opened(events_file, store)
-    messages = {m.token: m for m in await drain(source)}
+    source, messages = await three_lines_read(events_file, store, opened)
     assert await read_checkpoint(db, events_file) is None
 
     before = store.commits
@@ -321,9 +328,7 @@ async def test_an_ack_after_a_quiet_spell_starts_the_write_at_once_and_the_next_
     # would be a wake-up of its own, where one that starts at once rides the store's next
     # commit. Acks closer together than the interval still share one write.
     monkeypatch.setattr("worker.sources.file.CHECKPOINT_INTERVAL", 30.0)
-    write_events(events_file, 3)
-    source = await opened(events_file, store)
-    messages = {m.token: m for m in await drain(source)}
+    source, messages = await three_lines_read(events_file, store, opened)
     written: list[str] = []
     original = store.set_checkpoint
 
@@ -348,16 +353,12 @@ async def test_an_ack_after_a_quiet_spell_starts_the_write_at_once_and_the_next_
 
 
 async def test_closing_does_not_wait_for_the_checkpoint_to_ride_with_a_commit(
-    events_file: Path,
-    db: Path,
-    store: SqliteStateStore,
-    opened: Opener,
+    events_file: Path, db: Path, store: SqliteStateStore, opened: Opener,
     monkeypatch: pytest.MonkeyPatch,
-) -> None:
+) -> None:  # fmt: skip
     monkeypatch.setattr("worker.state.sqlite.CHECKPOINT_RIDE", 30.0)
-    write_events(events_file, 3)
-    source = await opened(events_file, store)
-    for message in await drain(source):
+    source, messages = await three_lines_read(events_file, store, opened)
+    for message in messages.values():
         await source.ack(message)
     await asyncio.wait_for(source.close(), 5)  # not 30 s
     seen = await read_checkpoint(db, events_file)
