@@ -396,12 +396,9 @@ class SqliteStateStore(StateStore):
                 (key, value, base.now()),
             )
 
-        if urgent:
-            await self._submit(op, urgent=True)
-            return
-        # An older checkpoint only makes a restart skip fewer lines: it rides with the
-        # outcomes' next commit rather than paying for its own.
-        await self._submit(op, within=CHECKPOINT_RIDE)
+        # An older checkpoint only makes a restart skip fewer lines: unless the caller waits
+        # for it, it rides with the outcomes' next commit rather than paying for its own.
+        await self._submit(op, within=None if urgent else CHECKPOINT_RIDE, urgent=urgent)
 
     @property
     def location(self) -> str:
