@@ -6,7 +6,11 @@
    on uvloop. Printed: both rates, the ratio worker / bare loop (target >= 0.70 when the
    emulator answers at once), and the CPU per event of each process, user + system as
    the kernel accounted it (less what the process costs for no event at all), with
-   their ratio (target <= 2 at 40 ms). Each side runs twice, the better run counts. Run
+   their ratio (target <= 2 at 40 ms). The floor loop (`tests/floor_loop.py`) runs the
+   job's own steps with the worker's parts and no pipeline (parse, body, a durable claim,
+   the POST, a durable record, the log line, the metrics): floor / bare bounds what any
+   worker doing those steps could reach, worker / floor is what the pipeline costs.
+   Each side runs twice, the better run counts. Run
    with an emulator that answers at once (a race of CPU per request, the emulator
    sharing the machine) and with 40 ms of latency (CDP's order of magnitude).
 1b. CPU per event at the default --rate-limit 50 against 40 ms (target <= 1,000 us).
@@ -121,6 +125,20 @@ def bare_loop(url: str, bodies: Path, concurrency: int) -> tuple[float, float]:
     return float(orjson.loads(done.stdout)["rate"]), cpu
 
 
+def floor_loop(url: str, events: Path, folder: Path, concurrency: int) -> tuple[float, float]:
+    """The floor loop in its own process, its log lines to a file as the worker's:
+    (events/s, CPU seconds of the process)."""
+    for stale in folder.glob("floor.db*"):
+        stale.unlink()
+    with (folder / "floor.log").open("wb") as log:
+        done, cpu = child_cpu(
+            [sys.executable, "-m", "tests.floor_loop", url, str(events),
+             str(folder / "floor.db"), str(concurrency)],
+            stdout=log, stderr=subprocess.PIPE,
+        )  # fmt: skip
+    return float(orjson.loads(done.stderr)["rate"]), cpu
+
+
 def run_worker(url: str, folder: Path, events: Path, **settings: str) -> dict[str, Any]:
     """`worker run` over `events`; its rate from its own started/finished log lines."""
     for stale in folder.glob("state.db*"):
@@ -162,8 +180,17 @@ FINISHED = {
 }
 
 
+# The throughput runs' sides: (key, printed name, unit of its rate).
+SIDES = (
+    ("bare", "bare aiohttp loop", "requests/s"),
+    ("floor", "floor loop", "events/s"),
+    ("worker", "worker", "events/s"),
+)
+
+
 async def throughput(count: int, concurrency: int, latency: float, folder: Path) -> None:
-    """Rate and CPU per event of the worker against the bare loop, both on uvloop.
+    """Rate and CPU per event of the worker against the bare loop and the floor loop
+    (`tests/floor_loop.py`: the job's own steps without the pipeline), all on uvloop.
 
     CPU per event is the process's CPU for N events less its CPU for none (start-up and
     shut-down), over N: what an event costs, not what starting Python costs.
@@ -172,41 +199,56 @@ async def throughput(count: int, concurrency: int, latency: float, folder: Path)
     events = write_events(folder / "events.jsonl", lines)
     nothing = write_events(folder / "no-events.jsonl", [])
     emulator = EmulatorProcess("--latency", str(latency))
+    rates: dict[str, list[float]] = {"bare": [], "floor": [], "worker": []}
+    cpus: dict[str, list[float]] = {"bare": [], "floor": [], "worker": []}
     try:
         bodies = write_bodies(folder / "bodies.tsv", emulator.url, lines)
         no_bodies = write_bodies(folder / "no-bodies.tsv", emulator.url, [])
         settings = {"rate_limit": "0", "concurrency": str(concurrency)}
-        _, bare_idle = bare_loop(emulator.url, no_bodies, concurrency)
-        worker_idle = run_worker(emulator.url, folder, nothing, **settings)["cpu"]
-        bare, worker, bare_cpu, worker_cpu = [], [], [], []
+        idle = {
+            "bare": bare_loop(emulator.url, no_bodies, concurrency)[1],
+            "floor": floor_loop(emulator.url, nothing, folder, concurrency)[1],
+            "worker": run_worker(emulator.url, folder, nothing, **settings)["cpu"],
+        }
         for _ in range(2):
-            await emulator.admin("POST", "/_emulator/reset")
-            rate, cpu = bare_loop(emulator.url, bodies, concurrency)
-            bare.append(rate)
-            bare_cpu.append((cpu - bare_idle) / count)
-            await emulator.admin("POST", "/_emulator/reset")
-            result = run_worker(emulator.url, folder, events, **settings)
-            stats = await emulator.admin("GET", "/_emulator/stats")
-            if result["delivered"] != count or stats["duplicate_orders"]:
-                raise RuntimeError(f"worker run incomplete: {result}, {stats['contacts']}")
-            worker.append(result["rate"])
-            worker_cpu.append((result["cpu"] - worker_idle) / count)
+            for side in ("bare", "floor", "worker"):
+                await emulator.admin("POST", "/_emulator/reset")
+                if side == "bare":
+                    rate, cpu = bare_loop(emulator.url, bodies, concurrency)
+                elif side == "floor":
+                    rate, cpu = floor_loop(emulator.url, events, folder, concurrency)
+                else:
+                    result = run_worker(emulator.url, folder, events, **settings)
+                    if result["delivered"] != count:
+                        raise RuntimeError(f"worker run incomplete: {result}")
+                    rate, cpu = result["rate"], result["cpu"]
+                stats = await emulator.admin("GET", "/_emulator/stats")
+                if stats["contacts"] != count or stats["duplicate_orders"]:
+                    raise RuntimeError(f"{side} run incomplete: {stats['contacts']} contacts")
+                rates[side].append(rate)
+                cpus[side].append((cpu - idle[side]) / count)
     finally:
         emulator.close()
-    best_bare, best_worker = max(bare), max(worker)
-    bare_us, worker_us = min(bare_cpu) * 1e6, min(worker_cpu) * 1e6
+    best = {side: max(values) for side, values in rates.items()}
+    us = {side: min(values) * 1e6 for side, values in cpus.items()}
     print(
         f"throughput: {count} events, concurrency {concurrency}, "
         f"emulator in another process answering after {latency * 1000:g} ms, uvloop"
     )
-    print(f"  bare aiohttp loop   {best_bare:8.0f} requests/s  (runs: {_fmt(bare)})")
-    print(f"  worker              {best_worker:8.0f} events/s    (runs: {_fmt(worker)})")
+    for side, label, unit in SIDES:
+        runs = _fmt(rates[side])
+        print(f"  {label:19} {best[side]:8.0f} {unit:12}(runs: {runs})")
     target = ">= 0.70" if latency == 0 else "-"
-    print(f"  ratio worker/bare   {best_worker / best_bare:8.2f}   (target {target})")
-    print(f"  CPU per request     {bare_us:8.0f} us bare loop")
-    print(f"  CPU per event       {worker_us:8.0f} us worker")
+    print(f"  ratio worker/bare   {best['worker'] / best['bare']:8.2f}   (target {target})")
+    floor_rate = best["floor"] / best["bare"]
+    print(f"  ratio floor/bare    {floor_rate:8.2f}   (the most a worker doing these steps could)")
+    print(f"  CPU per request     {us['bare']:8.0f} us bare loop")
+    print(f"  CPU per event       {us['floor']:8.0f} us floor loop")
+    print(f"  CPU per event       {us['worker']:8.0f} us worker")
     cpu_target = "<= 2" if latency > 0 else "-"
-    print(f"  CPU ratio           {worker_us / bare_us:8.2f}   (target {cpu_target})")
+    print(f"  CPU ratio           {us['worker'] / us['bare']:8.2f}   (target {cpu_target})")
+    print(f"  CPU ratio floor     {us['floor'] / us['bare']:8.2f}   (floor/bare: the job's own)")
+    print(f"  CPU ratio pipeline  {us['worker'] / us['floor']:8.2f}   (worker/floor)")
 
 
 async def default_rate_cpu(count: int, folder: Path) -> None:
