@@ -415,6 +415,28 @@ async def test_second_post_creates_a_second_contact_and_stats_show_it(
     assert over_http["contacts_per_order"] == stats["contacts_per_order"]
 
 
+async def test_progress_is_the_stats_a_poller_needs_in_constant_time(
+    emulator: Emulator, session: aiohttp.ClientSession
+) -> None:
+    # A benchmark polls while a run goes on: stats' per-order tables grow with the run,
+    # and building them paused the emulator (20-30 ms at 4,000 orders), bunching the
+    # requests that arrived meanwhile into a busier second than was sent.
+    twice, once = new_order(), new_order()
+    for order in (twice, twice, once):
+        await post(session, emulator, order, contact())
+    status, progress = await get(session, f"{emulator.url}/_emulator/progress", headers={})
+    assert status == 200
+    stats = emulator.stats()
+    assert progress == {
+        key: stats[key]
+        for key in (
+            "contacts", "orders", "requests", "responses",
+            "first_request_at", "last_request_at", "duration_seconds",
+        )
+    }  # fmt: skip
+    assert progress["orders"] == 2
+
+
 async def test_reset_forgets_contacts_and_stats(
     emulator: Emulator, session: aiohttp.ClientSession
 ) -> None:
@@ -1252,3 +1274,24 @@ def test_the_command_prints_what_a_worker_needs_to_talk_to_it() -> None:
         if process.poll() is None:
             process.kill()
             process.communicate()
+
+
+async def test_the_emulator_freezes_what_survives_out_of_later_collections(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Kept contacts filled the young generation, whose collection then walked them all
+    # and paused the emulator: frozen each interval, they are never walked again.
+    import gc
+
+    from worker.emulator import command
+
+    monkeypatch.setattr(command, "FREEZE_INTERVAL", 0.01)
+    kept = [{"emails": [f"x{n}@example.com"]} for n in range(1000)]
+    gc.unfreeze()
+    freezing = asyncio.create_task(command._freeze_survivors())
+    try:
+        await asyncio.sleep(0.05)
+        assert gc.get_freeze_count() >= len(kept) * 2  # each dict and its list
+    finally:
+        freezing.cancel()
+        gc.unfreeze()

@@ -174,6 +174,9 @@ def run_from_args(args: argparse.Namespace) -> int:
 # Allocations between two collections of the youngest generation, and collections of
 # one generation between two of the next (Python's defaults: 700, 10, 10).
 GC_THRESHOLDS = (50_000, 1_000, 1_000)
+# How often what survived a young collection goes to the collector's permanent generation
+# (see `_freeze_survivors`).
+FREEZE_INTERVAL = 1.0
 
 
 def tls_context(args: argparse.Namespace) -> ssl.SSLContext | None:
@@ -207,6 +210,26 @@ def connection_help(url: str, config: EmulatorConfig) -> str:
     )
 
 
+async def _freeze_survivors() -> None:
+    """Every FREEZE_INTERVAL, a young collection, then what survived it frozen.
+
+    The contacts the emulator keeps are allocations the collector counts: at about 4,000
+    of them the young generation filled up, and its collection walked them all (25-40 ms
+    on a 2-core machine), with the requests arriving meanwhile timestamped together
+    after it. Frozen each second, they are never walked again; the young collection
+    before freezing keeps cyclic garbage out of the permanent generation (20,000
+    contacts left none behind there), and reference counting frees frozen contacts on
+    reset as any others.
+    """
+    import asyncio
+    import gc
+
+    while True:
+        await asyncio.sleep(FREEZE_INTERVAL)
+        gc.collect(0)
+        gc.freeze()
+
+
 async def _serve(config: EmulatorConfig, host: str, port: int, tls: ssl.SSLContext | None) -> None:
     import asyncio
     import signal
@@ -232,7 +255,11 @@ async def _serve(config: EmulatorConfig, host: str, port: int, tls: ssl.SSLConte
             sys.stdout.flush()
             sys.stderr.write(connection_help(emulator.url, config))
             sys.stderr.flush()
-            await stop.wait()
+            freezing = asyncio.create_task(_freeze_survivors())
+            try:
+                await stop.wait()
+            finally:
+                freezing.cancel()
     finally:
         for signum in signals:
             loop.remove_signal_handler(signum)
