@@ -26,6 +26,7 @@ import structlog
 
 from worker import _loops
 from worker.cdp import CdpClient
+from worker.cli import WORKER_GC_THRESHOLDS
 from worker.contact import Event, build_body, fingerprint, parse_event
 from worker.observability import Metrics, configure_logging, get_logger
 from worker.state.base import DONE, Finish, Want
@@ -104,6 +105,7 @@ async def deliver_all(url: str, lines: list[bytes], state_db: str, concurrency: 
 def main() -> None:
     url, path, state_db, concurrency = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
     configure_logging("json", "info")
+    _loops.collect_rarely(WORKER_GC_THRESHOLDS)  # as `worker run` does: it costs less
     with open(path, "rb") as file:
         lines = file.read().splitlines()
     rate = _loops.run(deliver_all(url, lines, state_db, concurrency))
