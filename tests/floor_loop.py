@@ -24,6 +24,7 @@ from collections.abc import Iterator
 import orjson
 import structlog
 
+from tests.bare_loop import KEY, TOKEN
 from worker import _loops
 from worker.cdp import CdpClient
 from worker.cli import WORKER_GC_THRESHOLDS
@@ -32,7 +33,6 @@ from worker.observability import Metrics, configure_logging, get_logger
 from worker.state.base import DONE, Finish, Want
 from worker.state.sqlite import SqliteStateStore
 
-KEY, TOKEN = "bench-key", "bench-token"
 # Events a lane parses and claims in one store operation (as the worker claims a fetch),
 # sends one after the other, then records in one.
 CHUNK = 32

@@ -189,19 +189,19 @@ class _State:
             creates += writes.creates
             updates += writes.updates
             deletes += writes.deletes
-        first, last = self.first_request_at, self.last_request_at
+        counts = self.progress()
         faults = self.faults.stats()
         by_kind = self.requests_by_kind
         responses_by_kind = self.responses_by_kind
         kinds = REQUEST_KINDS + tuple(kind for kind in by_kind if kind not in REQUEST_KINDS)
         return {
-            "requests": dict(self.requests),
+            "requests": counts["requests"],
             "requests_by_kind": {kind: by_kind[kind] for kind in kinds},
-            "responses": dict(self.responses),
+            "responses": counts["responses"],
             "responses_by_kind": {kind: dict(responses_by_kind.get(kind, ())) for kind in kinds},
             "faults": faults["faults"],
-            "contacts": len(self.contacts),
-            "orders": len(live),
+            "contacts": counts["contacts"],
+            "orders": counts["orders"],
             "duplicate_orders": sum(1 for count in live.values() if count > 1),
             "contacts_per_order": live,
             "per_order": per_order,
@@ -210,9 +210,9 @@ class _State:
             "deletes": deletes,
             "max_posts_in_any_second": faults["max_posts_in_any_second"],
             "accepted_per_second_peak": faults["accepted_per_second_peak"],
-            "first_request_at": first,
-            "last_request_at": last,
-            "duration_seconds": last - first if first is not None and last is not None else 0.0,
+            "first_request_at": counts["first_request_at"],
+            "last_request_at": counts["last_request_at"],
+            "duration_seconds": counts["duration_seconds"],
         }
 
 
