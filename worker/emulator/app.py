@@ -595,6 +595,10 @@ class Emulator:
         """Same as GET /_emulator/stats, without HTTP."""
         return self._state.stats()
 
+    def progress(self) -> dict[str, Any]:
+        """Same as GET /_emulator/progress, without HTTP: what to poll during a run."""
+        return self._state.progress()
+
     def contacts_for(self, order_ref: str) -> list[dict[str, Any]]:
         """Copies of the order's live contacts (full resources, as last written), oldest
         first; deleted ones are gone. Shallow copies: cheap, with the nested lists shared."""
